@@ -1,0 +1,1 @@
+"""Execution backends: where the ClientApps of a simulated federation run."""

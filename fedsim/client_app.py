@@ -1,0 +1,47 @@
+"""The fedsim ClientApp: one node's train and evaluate, on the configured trainer."""
+
+from __future__ import annotations
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedsim.config import from_run_config
+from fedsim.runtime import client_runtime
+
+PARTITION_ID = "partition-id"
+
+
+def make_client_app(config_json: str | None = None) -> ClientApp:
+    """A ClientApp reading the fedsim config from `run_config` (or `config_json`)."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        data, trainer = client_runtime(from_run_config(context.run_config, config_json))
+        client_data = data.client(int(context.node_config[PARTITION_ID]))
+        out = trainer.train(
+            msg.content["arrays"], _config(msg), client_data, context.state
+        )
+        context.state = out.state
+        content = RecordDict({"arrays": out.arrays, "metrics": MetricRecord(out.metrics)})
+        for name, record in out.records.items():
+            content[name] = record
+        return Message(content=content, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        data, trainer = client_runtime(from_run_config(context.run_config, config_json))
+        client_data = data.client(int(context.node_config[PARTITION_ID]))
+        metrics = trainer.evaluate(
+            msg.content["arrays"], _config(msg), client_data, context.state
+        )
+        return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    return app
+
+
+def _config(msg: Message) -> ConfigRecord:
+    return msg.content.config_records.get("config", ConfigRecord())
+
+
+app = make_client_app()

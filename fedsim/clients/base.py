@@ -1,0 +1,119 @@
+"""The trainer interface every local procedure implements.
+
+A trainer is a plain object built from config on whichever party needs it: the
+ClientApp calls it for its node, and a server strategy may build the same
+trainer to re-run a client's procedure on data of its own (staleness inversion).
+Its methods are functions of their inputs: received arrays and config, the
+client's data, and the client's persistent state, which comes back as part of
+the output instead of being mutated behind the caller's back.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from torch import nn
+
+from fedsim.datasets.federated import ClientData
+
+Record = ArrayRecord | MetricRecord | ConfigRecord
+NUM_EXAMPLES = "num-examples"
+
+
+@dataclass
+class TrainOutput:
+    """What a trainer returns from one round of local training.
+
+    - `arrays`: the upload (weights, deltas, integer rankings: any numpy arrays).
+    - `metrics`: scalars for the server; must include `num-examples`.
+    - `state`: the client's persistent state for its next round (never uploaded).
+    - `records`: further records to upload, keyed by name (e.g. a ConfigRecord).
+    """
+
+    arrays: ArrayRecord
+    metrics: dict[str, float | int]
+    state: RecordDict = field(default_factory=RecordDict)
+    records: dict[str, Record] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if NUM_EXAMPLES not in self.metrics:
+            raise ValueError(f"trainer metrics must include '{NUM_EXAMPLES}'")
+
+
+class Trainer(ABC):
+    """A client's local procedure, configured once and called every round.
+
+    Parameters
+    ----------
+    model_fn : Callable[[], nn.Module]
+        Builds the (untrained) model; the trainer loads received arrays into it.
+    seed : int
+        The run seed; per-round randomness is derived from it and the client id.
+    eval_batch_size : int
+        Batch size for evaluation passes.
+    """
+
+    def __init__(
+        self, model_fn: Callable[[], nn.Module], seed: int = 0, eval_batch_size: int = 1024
+    ) -> None:
+        self.model_fn = model_fn
+        self.seed = seed
+        self.eval_batch_size = eval_batch_size
+        self._model: nn.Module | None = None
+
+    @abstractmethod
+    def train(
+        self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData, state: RecordDict
+    ) -> TrainOutput:
+        """Train locally from the received arrays; return the upload, metrics, new state."""
+
+    def evaluate(
+        self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData, state: RecordDict
+    ) -> dict[str, float | int]:
+        """Accuracy and loss of the received model on the client's test split."""
+        model = self.load_model(arrays)
+        loss, accuracy = evaluate_model(model, data.x_test, data.y_test, self.eval_batch_size)
+        return {"loss": loss, "accuracy": accuracy, NUM_EXAMPLES: len(data.y_test)}
+
+    def load_model(self, arrays: ArrayRecord) -> nn.Module:
+        """The trainer's model instance with `arrays` loaded (built once, then reused)."""
+        if self._model is None:
+            self._model = self.model_fn()
+        self._model.load_state_dict(arrays.to_torch_state_dict())
+        return self._model
+
+    def generator(self, data: ClientData, server_round: int) -> torch.Generator:
+        """A torch RNG unique to (run seed, client, round): same draws on any backend."""
+        words = np.random.SeedSequence([self.seed, data.partition_id + 1, server_round])
+        return torch.Generator().manual_seed(int(words.generate_state(1, np.uint64)[0] >> 1))
+
+
+def minibatches(
+    num_samples: int, batch_size: int, generator: torch.Generator
+) -> Iterator[torch.Tensor]:
+    """Shuffled index batches covering every sample once (the last may be smaller)."""
+    yield from torch.randperm(num_samples, generator=generator).split(batch_size)
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of `model` on (x, y); (nan, nan) when empty."""
+    if len(y) == 0:
+        return float("nan"), float("nan")
+    was_training = model.training
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(y), batch_size):
+        logits = model(x[start : start + batch_size])
+        target = y[start : start + batch_size]
+        loss_sum += nn.functional.cross_entropy(logits, target, reduction="sum").item()
+        correct += (logits.argmax(1) == target).sum().item()
+    model.train(was_training)
+    return loss_sum / len(y), correct / len(y)

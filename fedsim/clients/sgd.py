@@ -1,0 +1,75 @@
+"""Plain backprop SGD, with the optional FedProx proximal term."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from torch import nn
+
+from fedsim.clients.base import NUM_EXAMPLES, Trainer, TrainOutput, minibatches
+from fedsim.datasets.federated import ClientData
+
+
+def proximal_term(model: nn.Module, anchor: list[torch.Tensor]) -> torch.Tensor:
+    """||w - w_global||^2 over trainable parameters (FedProx, Li et al. 2020)."""
+    return sum(
+        (p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor, strict=True)
+    )
+
+
+class SGDTrainer(Trainer):
+    """Local epochs of minibatch SGD on cross-entropy; uploads the trained weights.
+
+    `proximal_mu` adds mu/2 * ||w - w_global||^2; a `proximal-mu` value in the
+    round's config (sent by Flower's FedProx) takes precedence.
+    """
+
+    def __init__(
+        self,
+        model_fn: Callable[[], nn.Module],
+        seed: int = 0,
+        lr: float = 0.05,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        local_epochs: int = 1,
+        batch_size: int = 32,
+        proximal_mu: float = 0.0,
+        eval_batch_size: int = 1024,
+    ) -> None:
+        super().__init__(model_fn, seed, eval_batch_size)
+        self.lr = lr
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.local_epochs = local_epochs
+        self.batch_size = batch_size
+        self.proximal_mu = proximal_mu
+
+    def train(
+        self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData, state: RecordDict
+    ) -> TrainOutput:
+        model = self.load_model(arrays)
+        model.train()
+        mu = float(config.get("proximal-mu", self.proximal_mu))
+        anchor = [p.detach().clone() for p in model.parameters()] if mu > 0 else []
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+        )
+        generator = self.generator(data, int(config.get("server-round", 0)))
+        loss_sum, steps = 0.0, 0
+        for _ in range(self.local_epochs):
+            for idx in minibatches(data.num_train, self.batch_size, generator):
+                loss = nn.functional.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+                if mu > 0:
+                    loss = loss + mu / 2 * proximal_term(model, anchor)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.item()
+                steps += 1
+        return TrainOutput(
+            arrays=ArrayRecord(model.state_dict()),
+            metrics={"train_loss": loss_sum / max(steps, 1), NUM_EXAMPLES: data.num_train},
+            state=state,
+        )

@@ -1,0 +1,122 @@
+"""Run config: validation before any work, and transport to the Flower apps.
+
+The resolved Hydra config travels to the ServerApp and ClientApps as one JSON
+string in Flower's `run_config` (key `fedsim-config`), so simulation and
+deployment share a single configuration path.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from functools import lru_cache
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from fedsim.errors import ConfigError
+
+RUN_CONFIG_KEY = "fedsim-config"
+GROUPS = ("strategy", "client", "dataset", "partition", "model", "backend", "logger")
+
+
+def to_run_config(cfg: DictConfig) -> dict[str, str]:
+    """Flower `run_config` carrying the resolved fedsim config."""
+    return {RUN_CONFIG_KEY: json.dumps(OmegaConf.to_container(cfg, resolve=True))}
+
+
+@lru_cache(maxsize=8)
+def _parse(config_json: str) -> DictConfig:
+    cfg = OmegaConf.create(json.loads(config_json))
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def from_run_config(run_config: dict[str, Any], default_json: str | None = None) -> DictConfig:
+    """The fedsim config from a Flower `run_config` (parsed once per distinct string)."""
+    config_json = run_config.get(RUN_CONFIG_KEY) or default_json
+    if not config_json:
+        raise ConfigError(
+            f"run_config has no '{RUN_CONFIG_KEY}': start runs with the `fedsim` CLI, or pass "
+            f"--run-config \"{RUN_CONFIG_KEY}='<json>'\" to `flwr run`"
+        )
+    return _parse(str(config_json))
+
+
+def _require(ok: bool, field: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{field} must be {allowed} (got {value!r})")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_target(cfg: DictConfig, group: str) -> None:
+    node = cfg.get(group)
+    _require(isinstance(node, DictConfig) and "_target_" in node, group,
+             f"a config group with a _target_ (choose one of conf/{group}/*.yaml)", node)
+    module_name, _, attr = str(node._target_).rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ConfigError(f"{group}._target_: cannot import '{module_name}' ({err})") from err
+    _require(hasattr(module, attr), f"{group}._target_", f"a name in {module_name}", attr)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check every cross-cutting field before any work; raise one `ConfigError` naming it."""
+    for group in GROUPS:
+        _check_target(cfg, group)
+    _require(_is_int(cfg.seed) and cfg.seed >= 0, "seed", "an integer >= 0", cfg.seed)
+    _require(_is_int(cfg.num_clients) and cfg.num_clients >= 1, "num_clients",
+             "an integer >= 1", cfg.num_clients)
+    _require(_is_int(cfg.clients_per_round) and 1 <= cfg.clients_per_round <= cfg.num_clients,
+             "clients_per_round", f"an integer in [1, num_clients={cfg.num_clients}]",
+             cfg.clients_per_round)
+    _require(_is_int(cfg.num_rounds) and cfg.num_rounds >= 1, "num_rounds",
+             "an integer >= 1", cfg.num_rounds)
+    evaluation = cfg.evaluation
+    _require(_is_int(evaluation.server_every) and evaluation.server_every >= 0,
+             "evaluation.server_every", "an integer >= 0 (0 = never)", evaluation.server_every)
+    _require(_is_int(evaluation.clients_per_round)
+             and 0 <= evaluation.clients_per_round <= cfg.num_clients,
+             "evaluation.clients_per_round", f"an integer in [0, num_clients={cfg.num_clients}]",
+             evaluation.clients_per_round)
+    imbalance = cfg.data.imbalance_factor
+    _require(isinstance(imbalance, int | float) and 0 < imbalance <= 1,
+             "data.imbalance_factor", "a number in (0, 1] (1 = no long tail)", imbalance)
+    ratio = cfg.data.client_test_ratio
+    _require(isinstance(ratio, int | float) and ratio >= 0, "data.client_test_ratio",
+             "a number >= 0", ratio)
+    _require(_is_int(cfg.torch_threads) and cfg.torch_threads >= 1, "torch_threads",
+             "an integer >= 1", cfg.torch_threads)
+    _validate_partition(cfg)
+    _validate_client(cfg)
+
+
+def _validate_partition(cfg: DictConfig) -> None:
+    partition = cfg.partition
+    if "alpha" in partition:
+        alpha = partition.alpha
+        values = list(alpha) if OmegaConf.is_list(alpha) else [alpha]
+        _require(all(isinstance(a, int | float) and a > 0 for a in values), "partition.alpha",
+                 "a number > 0 (or a list of them)", alpha)
+    if "num_partitions" in partition:
+        _require(partition.num_partitions == cfg.num_clients, "partition.num_partitions",
+                 f"equal to num_clients={cfg.num_clients}", partition.num_partitions)
+    if "num_classes_per_partition" in partition:
+        n = partition.num_classes_per_partition
+        _require(_is_int(n) and n >= 1, "partition.num_classes_per_partition",
+                 "an integer >= 1", n)
+
+
+def _validate_client(cfg: DictConfig) -> None:
+    client = cfg.client
+    for key in ("lr", "batch_size", "local_epochs"):
+        if key in client:
+            _require(isinstance(client[key], int | float) and client[key] > 0,
+                     f"client.{key}", "a number > 0", client[key])
+    for key in ("batch_size", "local_epochs"):
+        if key in client:
+            _require(_is_int(client[key]), f"client.{key}", "an integer > 0", client[key])

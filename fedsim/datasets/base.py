@@ -1,0 +1,107 @@
+"""The in-memory form every data source returns, and its validation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedsim.errors import DataError
+
+
+@dataclass(frozen=True)
+class ArraySplits:
+    """A centralized dataset: float32 features and int64 labels, train and test.
+
+    `train_ids` optionally holds a natural client id per training sample (e.g. the
+    writer of a FEMNIST character) for natural partitioning.
+    """
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    train_ids: np.ndarray | None = None
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.x_train.shape[1:])
+
+
+def as_splits(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    num_classes: int | None = None,
+    train_ids: np.ndarray | None = None,
+    source: str = "data",
+) -> ArraySplits:
+    """Cast arrays to float32/int64, check them, and wrap them as `ArraySplits`."""
+    y_train_arr = _as_labels(y_train, f"{source}: y_train")
+    y_test_arr = _as_labels(y_test, f"{source}: y_test")
+    if num_classes is None:
+        num_classes = int(max(y_train_arr.max(initial=0), y_test_arr.max(initial=0))) + 1
+    splits = ArraySplits(
+        x_train=np.ascontiguousarray(x_train, dtype=np.float32),
+        y_train=y_train_arr,
+        x_test=np.ascontiguousarray(x_test, dtype=np.float32),
+        y_test=y_test_arr,
+        num_classes=int(num_classes),
+        train_ids=None if train_ids is None else np.asarray(train_ids),
+    )
+    check_splits(splits, source)
+    return splits
+
+
+def _as_labels(y: np.ndarray, name: str) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise DataError(f"{name} must be a 1-D array of class ids, got shape {y.shape}")
+    if y.dtype.kind == "f":
+        if not np.all(np.isfinite(y)):
+            raise DataError(f"{name} contains NaN or Inf labels")
+        if not np.all(y == np.round(y)):
+            raise DataError(f"{name} contains non-integer labels")
+    elif y.dtype.kind not in "iub":
+        raise DataError(f"{name} must hold integer class ids, got dtype {y.dtype}")
+    return y.astype(np.int64)
+
+
+def check_splits(splits: ArraySplits, source: str = "data") -> None:
+    """Raise `DataError` naming the array when shapes, values or labels are inconsistent."""
+    for part in ("train", "test"):
+        x, y = getattr(splits, f"x_{part}"), getattr(splits, f"y_{part}")
+        if len(x) != len(y):
+            raise DataError(
+                f"{source}: x_{part} has {len(x)} samples but y_{part} has {len(y)}"
+            )
+        if len(x) == 0:
+            raise DataError(f"{source}: the {part} split is empty")
+        if not np.all(np.isfinite(x)):
+            raise DataError(f"{source}: x_{part} contains NaN or Inf values")
+        if y.min() < 0 or y.max() >= splits.num_classes:
+            raise DataError(
+                f"{source}: y_{part} labels must lie in [0, {splits.num_classes - 1}], "
+                f"got [{y.min()}, {y.max()}]"
+            )
+    if splits.x_train.shape[1:] != splits.x_test.shape[1:]:
+        raise DataError(
+            f"{source}: x_train samples have shape {splits.x_train.shape[1:]} but x_test "
+            f"samples have shape {splits.x_test.shape[1:]}"
+        )
+    if splits.train_ids is not None and len(splits.train_ids) != len(splits.y_train):
+        raise DataError(f"{source}: train_ids must have one id per training sample")
+
+
+def stratified_split(
+    x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Split arrays into train/test keeping the class proportions (sklearn)."""
+    from sklearn.model_selection import train_test_split
+
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x, y, test_size=test_fraction, random_state=seed, stratify=y
+    )
+    return x_tr, y_tr, x_te, y_te

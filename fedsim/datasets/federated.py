@@ -1,0 +1,168 @@
+"""A dataset split into clients, built once per process from the run config."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from fedsim.datasets.base import ArraySplits
+from fedsim.datasets.partition import (
+    label_counts,
+    label_dataset,
+    long_tail_indices,
+    matched_test_indices,
+    partition_indices,
+)
+from fedsim.errors import ConfigError
+
+_CACHE: dict[str, FederatedData] = {}
+
+
+@dataclass
+class ClientData:
+    """What one client holds: its training set and a test set following its label mix."""
+
+    partition_id: int
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+
+    @property
+    def num_train(self) -> int:
+        return len(self.y_train)
+
+
+@dataclass
+class FederatedData:
+    """Centralized arrays plus each client's training indices.
+
+    Client test sets are drawn lazily from the test pool with a per-client seed,
+    so the cost of a run depends on the clients that take part, not on how many
+    are registered.
+    """
+
+    splits: ArraySplits
+    train_parts: list[np.ndarray]
+    client_test_ratio: float
+    seed: int
+    partitioner: Any = field(default=None, repr=False)
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.train_parts)
+
+    @property
+    def num_classes(self) -> int:
+        return self.splits.num_classes
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.splits.input_shape
+
+    def client_test_indices(self, partition_id: int) -> np.ndarray:
+        train_labels = self.splits.y_train[self.train_parts[partition_id]]
+        size = max(1, round(self.client_test_ratio * len(train_labels)))
+        rng = np.random.default_rng([self.seed, partition_id, 0x7E57])
+        return matched_test_indices(
+            train_labels, self.splits.y_test, self.num_classes, size, rng
+        )
+
+    def client(self, partition_id: int) -> ClientData:
+        if not 0 <= partition_id < self.num_clients:
+            raise ValueError(
+                f"partition-id {partition_id} outside [0, {self.num_clients - 1}]"
+            )
+        train = self.train_parts[partition_id]
+        test = (
+            self.client_test_indices(partition_id)
+            if self.client_test_ratio > 0
+            else np.zeros(0, dtype=np.int64)
+        )
+        s = self.splits
+        return ClientData(
+            partition_id=partition_id,
+            x_train=torch.from_numpy(s.x_train[train]),
+            y_train=torch.from_numpy(s.y_train[train]),
+            x_test=torch.from_numpy(s.x_test[test]),
+            y_test=torch.from_numpy(s.y_test[test]),
+            num_classes=s.num_classes,
+        )
+
+    def centralized(self) -> ClientData:
+        """All training samples of all clients as one client (id -1), the full test set."""
+        train = np.sort(np.concatenate(self.train_parts))
+        s = self.splits
+        return ClientData(
+            partition_id=-1,
+            x_train=torch.from_numpy(s.x_train[train]),
+            y_train=torch.from_numpy(s.y_train[train]),
+            x_test=torch.from_numpy(s.x_test),
+            y_test=torch.from_numpy(s.y_test),
+            num_classes=s.num_classes,
+        )
+
+    def server_test(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.from_numpy(self.splits.x_test), torch.from_numpy(self.splits.y_test)
+
+    def label_counts(self) -> np.ndarray:
+        return label_counts(self.splits.y_train, self.train_parts, self.num_classes)
+
+
+def data_key(cfg: DictConfig) -> str:
+    """The part of the run config that determines the federated data."""
+    return json.dumps(
+        OmegaConf.to_container(
+            OmegaConf.masked_copy(
+                cfg, ["dataset", "partition", "num_clients", "seed", "data"]
+            ),
+            resolve=True,
+        ),
+        sort_keys=True,
+    )
+
+
+def prime_cache(cfg: DictConfig, data: FederatedData) -> None:
+    """Hand a process data built elsewhere (Ray workers get it from the object store)."""
+    _CACHE[data_key(cfg)] = data
+
+
+def build_federated_data(cfg: DictConfig) -> FederatedData:
+    """Load the dataset, apply the long-tail step, partition it; cached per config."""
+    key = data_key(cfg)
+    if key not in _CACHE:
+        _CACHE[key] = _build(cfg)
+    return _CACHE[key]
+
+
+def _build(cfg: DictConfig) -> FederatedData:
+    splits: ArraySplits = instantiate(cfg.dataset)
+    labels, ids = splits.y_train, splits.train_ids
+    if cfg.data.imbalance_factor < 1.0:
+        keep = long_tail_indices(labels, splits.num_classes, cfg.data.imbalance_factor, cfg.seed)
+    else:
+        keep = np.arange(len(labels))
+    if len(keep) < cfg.num_clients:
+        raise ConfigError(
+            f"num_clients={cfg.num_clients} is more than the {len(keep)} training samples "
+            "available; lower num_clients"
+        )
+    partitioner = instantiate(cfg.partition)
+    partitioner.dataset = label_dataset(
+        labels[keep], splits.num_classes, None if ids is None else ids[keep]
+    )
+    parts = [keep[p] for p in partition_indices(partitioner, cfg.num_clients)]
+    return FederatedData(
+        splits=splits,
+        train_parts=parts,
+        client_test_ratio=float(cfg.data.client_test_ratio),
+        seed=int(cfg.seed),
+        partitioner=partitioner,
+    )

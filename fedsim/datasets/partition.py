@@ -1,0 +1,126 @@
+"""Splitting a centralized dataset into clients.
+
+The partitioners themselves are flwr-datasets' (IID, Dirichlet, pathological,
+shard, size skew, natural id); this module only feeds them labels and reads
+back indices, adds the long-tail step that can precede any of them, and draws
+per-client test sets that follow each client's label mix.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedsim.errors import ConfigError
+
+LABEL = "label"
+NATURAL_ID = "natural_id"
+INDEX = "_index"
+
+
+def long_tail_counts(class_counts: np.ndarray, imbalance_factor: float) -> np.ndarray:
+    """Samples kept per class: n_c = int(n_max * IF^(c / (K - 1))), capped at what exists.
+
+    Class 0 is the head; IF = n_min / n_max, so 0.01 is the literature's "IF = 100".
+    """
+    num_classes = len(class_counts)
+    if num_classes < 2 or imbalance_factor == 1.0:
+        return class_counts.copy()
+    exponents = np.arange(num_classes) / (num_classes - 1)
+    wanted = (class_counts.max() * imbalance_factor**exponents).astype(np.int64)
+    return np.minimum(wanted, class_counts)
+
+
+def long_tail_indices(
+    labels: np.ndarray, num_classes: int, imbalance_factor: float, seed: int
+) -> np.ndarray:
+    """Sorted indices of a long-tailed subsample of `labels` (random within each class)."""
+    rng = np.random.default_rng(seed)
+    counts = np.bincount(labels, minlength=num_classes)
+    keep = long_tail_counts(counts, imbalance_factor)
+    chosen = [
+        rng.choice(np.flatnonzero(labels == c), size=int(keep[c]), replace=False)
+        for c in range(num_classes)
+    ]
+    return np.sort(np.concatenate(chosen))
+
+
+def label_dataset(labels: np.ndarray, num_classes: int, ids: np.ndarray | None = None):
+    """A Hugging Face `Dataset` of labels (+ natural ids) for flwr-datasets partitioners."""
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    columns = {LABEL: labels.tolist(), INDEX: np.arange(len(labels)).tolist()}
+    features = {
+        LABEL: ClassLabel(num_classes=num_classes, names=[str(c) for c in range(num_classes)]),
+        INDEX: Value("int64"),
+    }
+    if ids is not None:
+        columns[NATURAL_ID] = [str(i) for i in ids]
+        features[NATURAL_ID] = Value("string")
+    return Dataset.from_dict(columns, features=Features(features))
+
+
+def partition_indices(partitioner, num_partitions: int) -> list[np.ndarray]:
+    """Read each partition's sample indices from a flwr-datasets partitioner."""
+    try:
+        available = partitioner.num_partitions
+    except ValueError as err:  # e.g. Dirichlet could not satisfy min_partition_size
+        raise ConfigError(f"partition: {err}") from err
+    if available != num_partitions:
+        raise ConfigError(
+            f"partition: the partitioner produced {available} partitions but "
+            f"num_clients={num_partitions}"
+        )
+    parts = []
+    for pid in range(num_partitions):
+        try:
+            part = partitioner.load_partition(pid)
+        except ValueError as err:
+            raise ConfigError(f"partition: {err}") from err
+        parts.append(np.asarray(part[INDEX], dtype=np.int64))
+    empty = [pid for pid, p in enumerate(parts) if len(p) == 0]
+    if empty:
+        raise ConfigError(
+            f"partition: clients {empty[:10]} received no training samples; lower num_clients "
+            "or raise partition.alpha / partition.min_partition_size"
+        )
+    return parts
+
+
+def largest_remainder(proportions: np.ndarray, total: int) -> np.ndarray:
+    """Integer counts summing to `total` that follow `proportions` as closely as possible."""
+    raw = proportions / proportions.sum() * total
+    counts = np.floor(raw).astype(np.int64)
+    short = total - counts.sum()
+    if short > 0:
+        order = np.argsort(-(raw - counts), kind="stable")
+        counts[order[:short]] += 1
+    return counts
+
+
+def matched_test_indices(
+    train_labels: np.ndarray,
+    test_labels: np.ndarray,
+    num_classes: int,
+    size: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Indices into the test pool whose label mix follows the client's training mix.
+
+    Each class is drawn without replacement while the pool lasts, with replacement
+    beyond it, so the test set keeps the client's proportions even for large ratios.
+    """
+    mix = np.bincount(train_labels, minlength=num_classes).astype(np.float64)
+    wanted = largest_remainder(mix, size)
+    chosen = []
+    for c in np.flatnonzero(wanted):
+        pool = np.flatnonzero(test_labels == c)
+        if len(pool) == 0:
+            continue
+        n = int(wanted[c])
+        chosen.append(rng.choice(pool, size=n, replace=n > len(pool)))
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+
+
+def label_counts(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) -> np.ndarray:
+    """Clients x classes matrix of training-sample counts."""
+    return np.stack([np.bincount(labels[p], minlength=num_classes) for p in parts])

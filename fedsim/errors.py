@@ -1,0 +1,13 @@
+"""Errors that fedsim reports to the user as one clear line."""
+
+
+class FedsimError(Exception):
+    """Base class: a problem with the user's input, reported without a traceback."""
+
+
+class ConfigError(FedsimError):
+    """A configuration field has a value that is not allowed."""
+
+
+class DataError(FedsimError):
+    """A data source is malformed or cannot be loaded."""

@@ -1,0 +1,24 @@
+"""One run from a composed config: validate, then hand it to the chosen backend."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from fedsim.config import validate
+from fedsim.datasets.federated import build_federated_data
+from fedsim.recording import SUMMARY_FILE, prepare_run_dir
+
+
+def run_experiment(cfg: DictConfig) -> dict[str, Any]:
+    """Validate `cfg`, run it on `cfg.backend`, and return the run's summary."""
+    validate(cfg)
+    build_federated_data(cfg)  # data-dependent checks (samples >= clients, partitions) first
+    backend = instantiate(cfg.backend)
+    prepare_run_dir(cfg.output_dir)
+    backend.run(cfg)
+    return json.loads((Path(cfg.output_dir) / SUMMARY_FILE).read_text())

@@ -1,0 +1,161 @@
+"""The few models fedsim needs, written here (no torchvision).
+
+Every model takes `input_shape` (one sample's shape) and `num_classes`, filled in
+from the dataset, plus its own hyperparameters from `conf/model/*.yaml`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+class MLP(nn.Module):
+    """Fully connected ReLU network on the flattened input."""
+
+    def __init__(
+        self, input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (100, 100)
+    ) -> None:
+        super().__init__()
+        sizes = [math.prod(input_shape), *hidden]
+        layers: list[nn.Module] = [nn.Flatten()]
+        for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True):
+            layers += [nn.Linear(n_in, n_out), nn.ReLU()]
+        layers.append(nn.Linear(sizes[-1], num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class CNN1D(nn.Module):
+    """The MNIST-1D paper's small 1-D CNN: strided convolutions, then a linear layer."""
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        channels: int = 25,
+        num_layers: int = 3,
+        kernel_size: int = 5,
+    ) -> None:
+        super().__init__()
+        in_channels = 1 if len(input_shape) == 1 else int(input_shape[0])
+        layers: list[nn.Module] = []
+        for i in range(num_layers):
+            layers += [
+                nn.Conv1d(in_channels if i == 0 else channels, channels, kernel_size, 2, 1),
+                nn.ReLU(),
+            ]
+        self.features = nn.Sequential(*layers)
+        self.one_channel = len(input_shape) == 1
+        with torch.no_grad():
+            n_flat = self.features(torch.zeros(1, in_channels, input_shape[-1])).numel()
+        self.head = nn.Linear(n_flat, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.one_channel:
+            x = x.unsqueeze(1)
+        return self.head(self.features(x).flatten(1))
+
+
+class CNN2D(nn.Module):
+    """Two conv-pool blocks and two linear layers (the classic FL "CNN")."""
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        channels: Sequence[int] = (32, 64),
+        hidden: int = 128,
+    ) -> None:
+        super().__init__()
+        c_in = int(input_shape[0])
+        c1, c2 = channels
+        self.features = nn.Sequential(
+            nn.Conv2d(c_in, c1, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        with torch.no_grad():
+            n_flat = self.features(torch.zeros(1, *input_shape)).numel()
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(n_flat, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(min(32, channels), channels)
+    raise ValueError(f"model.norm must be 'batch' or 'group', got '{kind}'")
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with a residual connection."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, norm: str) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = _norm(norm, c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = _norm(norm, c_out)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), _norm(norm, c_out)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """CIFAR-style ResNet: 3x3 stem without max-pool, four stages of basic blocks."""
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        blocks: Sequence[int] = (2, 2, 2, 2),
+        width: int = 64,
+        norm: str = "batch",
+    ) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(int(input_shape[0]), width, 3, 1, 1, bias=False),
+            _norm(norm, width),
+            nn.ReLU(),
+        )
+        stages: list[nn.Module] = []
+        c_in = width
+        for i, n in enumerate(blocks):
+            c_out = width * 2**i
+            for j in range(n):
+                stages.append(BasicBlock(c_in, c_out, 2 if (j == 0 and i > 0) else 1, norm))
+                c_in = c_out
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Linear(c_in, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.stages(self.stem(x))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(out, 1), 1))
+
+
+def resnet18(input_shape: Sequence[int], num_classes: int, **kwargs) -> ResNet:
+    return ResNet(input_shape, num_classes, blocks=(2, 2, 2, 2), **kwargs)
+
+
+def resnet34(input_shape: Sequence[int], num_classes: int, **kwargs) -> ResNet:
+    return ResNet(input_shape, num_classes, blocks=(3, 4, 6, 3), **kwargs)

@@ -1,0 +1,173 @@
+"""Per-round records of a run: metrics.jsonl, summary.json, plots, tracker, progress bar."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, MetricRecord
+from flwr.serverapp.strategy import Strategy
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from fedsim.backends.base import MeteredGrid
+from fedsim.errors import ConfigError
+from fedsim.plots import plot_curves, plot_label_distribution
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+def prepare_run_dir(output_dir: str | None) -> Path:
+    """Create the run directory; refuse one that already holds a run's metrics."""
+    run_dir = Path(output_dir or "outputs/fedsim-run")
+    if (run_dir / METRICS_FILE).exists() or (run_dir / SUMMARY_FILE).exists():
+        raise ConfigError(
+            f"output_dir '{run_dir}' already holds a run; choose a new output_dir "
+            "(fedsim never overwrites a run's outputs)"
+        )
+    (run_dir / "plots").mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _flat(prefix: str, record: MetricRecord | None) -> dict[str, float]:
+    if record is None:
+        return {}
+    return {
+        f"{prefix}/{k}": float(v) for k, v in record.items() if isinstance(v, int | float)
+    }
+
+
+class RunRecorder:
+    """Collects each round's metrics from the strategy, the grid and the server evaluation.
+
+    The strategy's `aggregate_train` / `aggregate_evaluate` are wrapped on the
+    instance (any Flower strategy works unchanged), and `end_of_round` is passed
+    to `Strategy.start` as its `evaluate_fn`, which Flower calls after each round.
+    """
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        grid: MeteredGrid,
+        evaluate: Any,
+        logger: Any,
+        run_dir: Path,
+    ) -> None:
+        self.cfg = cfg
+        self.grid = grid
+        self.evaluate = evaluate
+        self.logger = logger
+        self.run_dir = run_dir
+        self.rows: list[dict[str, Any]] = []
+        self._train: MetricRecord | None = None
+        self._client_eval: MetricRecord | None = None
+        self._start = time.perf_counter()
+        self._round_start = self._start
+        self._metrics_file = open(run_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
+        self._bar = tqdm(
+            total=cfg.num_rounds, desc="rounds", unit="rnd", disable=not cfg.progress,
+            dynamic_ncols=True,
+        )
+
+    def write_inputs(self, partitioner: Any) -> None:
+        """Resolved config and label-distribution plot, before round 1."""
+        OmegaConf.save(self.cfg, self.run_dir / "config.yaml", resolve=True)
+        plot_label_distribution(
+            partitioner, self.run_dir / "plots" / "label_distribution.png", self.cfg.num_clients
+        )
+        self.logger.start(
+            OmegaConf.to_container(self.cfg, resolve=True), str(self.run_dir), self.run_dir.name
+        )
+        self._start = self._round_start = time.perf_counter()
+
+    def attach(self, strategy: Strategy) -> None:
+        """Capture aggregated train and client-eval metrics as the strategy produces them."""
+        aggregate_train = strategy.aggregate_train
+        aggregate_evaluate = strategy.aggregate_evaluate
+
+        def recorded_train(server_round, replies):
+            arrays, metrics = aggregate_train(server_round, replies)
+            self._train = metrics
+            return arrays, metrics
+
+        def recorded_evaluate(server_round, replies):
+            metrics = aggregate_evaluate(server_round, replies)
+            self._client_eval = metrics
+            return metrics
+
+        strategy.aggregate_train = recorded_train
+        strategy.aggregate_evaluate = recorded_evaluate
+
+    def end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Server evaluation when due, then one metrics line (round 0 = before training)."""
+        every = self.cfg.evaluation.server_every
+        due = every > 0 and (server_round % every == 0 or server_round == self.cfg.num_rounds)
+        server = MetricRecord(self.evaluate(arrays)) if due else None
+        if server_round == 0:
+            self.rows.append({"round": 0, **_flat("server", server)})
+            self._write(self.rows[-1])
+            return server
+        now = time.perf_counter()
+        bytes_down, bytes_up = self.grid.take_bytes()
+        row = {
+            "round": server_round,
+            **_flat("train", self._train),
+            **_flat("server", server),
+            **_flat("client_eval", self._client_eval),
+            "round_time_s": now - self._round_start,
+            "wall_time_s": now - self._start,
+            "bytes_down": bytes_down,
+            "bytes_up": bytes_up,
+        }
+        self._round_start = now
+        self._train = self._client_eval = None
+        self.rows.append(row)
+        self._write(row)
+        self._bar.update(1)
+        self._bar.set_postfix(
+            {k.split("/")[-1]: f"{v:.4g}" for k, v in row.items()
+             if k in ("server/accuracy", "train/train_loss")}
+        )
+        return server
+
+    def _write(self, row: dict[str, Any]) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                 for k, v in row.items()}
+        self._metrics_file.write(json.dumps(clean) + "\n")
+        self._metrics_file.flush()
+        loggable = {k: v for k, v in clean.items() if k != "round" and v is not None}
+        self.logger.log(loggable, step=row["round"])
+
+    def finish(self) -> dict[str, Any]:
+        """Close the metrics file, write summary.json and the curves plot."""
+        self._bar.close()
+        self._metrics_file.close()
+        summary = self.summary()
+        tmp = self.run_dir / (SUMMARY_FILE + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=2))
+        os.replace(tmp, self.run_dir / SUMMARY_FILE)
+        plot_curves(self.rows, self.run_dir / "plots" / "curves.png")
+        self.logger.finish(summary)
+        return summary
+
+    def summary(self) -> dict[str, Any]:
+        last = self.rows[-1]
+        accuracies = [r["server/accuracy"] for r in self.rows if "server/accuracy" in r]
+        evaluated = [r for r in self.rows if "server/accuracy" in r]
+        return {
+            "num_rounds": last["round"],
+            "final": {k: v for k, v in last.items() if "/" in k},
+            "final_server_accuracy": evaluated[-1]["server/accuracy"] if evaluated else None,
+            "best_server_accuracy": max(accuracies) if accuracies else None,
+            "wall_time_s": time.perf_counter() - self._start,
+            "bytes_down": sum(r.get("bytes_down", 0) for r in self.rows),
+            "bytes_up": sum(r.get("bytes_up", 0) for r in self.rows),
+            "strategy": str(self.cfg.strategy._target_).rsplit(".", 1)[-1],
+            "client": str(self.cfg.client._target_).rsplit(".", 1)[-1],
+            "seed": self.cfg.seed,
+        }

@@ -1,0 +1,48 @@
+"""What each party builds from the run config: data, model factory, trainer.
+
+Built once per process and config (cached), so an in-process run with many
+clients builds the dataset once and every Ray worker builds it once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import lru_cache, partial
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch import nn
+
+from fedsim.clients.base import Trainer
+from fedsim.datasets.federated import FederatedData, build_federated_data
+
+
+def model_factory(cfg: DictConfig, data: FederatedData) -> Callable[[], nn.Module]:
+    """A zero-argument builder of the configured model for this dataset's shapes."""
+    return partial(
+        instantiate, cfg.model, input_shape=list(data.input_shape), num_classes=data.num_classes
+    )
+
+
+def initial_model(cfg: DictConfig, data: FederatedData) -> nn.Module:
+    """The global model at round 0, initialized from the run seed."""
+    torch.manual_seed(cfg.seed)
+    return model_factory(cfg, data)()
+
+
+def build_trainer(cfg: DictConfig, data: FederatedData) -> Trainer:
+    """The configured local trainer (also used by strategies that re-run clients)."""
+    return instantiate(cfg.client, model_fn=model_factory(cfg, data), seed=cfg.seed)
+
+
+@lru_cache(maxsize=4)
+def _client_runtime(cfg: DictConfig) -> tuple[FederatedData, Trainer]:
+    torch.set_num_threads(cfg.torch_threads)
+    data = build_federated_data(cfg)
+    return data, build_trainer(cfg, data)
+
+
+def client_runtime(cfg: DictConfig) -> tuple[FederatedData, Trainer]:
+    """Data and trainer for the ClientApp in this process (cached per config object)."""
+    return _client_runtime(cfg)
