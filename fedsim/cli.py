@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from fedsim.config import CONF_DIR
 from fedsim.errors import FedsimError
 from fedsim.experiment import run_experiment
 
 log = logging.getLogger("fedsim")
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -120,3 +121,18 @@ def _validate_client(cfg: DictConfig) -> None:
     for key in ("batch_size", "local_epochs"):
         if key in client:
             _require(_is_int(client[key]), f"client.{key}", "an integer > 0", client[key])
+
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The fedsim config with command-line style overrides, without launching Hydra's CLI.
+
+    For scripts and tests: `compose(["strategy=fedprox", "output_dir=/some/dir"])`.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))

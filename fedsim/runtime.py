@@ -7,7 +7,7 @@ clients builds the dataset once and every Ray worker builds it once.
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import lru_cache, partial
+from functools import partial
 
 import torch
 from hydra.utils import instantiate
@@ -36,13 +36,19 @@ def build_trainer(cfg: DictConfig, data: FederatedData) -> Trainer:
     return instantiate(cfg.client, model_fn=model_factory(cfg, data), seed=cfg.seed)
 
 
-@lru_cache(maxsize=4)
-def _client_runtime(cfg: DictConfig) -> tuple[FederatedData, Trainer]:
-    torch.set_num_threads(cfg.torch_threads)
-    data = build_federated_data(cfg)
-    return data, build_trainer(cfg, data)
+_RUNTIMES: dict[int, tuple[DictConfig, FederatedData, Trainer]] = {}
 
 
 def client_runtime(cfg: DictConfig) -> tuple[FederatedData, Trainer]:
-    """Data and trainer for the ClientApp in this process (cached per config object)."""
-    return _client_runtime(cfg)
+    """Data and trainer for the ClientApp in this process, built once per config object.
+
+    Keyed by identity: `from_run_config` returns one read-only object per config
+    string, and hashing a DictConfig would render it to text on every message.
+    """
+    entry = _RUNTIMES.get(id(cfg))
+    if entry is None or entry[0] is not cfg:
+        torch.set_num_threads(cfg.torch_threads)
+        data = build_federated_data(cfg)
+        entry = (cfg, data, build_trainer(cfg, data))
+        _RUNTIMES[id(cfg)] = entry
+    return entry[1], entry[2]

@@ -65,6 +65,8 @@ class Trainer(ABC):
         self.seed = seed
         self.eval_batch_size = eval_batch_size
         self._model: nn.Module | None = None
+        self._received: ArrayRecord | None = None
+        self._received_state: dict[str, torch.Tensor] = {}
 
     @abstractmethod
     def train(
@@ -81,10 +83,17 @@ class Trainer(ABC):
         return {"loss": loss, "accuracy": accuracy, NUM_EXAMPLES: len(data.y_test)}
 
     def load_model(self, arrays: ArrayRecord) -> nn.Module:
-        """The trainer's model instance with `arrays` loaded (built once, then reused)."""
+        """The trainer's model instance with `arrays` loaded (built once, then reused).
+
+        A round sends the same ArrayRecord object to every client of a process, so
+        its decoded tensors are kept until a different record arrives.
+        """
         if self._model is None:
             self._model = self.model_fn()
-        self._model.load_state_dict(arrays.to_torch_state_dict())
+        if arrays is not self._received:
+            self._received_state = arrays.to_torch_state_dict()
+            self._received = arrays
+        self._model.load_state_dict(self._received_state)
         return self._model
 
     def generator(self, data: ClientData, server_round: int) -> torch.Generator:

@@ -57,7 +57,7 @@ class SGDTrainer(Trainer):
             model.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
         )
         generator = self.generator(data, int(config.get("server-round", 0)))
-        loss_sum, steps = 0.0, 0
+        loss_sum, steps = torch.zeros(()), 0
         for _ in range(self.local_epochs):
             for idx in minibatches(data.num_train, self.batch_size, generator):
                 loss = nn.functional.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
@@ -66,10 +66,10 @@ class SGDTrainer(Trainer):
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                loss_sum += loss.item()
+                loss_sum += loss.detach()
                 steps += 1
         return TrainOutput(
             arrays=ArrayRecord(model.state_dict()),
-            metrics={"train_loss": loss_sum / max(steps, 1), NUM_EXAMPLES: data.num_train},
+            metrics={"train_loss": loss_sum.item() / max(steps, 1), NUM_EXAMPLES: data.num_train},
             state=state,
         )

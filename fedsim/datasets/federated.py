@@ -54,6 +54,7 @@ class FederatedData:
     client_test_ratio: float
     seed: int
     partitioner: Any = field(default=None, repr=False)
+    _test_indices: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
     def num_clients(self) -> int:
@@ -68,12 +69,15 @@ class FederatedData:
         return self.splits.input_shape
 
     def client_test_indices(self, partition_id: int) -> np.ndarray:
-        train_labels = self.splits.y_train[self.train_parts[partition_id]]
-        size = max(1, round(self.client_test_ratio * len(train_labels)))
-        rng = np.random.default_rng([self.seed, partition_id, 0x7E57])
-        return matched_test_indices(
-            train_labels, self.splits.y_test, self.num_classes, size, rng
-        )
+        """Test-pool indices for this client (drawn on first use with a per-client seed)."""
+        if partition_id not in self._test_indices:
+            train_labels = self.splits.y_train[self.train_parts[partition_id]]
+            size = max(1, round(self.client_test_ratio * len(train_labels)))
+            rng = np.random.default_rng([self.seed, partition_id, 0x7E57])
+            self._test_indices[partition_id] = matched_test_indices(
+                train_labels, self.splits.y_test, self.num_classes, size, rng
+            )
+        return self._test_indices[partition_id]
 
     def client(self, partition_id: int) -> ClientData:
         if not 0 <= partition_id < self.num_clients:

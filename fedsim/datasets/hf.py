@@ -89,8 +89,9 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 def _use_cache_only() -> None:
     """Switch the Hub clients to offline mode so a cached copy loads without retries."""
-    import datasets.config
     from huggingface_hub import constants
+
+    import datasets.config
 
     constants.HF_HUB_OFFLINE = True
     datasets.config.HF_HUB_OFFLINE = True

@@ -1,0 +1,156 @@
+"""`fedsim-report <multirun dir>`: one table and one plot over a Hydra sweep.
+
+Every job directory of the sweep holds `summary.json` and Hydra's
+`.hydra/overrides.yaml`. The swept variables are the override keys that take
+more than one value; `seed` is averaged over (mean +/- std), `strategy` (and
+any other categorical key) makes the series, the first numeric one is the
+x-axis of the plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedsim.errors import FedsimError
+from fedsim.plots import plt
+
+AVERAGED = "seed"
+
+
+def load_jobs(sweep_dir: Path, metric: str) -> list[dict[str, Any]]:
+    """One dict per finished job: its overrides (key -> value) and the metric."""
+    jobs = []
+    for summary_file in sorted(sweep_dir.glob("**/summary.json")):
+        overrides_file = summary_file.parent / ".hydra" / "overrides.yaml"
+        if not overrides_file.exists():
+            continue
+        overrides = dict(
+            item.lstrip("+").split("=", 1) for item in yaml.safe_load(overrides_file.read_text())
+        )
+        value = _lookup(json.loads(summary_file.read_text()), metric)
+        if value is not None:
+            jobs.append({"overrides": overrides, "value": float(value)})
+    if not jobs:
+        raise FedsimError(f"no finished runs (summary.json + .hydra/overrides.yaml) in {sweep_dir}")
+    return jobs
+
+
+def _lookup(summary: dict[str, Any], metric: str) -> Any:
+    return summary.get(metric, summary.get("final", {}).get(metric))
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def swept_keys(jobs: list[dict[str, Any]]) -> list[str]:
+    """Override keys with more than one value across jobs, in first-seen order."""
+    values: dict[str, set[str]] = defaultdict(set)
+    for job in jobs:
+        for key, value in job["overrides"].items():
+            values[key].add(value)
+    return [k for k, v in values.items() if len(v) > 1 or k == "strategy"]
+
+
+def summarize(jobs: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    """Group jobs by every swept key but the seed; mean, std and count per group."""
+    keys = [k for k in swept_keys(jobs) if k != AVERAGED]
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    for job in jobs:
+        groups[tuple(job["overrides"].get(k, "") for k in keys)].append(job["value"])
+    rows = []
+    for group, values in groups.items():
+        rows.append({
+            **dict(zip(keys, group, strict=True)),
+            "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values),
+        })
+    rows.sort(key=lambda r: tuple((_number(r[k]) is None, _number(r[k]) or 0, r[k])
+                                  for k in keys))
+    return keys, rows
+
+
+def write_table(keys: list[str], rows: list[dict[str, Any]], metric: str, out: Path) -> None:
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*keys, "mean", "std", "n"])
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [
+        "| " + " | ".join([*keys, f"{metric} (mean ± std)", "seeds"]) + " |",
+        "|" + "---|" * (len(keys) + 2),
+    ]
+    for r in rows:
+        lines.append(
+            "| " + " | ".join([*(r[k] for k in keys), f"{r['mean']:.4f} ± {r['std']:.4f}",
+                               str(r["n"])]) + " |"
+        )
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def plot_report(keys: list[str], rows: list[dict[str, Any]], metric: str, out: Path) -> None:
+    """Metric vs the first numeric swept key, one line per combination of the others."""
+    numeric = [k for k in keys if all(_number(r[k]) is not None for r in rows)]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if numeric:
+        x_key = numeric[0]
+        series: dict[tuple, list] = defaultdict(list)
+        for r in rows:
+            series[tuple(r[k] for k in keys if k != x_key)].append(r)
+        for name, points in series.items():
+            points.sort(key=lambda r: _number(r[x_key]))
+            xs = [_number(r[x_key]) for r in points]
+            ax.errorbar(xs, [r["mean"] for r in points], yerr=[r["std"] for r in points],
+                        marker="o", capsize=3, label=" ".join(name) or metric)
+        if min(xs) > 0 and max(xs) / min(xs) >= 20:
+            ax.set_xscale("log")
+        ax.set_xlabel(x_key)
+    else:
+        labels = [" ".join(r[k] for k in keys) for r in rows]
+        ax.bar(labels, [r["mean"] for r in rows], yerr=[r["std"] for r in rows], capsize=3)
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=100)
+    plt.close(fig)
+
+
+def report(sweep_dir: Path, metric: str = "final_server_accuracy") -> Path:
+    """Write report.md / report.csv / report.png into `sweep_dir`; return the .md path."""
+    jobs = load_jobs(sweep_dir, metric)
+    keys, rows = summarize(jobs)
+    out = sweep_dir / "report"
+    write_table(keys, rows, metric, out)
+    plot_report(keys, rows, metric, out)
+    return out.with_suffix(".md")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", type=Path, help="a Hydra multirun directory")
+    parser.add_argument("--metric", default="final_server_accuracy",
+                        help="summary.json key (or a key of its 'final' block)")
+    args = parser.parse_args(argv)
+    try:
+        path = report(args.sweep_dir, args.metric)
+    except FedsimError as err:
+        raise SystemExit(f"fedsim-report: error: {err}") from None
+    print(path.read_text(), end="")
+    print(f"\nwritten: {path}, {path.with_suffix('.csv')}, {path.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
