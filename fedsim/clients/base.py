@@ -98,8 +98,13 @@ class Trainer(ABC):
 
     def generator(self, data: ClientData, server_round: int) -> torch.Generator:
         """A torch RNG unique to (run seed, client, round): same draws on any backend."""
-        words = np.random.SeedSequence([self.seed, data.partition_id + 1, server_round])
-        return torch.Generator().manual_seed(int(words.generate_state(1, np.uint64)[0] >> 1))
+        return torch.Generator().manual_seed(round_seed(self.seed, data.partition_id, server_round))
+
+
+def round_seed(seed: int, partition_id: int, server_round: int) -> int:
+    """A 63-bit seed for one client's local work in one round."""
+    words = np.random.SeedSequence([seed, partition_id + 1, server_round])
+    return int(words.generate_state(1, np.uint64)[0] >> 1)
 
 
 def minibatches(

@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny configs that run in a second or two on a CPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedsim.config import compose
+
+TINY = [
+    "logger=none",
+    "progress=false",
+    "num_clients=6",
+    "clients_per_round=3",
+    "num_rounds=2",
+    "evaluation.clients_per_round=2",
+]
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    """`tiny_cfg(*overrides)` -> a composed config writing into a fresh tmp dir."""
+    counter = iter(range(1000))
+
+    def make(*overrides: str):
+        out = tmp_path / f"run{next(counter)}"
+        return compose([*TINY, f"output_dir={out}", *overrides])
+
+    return make
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.endswith("_time_s")} for r in rows]

@@ -1,0 +1,45 @@
+"""A trainer and a strategy that exercise the interface's less common paths."""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+
+from fedsim.clients.sgd import SGDTrainer
+
+
+class RankingTrainer(SGDTrainer):
+    """Uploads integer rankings of the trained weights and counts its rounds in local state."""
+
+    def train(self, arrays, config, data, state):
+        out = super().train(arrays, config, data, state)
+        first = next(iter(out.arrays.values())).numpy().ravel()
+        rankings = ArrayRecord({"ranking": Array(np.argsort(first).astype(np.int32))})
+        local = state.config_records.get("local", ConfigRecord({"rounds": 0}))
+        new_state = RecordDict({"local": ConfigRecord({"rounds": int(local["rounds"]) + 1})})
+        out.arrays, out.state = rankings, new_state
+        out.metrics["rounds_seen"] = int(local["rounds"]) + 1
+        return out
+
+    def evaluate(self, arrays, config, data, state):
+        metrics = super().evaluate(arrays, config, data, state)
+        local = state.config_records.get("local", ConfigRecord({"rounds": 0}))
+        metrics["local_rounds"] = int(local["rounds"])
+        return metrics
+
+
+class DtypeRecordingFedAvg(FedAvg):
+    """Keeps the global arrays; records the dtypes that clients uploaded."""
+
+    seen_dtypes: list[str] = []
+
+    def aggregate_train(self, server_round, replies):
+        replies = list(replies)
+        for msg in replies:
+            if msg.has_error():
+                raise RuntimeError(msg.error.reason)
+            for array in msg.content["arrays"].values():
+                DtypeRecordingFedAvg.seen_dtypes.append(array.dtype)
+        _, metrics = super().aggregate_train(server_round, replies)
+        return None, metrics

@@ -1,0 +1,161 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import read_metrics, without_timing
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+
+from fedsim.backends.base import MeteredGrid, content_nbytes
+from fedsim.backends.inprocess import InProcessGrid
+from fedsim.clients.base import round_seed
+from fedsim.datasets.federated import build_federated_data
+from fedsim.errors import ConfigError
+from fedsim.experiment import run_experiment
+from fedsim.runtime import initial_model
+
+
+def test_default_backend_writes_metrics_summary_and_plots(tiny_cfg):
+    cfg = tiny_cfg()
+    summary = run_experiment(cfg)
+    run_dir = Path(cfg.output_dir)
+    rows = read_metrics(run_dir)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    last = rows[-1]
+    for key in ("train/train_loss", "server/accuracy", "server/loss", "client_eval/accuracy",
+                "wall_time_s", "bytes_up", "bytes_down"):
+        assert key in last, key
+    assert last["bytes_down"] > 0 and last["bytes_up"] > 0
+    assert summary["final_server_accuracy"] == last["server/accuracy"]
+    assert (run_dir / "config.yaml").exists()
+    assert (run_dir / "plots" / "curves.png").stat().st_size > 0
+    assert (run_dir / "plots" / "label_distribution.png").stat().st_size > 0
+
+
+def test_a_finished_run_is_never_overwritten(tiny_cfg):
+    cfg = tiny_cfg()
+    run_experiment(cfg)
+    before = (Path(cfg.output_dir) / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run_experiment(cfg)
+    assert (Path(cfg.output_dir) / "metrics.jsonl").read_text() == before
+
+
+def test_training_improves_accuracy_on_mnist1d(tiny_cfg):
+    cfg = tiny_cfg("num_rounds=15", "client.local_epochs=2", "evaluation.clients_per_round=0")
+    rows = read_metrics(run_experiment(cfg) and cfg.output_dir)
+    assert rows[-1]["server/accuracy"] > rows[0]["server/accuracy"] + 0.1
+
+
+def test_server_evaluation_period(tiny_cfg):
+    cfg = tiny_cfg("num_rounds=5", "evaluation.server_every=2")
+    run_experiment(cfg)
+    evaluated = [r["round"] for r in read_metrics(cfg.output_dir) if "server/accuracy" in r]
+    assert evaluated == [0, 2, 4, 5]
+
+
+def test_same_seed_same_metrics_and_another_seed_differs(tiny_cfg):
+    runs = []
+    for seed in (0, 0, 1):
+        cfg = tiny_cfg(f"seed={seed}", "partition=dirichlet")
+        run_experiment(cfg)
+        runs.append(without_timing(read_metrics(cfg.output_dir)))
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+@pytest.mark.parametrize(
+    ("strategy", "extra"),
+    [
+        ("fedavg", []), ("fedprox", []), ("fedadam", []), ("fedyogi", []),
+        ("fedadagrad", []), ("fedavgm", []), ("fedmedian", []), ("fedtrimmedavg", []),
+        ("krum", []), ("multikrum", ["strategy.num_nodes_to_select=2"]),
+        ("bulyan", ["num_clients=8", "clients_per_round=7"]),
+    ],
+)
+def test_every_flower_strategy_runs_by_name(tiny_cfg, strategy, extra):
+    cfg = tiny_cfg(f"strategy={strategy}", "evaluation.clients_per_round=0", *extra)
+    summary = run_experiment(cfg)
+    assert 0.0 <= summary["final_server_accuracy"] <= 1.0
+    assert summary["strategy"].lower() == strategy
+
+
+def test_interface_carries_integer_uploads_state_and_personal_metrics(tiny_cfg):
+    from helpers import DtypeRecordingFedAvg
+
+    DtypeRecordingFedAvg.seen_dtypes.clear()
+    cfg = tiny_cfg("num_clients=2", "clients_per_round=2", "num_rounds=3",
+                   "evaluation.clients_per_round=2", "client._target_=helpers.RankingTrainer",
+                   "strategy._target_=helpers.DtypeRecordingFedAvg")
+    run_experiment(cfg)
+    rows = read_metrics(cfg.output_dir)
+    assert set(DtypeRecordingFedAvg.seen_dtypes) == {"int32"}
+    assert [r["train/rounds_seen"] for r in rows[1:]] == [1.0, 2.0, 3.0]
+    assert [r["client_eval/local_rounds"] for r in rows[1:]] == [1.0, 2.0, 3.0]
+
+
+def test_centralized_run_equals_a_plain_training_loop(tiny_cfg):
+    """num_clients=1 through the same trainer and FedAvg == a plain PyTorch loop."""
+    cfg = tiny_cfg("num_clients=1", "clients_per_round=1", "num_rounds=3",
+                   "evaluation.clients_per_round=0", "client.momentum=0.9",
+                   "client.batch_size=64")
+    run_experiment(cfg)
+    fedsim_rows = read_metrics(cfg.output_dir)
+
+    data = build_federated_data(cfg)
+    client = data.client(0)  # all training samples
+    assert client.num_train == len(data.splits.y_train)
+    model = initial_model(cfg, data)
+    x_test, y_test = data.server_test()
+    for rnd in range(1, 4):
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.client.lr, momentum=0.9)
+        order = torch.randperm(client.num_train,
+                               generator=torch.Generator().manual_seed(round_seed(cfg.seed, 0, rnd)))
+        for idx in order.split(64):
+            loss = torch.nn.functional.cross_entropy(model(client.x_train[idx]),
+                                                     client.y_train[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            logits = model(x_test)
+        accuracy = (logits.argmax(1) == y_test).sum().item() / len(y_test)
+        loss = torch.nn.functional.cross_entropy(logits, y_test).item()
+        assert fedsim_rows[rnd]["server/accuracy"] == accuracy
+        assert fedsim_rows[rnd]["server/loss"] == pytest.approx(loss, rel=1e-5)
+
+
+def test_metered_grid_counts_payload_bytes_and_sorts_nodes(tiny_cfg):
+    from fedsim.client_app import app
+    from fedsim.config import from_run_config, to_run_config
+
+    cfg = tiny_cfg()
+    run_config = to_run_config(cfg)
+    grid = MeteredGrid(InProcessGrid(app, 3, run_config))
+    assert list(grid.get_node_ids()) == [1, 2, 3]
+    data = build_federated_data(from_run_config(run_config))
+    arrays = ArrayRecord(initial_model(cfg, data).state_dict())
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})})
+    replies = grid.send_and_receive([Message(content, dst_node_id=2, message_type="train")])
+    down, up = grid.take_bytes()
+    assert down == content_nbytes(content) == sum(len(a.data) for a in arrays.values())
+    assert up == content_nbytes(replies[0].content) > 0
+
+
+def test_a_failing_client_becomes_an_error_reply(tiny_cfg):
+    from fedsim.client_app import app
+    from fedsim.config import to_run_config
+
+    grid = InProcessGrid(app, 2, to_run_config(tiny_cfg()))
+    content = RecordDict({"arrays": ArrayRecord({"wrong": Array(np.zeros(3))}),
+                          "config": ConfigRecord({"server-round": 1})})
+    (reply,) = grid.send_and_receive([Message(content, dst_node_id=1, message_type="train")])
+    assert reply.has_error() and "state_dict" in reply.error.reason
+
+
+def test_summary_is_valid_json_with_the_run_identity(tiny_cfg):
+    cfg = tiny_cfg("strategy=fedprox")
+    run_experiment(cfg)
+    summary = json.loads((Path(cfg.output_dir) / "summary.json").read_text())
+    assert summary["strategy"] == "FedProx" and summary["seed"] == 0
