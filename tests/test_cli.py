@@ -1,0 +1,62 @@
+"""The `fedsim` and `fedsim-report` commands as a user runs them."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+FEDSIM = [sys.executable, "-c", "from fedsim.cli import main; main()"]
+REPORT = [sys.executable, "-m", "fedsim.report"]
+TINY = ["logger=none", "progress=false", "num_clients=4", "clients_per_round=2",
+        "num_rounds=2", "evaluation.clients_per_round=0"]
+
+
+def run(cmd, cwd):
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_run_writes_a_run_directory(tmp_path):
+    out = run([*FEDSIM, *TINY, "strategy=fedprox", "partition=dirichlet",
+               "partition.alpha=0.5"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    (run_dir,) = list((tmp_path / "outputs").glob("*/*"))
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
+    assert json.loads((run_dir / "summary.json").read_text())["strategy"] == "FedProx"
+
+
+def test_bad_value_exits_2_with_one_line_naming_the_field(tmp_path):
+    out = run([*FEDSIM, *TINY, "partition=dirichlet", "partition.alpha=-1"], tmp_path)
+    assert out.returncode == 2
+    errors = [line for line in out.stderr.splitlines() if line.startswith("fedsim: error")]
+    assert errors == ["fedsim: error: partition.alpha must be a number > 0 (or a list of them) "
+                      "(got -1)"]
+    assert not list(tmp_path.glob("outputs/*/*/metrics.jsonl"))
+
+
+def test_unknown_strategy_name_lists_the_choices(tmp_path):
+    out = run([*FEDSIM, *TINY, "strategy=fedfoo"], tmp_path)
+    assert out.returncode != 0
+    assert "fedfoo" in out.stderr and "fedavg" in out.stderr
+
+
+def test_multirun_sweep_and_report(tmp_path):
+    out = run([*FEDSIM, "-m", *TINY, "strategy=fedavg,fedprox", "partition=dirichlet",
+               "partition.alpha=0.1,10", "seed=0,1"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    (sweep,) = list((tmp_path / "multirun").glob("*/*"))
+    assert len(list(sweep.glob("*/summary.json"))) == 8
+    rep = run([*REPORT, str(sweep)], tmp_path)
+    assert rep.returncode == 0, rep.stderr
+    table = (sweep / "report.md").read_text().splitlines()
+    assert table[0].startswith("| strategy | partition.alpha |") or table[0].startswith(
+        "| partition.alpha | strategy |")
+    assert len(table) == 2 + 4 and all(line.endswith("| 2 |") for line in table[2:])
+    assert (sweep / "report.png").stat().st_size > 0
+    assert Path(sweep / "report.csv").read_text().count("\n") == 5
+
+
+def test_report_on_an_empty_directory_says_so(tmp_path):
+    rep = run([*REPORT, str(tmp_path)], tmp_path)
+    assert rep.returncode != 0 and "no finished runs" in rep.stderr
