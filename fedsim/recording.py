@@ -69,10 +69,7 @@ class RunRecorder:
         self._start = time.perf_counter()
         self._round_start = self._start
         self._metrics_file = open(run_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
-        self._bar = tqdm(
-            total=cfg.num_rounds, desc="rounds", unit="rnd", disable=not cfg.progress,
-            dynamic_ncols=True,
-        )
+        self._bar: tqdm | None = None
 
     def write_inputs(self, partitioner: Any) -> None:
         """Resolved config and label-distribution plot, before round 1."""
@@ -82,6 +79,10 @@ class RunRecorder:
         )
         self.logger.start(
             OmegaConf.to_container(self.cfg, resolve=True), str(self.run_dir), self.run_dir.name
+        )
+        self._bar = tqdm(
+            total=self.cfg.num_rounds, desc="rounds", unit="rnd", disable=not self.cfg.progress,
+            dynamic_ncols=True,
         )
         self._start = self._round_start = time.perf_counter()
 
@@ -145,7 +146,8 @@ class RunRecorder:
 
     def finish(self) -> dict[str, Any]:
         """Close the metrics file, write summary.json and the curves plot."""
-        self._bar.close()
+        if self._bar is not None:
+            self._bar.close()
         self._metrics_file.close()
         summary = self.summary()
         tmp = self.run_dir / (SUMMARY_FILE + ".tmp")

@@ -10,9 +10,8 @@ ClientApp + Flower's FedAvg under run_simulation on Ray, 1 CPU per client),
 own Python process; the clock starts after imports and data generation and
 stops when the final global weights exist (Ray start-up is inside the clock).
 
-    python scripts/bench.py                 # all ways, table of seconds and ratios to raw
-    python scripts/bench.py --rounds 10     # a shorter W1
-    python scripts/bench.py --ways raw fedsim
+    python scripts/bench.py                      # all ways, medians of 3 passes
+    python scripts/bench.py --ways fedsim fedsim-ray --repeat 5
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -138,12 +138,17 @@ def way_fedsim(rounds: int, backend: str) -> float:
             "partition=iid", "model=mlp", "model.hidden=[100,100]", "strategy=fedavg",
             f"num_clients={NUM_CLIENTS}", f"clients_per_round={COHORT}", f"num_rounds={rounds}",
             "client.local_epochs=1", f"client.batch_size={BATCH}", f"client.lr={LR}",
+            "client.momentum=0.0",
             "evaluation.server_every=0", "evaluation.clients_per_round=0", f"seed={SEED}",
             f"output_dir={out}/run",
         ])
         build_federated_data(cfg)  # data generation outside the clock, as for the other ways
         start = time.perf_counter()
         run_experiment(cfg)
+        if backend == "ray":  # fedsim keeps Ray up for later runs; a single run pays its stop
+            import ray
+
+            ray.shutdown()
         return time.perf_counter() - start
 
 
@@ -176,10 +181,43 @@ def measure_in_subprocess(way: str, rounds: int) -> dict:
     return json.loads(lines[-1])
 
 
+def measure(ways: list[str], rounds: int, short: int, repeat: int) -> dict[str, dict]:
+    """Median over `repeat` interleaved passes of each way at `rounds` and `short` rounds.
+
+    The slope between the two lengths is the marginal cost of a round; the rest
+    is fixed cost (start-up, outputs, shutdown).
+    """
+    samples: dict[str, dict[str, list[float]]] = {
+        w: {"long": [], "short": [], "rss": []} for w in ways
+    }
+    for _ in range(repeat):
+        for way in ways:  # interleaved, so slow drifts of the machine hit every way alike
+            long_run = measure_in_subprocess(way, rounds)
+            samples[way]["long"].append(long_run["seconds"])
+            samples[way]["rss"].append(long_run["peak_rss_mib"])
+            samples[way]["short"].append(measure_in_subprocess(way, short)["seconds"])
+    results = {}
+    for way, s in samples.items():
+        long_s, short_s = statistics.median(s["long"]), statistics.median(s["short"])
+        per_round = (long_s - short_s) / (rounds - short)
+        results[way] = {
+            "seconds": long_s,
+            "per_round_s": per_round,
+            "fixed_s": long_s - rounds * per_round,
+            "peak_rss_mib": max(s["rss"]),
+            "samples_long": s["long"],
+            "samples_short": s["short"],
+        }
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ways", nargs="+", default=list(WAYS), choices=WAYS)
     parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument("--short-rounds", type=int, default=10,
+                        help="second, shorter run used to split fixed and per-round cost")
+    parser.add_argument("--repeat", type=int, default=3, help="passes; medians are reported")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--child", choices=WAYS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -189,16 +227,21 @@ def main() -> None:
         print(json.dumps({"way": args.child, "seconds": seconds, "peak_rss_mib": peak_mib}))
         return
     ways = args.ways if "raw" in args.ways else ["raw", *args.ways]
-    results = {way: measure_in_subprocess(way, args.rounds) for way in ways}
-    raw = results["raw"]["seconds"]
-    print(f"W1 ({args.rounds} rounds, {NUM_CLIENTS} clients, {COHORT} per round)")
-    print(f"{'way':<15}{'seconds':>10}{'x raw':>9}{'peak RSS MiB':>15}")
+    results = measure(ways, args.rounds, args.short_rounds, args.repeat)
+    raw = results["raw"]
+    print(f"W1: {NUM_CLIENTS} clients, {COHORT} per round, {args.rounds} rounds; median of "
+          f"{args.repeat}; per-round cost from the {args.short_rounds}- and "
+          f"{args.rounds}-round runs")
+    print("| way | total s | x raw | per round ms | x raw | fixed s | peak RSS MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for way, r in results.items():
-        print(f"{way:<15}{r['seconds']:>10.2f}{r['seconds'] / raw:>9.2f}"
-              f"{r['peak_rss_mib']:>15.0f}")
+        print(f"| {way} | {r['seconds']:.2f} | {r['seconds'] / raw['seconds']:.2f} | "
+              f"{1000 * r['per_round_s']:.1f} | {r['per_round_s'] / raw['per_round_s']:.2f} | "
+              f"{r['fixed_s']:.2f} | {r['peak_rss_mib']:.0f} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rounds": args.rounds, "results": results}, f, indent=2)
+            json.dump({"rounds": args.rounds, "short_rounds": args.short_rounds,
+                       "repeat": args.repeat, "results": results}, f, indent=2)
 
 
 if __name__ == "__main__":

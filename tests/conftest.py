@@ -16,6 +16,9 @@ TINY = [
     "clients_per_round=3",
     "num_rounds=2",
     "evaluation.clients_per_round=2",
+    "model=mlp",
+    "client.local_epochs=1",
+    "client.momentum=0.0",
 ]
 
 

@@ -110,8 +110,8 @@ def test_centralized_run_equals_a_plain_training_loop(tiny_cfg):
     x_test, y_test = data.server_test()
     for rnd in range(1, 4):
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.client.lr, momentum=0.9)
-        order = torch.randperm(client.num_train,
-                               generator=torch.Generator().manual_seed(round_seed(cfg.seed, 0, rnd)))
+        shuffle = torch.Generator().manual_seed(round_seed(cfg.seed, 0, rnd))
+        order = torch.randperm(client.num_train, generator=shuffle)
         for idx in order.split(64):
             loss = torch.nn.functional.cross_entropy(model(client.x_train[idx]),
                                                      client.y_train[idx])

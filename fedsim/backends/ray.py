@@ -8,6 +8,7 @@ can serve any node and a lost actor loses no client state.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
 from typing import Any
@@ -79,6 +80,9 @@ def _worker_failed(message: Message, err: Exception) -> Message:
 class RayBackend:
     """Runs the ServerApp in this process against a `RayGrid`.
 
+    Ray is started on first use and kept for the rest of the process (a Hydra
+    sweep pays its start-up once); the actors of a run are removed when it ends.
+
     Parameters
     ----------
     num_cpus, num_gpus : resources reserved per client actor.
@@ -102,30 +106,32 @@ class RayBackend:
         from fedsim.datasets.federated import build_federated_data
         from fedsim.server_app import app as server_app
 
-        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-        started = not ray.is_initialized()
-        if started:
-            ray.init(
-                address=self.address, include_dashboard=False, logging_level="WARNING",
-                log_to_driver=True, configure_logging=False,
+        self._connect()
+        run_config = to_run_config(cfg)
+        data = build_federated_data(cfg)
+        shared = ray.put(dataclasses.replace(data, partitioner=None))
+        workers = [
+            ClientWorker.options(num_cpus=self.num_cpus, num_gpus=self.num_gpus).remote(
+                run_config, shared
             )
+            for _ in range(self._pool_size(cfg))
+        ]
         try:
-            run_config = to_run_config(cfg)
-            data = build_federated_data(cfg)
-            shared = ray.put(dataclasses.replace(data, partitioner=None))
-            workers = [
-                ClientWorker.options(num_cpus=self.num_cpus, num_gpus=self.num_gpus).remote(
-                    run_config, shared
-                )
-                for _ in range(self._pool_size(cfg))
-            ]
-            grid = RayGrid(workers, cfg.num_clients, run_config)
-            server_app(grid, server_context(run_config))
+            server_app(RayGrid(workers, cfg.num_clients, run_config), server_context(run_config))
+        finally:
             for worker in workers:
                 ray.kill(worker)
-        finally:
-            if started:
-                ray.shutdown()
+
+    def _connect(self) -> None:
+        """Start (or join) Ray once per process; later runs of a sweep reuse the session."""
+        if ray.is_initialized():
+            return
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+        ray.init(
+            address=self.address, include_dashboard=False, logging_level="WARNING",
+            log_to_driver=True, configure_logging=False,
+        )
+        atexit.register(ray.shutdown)
 
     def _pool_size(self, cfg: DictConfig) -> int:
         if self.num_actors:
