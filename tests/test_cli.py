@@ -60,3 +60,15 @@ def test_multirun_sweep_and_report(tmp_path):
 def test_report_on_an_empty_directory_says_so(tmp_path):
     rep = run([*REPORT, str(tmp_path)], tmp_path)
     assert rep.returncode != 0 and "no finished runs" in rep.stderr
+
+
+def test_presets_compose(tmp_path):
+    from fedsim.config import compose, validate
+
+    w1 = compose(["+experiment=w1", f"output_dir={tmp_path}"])
+    assert (w1.num_clients, w1.clients_per_round, w1.num_rounds) == (100, 20, 50)
+    assert w1.model._target_ == "fedsim.models.MLP" and w1.client.momentum == 0.0
+    central = compose(["+experiment=centralized", f"output_dir={tmp_path}"])
+    validate(w1)
+    validate(central)
+    assert central.num_clients == central.clients_per_round == 1
