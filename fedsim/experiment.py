@@ -7,16 +7,19 @@ from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from fedsim.config import validate
 from fedsim.datasets.federated import build_federated_data
-from fedsim.recording import SUMMARY_FILE, prepare_run_dir
+from fedsim.recording import SUMMARY_FILE, default_run_dir, prepare_run_dir
 
 
 def run_experiment(cfg: DictConfig) -> dict[str, Any]:
     """Validate `cfg`, run it on `cfg.backend`, and return the run's summary."""
     validate(cfg)
+    if cfg.output_dir is None:
+        with open_dict(cfg):
+            cfg.output_dir = str(default_run_dir())
     build_federated_data(cfg)  # data-dependent checks (samples >= clients, partitions) first
     backend = instantiate(cfg.backend)
     prepare_run_dir(cfg.output_dir)

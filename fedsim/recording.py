@@ -6,6 +6,7 @@ import json
 import math
 import os
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,14 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 
 
+def default_run_dir() -> Path:
+    """`outputs/run-<timestamp>` for runs started without an output_dir."""
+    return Path("outputs") / datetime.now().strftime("run-%Y%m%d-%H%M%S-%f")
+
+
 def prepare_run_dir(output_dir: str | None) -> Path:
     """Create the run directory; refuse one that already holds a run's metrics."""
-    run_dir = Path(output_dir or "outputs/fedsim-run")
+    run_dir = Path(output_dir) if output_dir else default_run_dir()
     if (run_dir / METRICS_FILE).exists() or (run_dir / SUMMARY_FILE).exists():
         raise ConfigError(
             f"output_dir '{run_dir}' already holds a run; choose a new output_dir "

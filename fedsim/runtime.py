@@ -50,5 +50,7 @@ def client_runtime(cfg: DictConfig) -> tuple[FederatedData, Trainer]:
         torch.set_num_threads(cfg.torch_threads)
         data = build_federated_data(cfg)
         entry = (cfg, data, build_trainer(cfg, data))
+        if len(_RUNTIMES) >= 2:  # runs of a sweep replace each other
+            _RUNTIMES.pop(next(iter(_RUNTIMES)))
         _RUNTIMES[id(cfg)] = entry
     return entry[1], entry[2]

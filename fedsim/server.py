@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from fedsim.backends.base import MeteredGrid
 from fedsim.clients.base import evaluate_model
+from fedsim.config import validate
 from fedsim.datasets.federated import FederatedData, build_federated_data
 from fedsim.recording import RunRecorder, prepare_run_dir
 from fedsim.runtime import initial_model
@@ -59,6 +60,7 @@ def make_evaluator(cfg: DictConfig, data: FederatedData):
 
 def run_server(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
     """Run `cfg.num_rounds` rounds of the configured strategy on `grid`; return the summary."""
+    validate(cfg)  # again here: deployments reach the ServerApp without the CLI
     logging.getLogger("flwr").setLevel(cfg.flwr_log_level)
     torch.set_num_threads(cfg.torch_threads)
     random.seed(cfg.seed)  # Flower's sample_nodes draws from the global `random`

@@ -72,3 +72,20 @@ def test_presets_compose(tmp_path):
     validate(w1)
     validate(central)
     assert central.num_clients == central.clients_per_round == 1
+
+
+def test_cli_run_on_the_ray_backend(tmp_path):
+    out = run([*FEDSIM, *TINY, "backend=ray", "backend.num_actors=2"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    (run_dir,) = list((tmp_path / "outputs").glob("*/*"))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["round"] == 2 and rows[-1]["bytes_up"] > 0
+
+
+def test_wandb_logger_writes_an_offline_run(tmp_path):
+    tiny = [arg for arg in TINY if arg != "logger=none"]
+    out = run([*FEDSIM, *tiny, "logger=wandb"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    (run_dir,) = list((tmp_path / "outputs").glob("*/*"))
+    offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1 and list(offline_runs[0].glob("*.wandb"))

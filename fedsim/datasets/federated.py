@@ -22,6 +22,7 @@ from fedsim.datasets.partition import (
 from fedsim.errors import ConfigError
 
 _CACHE: dict[str, FederatedData] = {}
+_CACHE_SIZE = 2  # a sweep in one process keeps only the latest datasets in memory
 
 
 @dataclass
@@ -133,17 +134,24 @@ def data_key(cfg: DictConfig) -> str:
     )
 
 
+def _remember(key: str, data: FederatedData) -> FederatedData:
+    _CACHE.pop(key, None)
+    _CACHE[key] = data
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.pop(next(iter(_CACHE)))
+    return data
+
+
 def prime_cache(cfg: DictConfig, data: FederatedData) -> None:
     """Hand a process data built elsewhere (Ray workers get it from the object store)."""
-    _CACHE[data_key(cfg)] = data
+    _remember(data_key(cfg), data)
 
 
 def build_federated_data(cfg: DictConfig) -> FederatedData:
     """Load the dataset, apply the long-tail step, partition it; cached per config."""
     key = data_key(cfg)
-    if key not in _CACHE:
-        _CACHE[key] = _build(cfg)
-    return _CACHE[key]
+    cached = _CACHE.get(key)
+    return cached if cached is not None else _remember(key, _build(cfg))
 
 
 def _build(cfg: DictConfig) -> FederatedData:

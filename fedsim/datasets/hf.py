@@ -89,9 +89,8 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 def _use_cache_only() -> None:
     """Switch the Hub clients to offline mode so a cached copy loads without retries."""
-    from huggingface_hub import constants
-
     import datasets.config
+    from huggingface_hub import constants
 
     constants.HF_HUB_OFFLINE = True
     datasets.config.HF_HUB_OFFLINE = True
