@@ -78,3 +78,17 @@ def test_more_clients_than_samples_is_a_config_error(tiny_cfg):
                    "clients_per_round=3")
     with pytest.raises(ConfigError, match="num_clients=45"):
         build_federated_data(cfg)
+
+
+def test_natural_partition_from_npz_ids(tmp_path, tiny_cfg):
+    rng = np.random.default_rng(0)
+    ids = np.repeat(["w0", "w1", "w2"], [10, 20, 30])
+    path = tmp_path / "writers.npz"
+    np.savez(path, x_train=rng.normal(size=(60, 4)), y_train=rng.integers(0, 2, 60),
+             x_test=rng.normal(size=(10, 4)), y_test=rng.integers(0, 2, 10), ids=ids)
+    cfg = tiny_cfg("dataset=npz", f"dataset.path={path}", "partition=natural", "num_clients=3",
+                   "clients_per_round=2")
+    data = build_federated_data(cfg)
+    assert sorted(len(p) for p in data.train_parts) == [10, 20, 30]
+    for part in data.train_parts:
+        assert len(set(ids[part])) == 1
