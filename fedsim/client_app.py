@@ -5,7 +5,9 @@ from __future__ import annotations
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedsim.clients.base import Trainer
 from fedsim.config import from_run_config
+from fedsim.datasets.federated import ClientData
 from fedsim.runtime import client_runtime
 
 PARTITION_ID = "partition-id"
@@ -15,13 +17,14 @@ def make_client_app(config_json: str | None = None) -> ClientApp:
     """A ClientApp reading the fedsim config from `run_config` (or `config_json`)."""
     app = ClientApp()
 
+    def node_inputs(context: Context) -> tuple[Trainer, ClientData]:
+        data, trainer = client_runtime(from_run_config(context.run_config, config_json))
+        return trainer, data.client(int(context.node_config[PARTITION_ID]))
+
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        data, trainer = client_runtime(from_run_config(context.run_config, config_json))
-        client_data = data.client(int(context.node_config[PARTITION_ID]))
-        out = trainer.train(
-            msg.content["arrays"], _config(msg), client_data, context.state
-        )
+        trainer, client_data = node_inputs(context)
+        out = trainer.train(msg.content["arrays"], _config(msg), client_data, context.state)
         context.state = out.state
         content = RecordDict({"arrays": out.arrays, "metrics": MetricRecord(out.metrics)})
         for name, record in out.records.items():
@@ -30,11 +33,8 @@ def make_client_app(config_json: str | None = None) -> ClientApp:
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        data, trainer = client_runtime(from_run_config(context.run_config, config_json))
-        client_data = data.client(int(context.node_config[PARTITION_ID]))
-        metrics = trainer.evaluate(
-            msg.content["arrays"], _config(msg), client_data, context.state
-        )
+        trainer, client_data = node_inputs(context)
+        metrics = trainer.evaluate(msg.content["arrays"], _config(msg), client_data, context.state)
         return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
     return app
