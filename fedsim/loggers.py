@@ -15,7 +15,7 @@ class NoLogger:
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Nothing to send."""
 
-    def finish(self, summary: dict[str, Any]) -> None:
+    def finish(self, summary: dict[str, Any], failed: bool = False) -> None:
         """Nothing to close."""
 
 
@@ -55,8 +55,11 @@ class WandbLogger(NoLogger):
     def log(self, metrics: dict[str, float], step: int) -> None:
         self._run.log(metrics, step=step)
 
-    def finish(self, summary: dict[str, Any]) -> None:
+    def finish(self, summary: dict[str, Any], failed: bool = False) -> None:
+        if self._run is None:
+            return
         for key, value in summary.items():
             if isinstance(value, int | float | str):
                 self._run.summary[key] = value
-        self._run.finish()
+        self._run.finish(exit_code=1 if failed else 0)
+        self._run = None

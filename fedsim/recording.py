@@ -163,6 +163,13 @@ class RunRecorder:
         self.logger.finish(summary)
         return summary
 
+    def abort(self) -> None:
+        """Close what is open after a failed run; no summary, so the run reads as unfinished."""
+        if self._bar is not None:
+            self._bar.close()
+        self._metrics_file.close()
+        self.logger.finish({"status": "failed"}, failed=True)
+
     def summary(self) -> dict[str, Any]:
         last = self.rows[-1]
         accuracies = [r["server/accuracy"] for r in self.rows if "server/accuracy" in r]

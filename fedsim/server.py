@@ -71,15 +71,19 @@ def run_server(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
     metered = MeteredGrid(grid)
     recorder = RunRecorder(cfg, metered, make_evaluator(cfg, data), instantiate(cfg.logger),
                            run_dir)
-    recorder.write_inputs(data.partitioner)
-    recorder.attach(strategy)
-    strategy.start(
-        grid=metered,
-        initial_arrays=initial,
-        num_rounds=cfg.num_rounds,
-        timeout=NO_TIMEOUT,
-        train_config=ConfigRecord(),
-        evaluate_config=ConfigRecord(),
-        evaluate_fn=recorder.end_of_round,
-    )
+    try:
+        recorder.write_inputs(data.partitioner)
+        recorder.attach(strategy)
+        strategy.start(
+            grid=metered,
+            initial_arrays=initial,
+            num_rounds=cfg.num_rounds,
+            timeout=NO_TIMEOUT,
+            train_config=ConfigRecord(),
+            evaluate_config=ConfigRecord(),
+            evaluate_fn=recorder.end_of_round,
+        )
+    except BaseException:
+        recorder.abort()
+        raise
     return recorder.finish()

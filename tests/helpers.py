@@ -43,3 +43,20 @@ class DtypeRecordingFedAvg(FedAvg):
                 DtypeRecordingFedAvg.seen_dtypes.append(array.dtype)
         _, metrics = super().aggregate_train(server_round, replies)
         return None, metrics
+
+
+
+class FailingTrainer(SGDTrainer):
+    """Every training call fails."""
+
+    def train(self, arrays, config, data, state):
+        raise RuntimeError("client broke")
+
+
+class FedAvgFailingInRound2(FedAvg):
+    """A strategy bug: aggregation raises in round 2."""
+
+    def aggregate_train(self, server_round, replies):
+        if server_round == 2:
+            raise RuntimeError("aggregation broke")
+        return super().aggregate_train(server_round, replies)

@@ -159,3 +159,21 @@ def test_summary_is_valid_json_with_the_run_identity(tiny_cfg):
     run_experiment(cfg)
     summary = json.loads((Path(cfg.output_dir) / "summary.json").read_text())
     assert summary["strategy"] == "FedProx" and summary["seed"] == 0
+
+
+
+def test_failing_clients_are_reported_and_the_run_goes_on(tiny_cfg):
+    cfg = tiny_cfg("client._target_=helpers.FailingTrainer", "evaluation.clients_per_round=0")
+    summary = run_experiment(cfg)
+    rows = read_metrics(cfg.output_dir)
+    assert len(rows) == 3 and not any("train/train_loss" in r for r in rows)
+    assert summary["final_server_accuracy"] == rows[0]["server/accuracy"]  # model unchanged
+
+
+def test_a_server_failure_stops_the_run_and_leaves_no_summary(tiny_cfg):
+    cfg = tiny_cfg("strategy._target_=helpers.FedAvgFailingInRound2")
+    with pytest.raises(RuntimeError, match="aggregation broke"):
+        run_experiment(cfg)
+    run_dir = Path(cfg.output_dir)
+    assert [r["round"] for r in read_metrics(run_dir)] == [0, 1]
+    assert not (run_dir / "summary.json").exists()
