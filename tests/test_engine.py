@@ -177,3 +177,16 @@ def test_a_server_failure_stops_the_run_and_leaves_no_summary(tiny_cfg):
     run_dir = Path(cfg.output_dir)
     assert [r["round"] for r in read_metrics(run_dir)] == [0, 1]
     assert not (run_dir / "summary.json").exists()
+
+
+def test_node_state_exists_only_for_clients_that_took_part(tiny_cfg):
+    """A large registered population costs nothing until a client is sampled."""
+    from fedsim.client_app import app
+    from fedsim.config import to_run_config
+
+    grid = InProcessGrid(app, 10_000, to_run_config(tiny_cfg()))
+    assert len(list(grid.get_node_ids())) == 10_000
+    assert grid.contexts == {}
+    grid.context(17)
+    assert list(grid.contexts) == [17]
+    assert grid.contexts[17].node_config["partition-id"] == 16

@@ -8,6 +8,8 @@ other backends' unless every client takes part each round.
 from __future__ import annotations
 
 import json
+import logging
+import os
 
 from omegaconf import DictConfig
 
@@ -42,6 +44,9 @@ class FlowerSimulationBackend:
         from fedsim.client_app import make_client_app
         from fedsim.server_app import make_server_app
 
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+        for name in ("flwr", "alembic"):  # Flower's engine logs its set-up at DEBUG/INFO
+            logging.getLogger(name).setLevel(cfg.flwr_log_level)
         config_json = to_run_config(cfg)[RUN_CONFIG_KEY]
         json.loads(config_json)  # fail here, not inside a Ray worker, if it is not JSON
         run_flower_simulation(
