@@ -101,19 +101,6 @@ class FederatedData:
             num_classes=s.num_classes,
         )
 
-    def centralized(self) -> ClientData:
-        """All training samples of all clients as one client (id -1), the full test set."""
-        train = np.sort(np.concatenate(self.train_parts))
-        s = self.splits
-        return ClientData(
-            partition_id=-1,
-            x_train=torch.from_numpy(s.x_train[train]),
-            y_train=torch.from_numpy(s.y_train[train]),
-            x_test=torch.from_numpy(s.x_test),
-            y_test=torch.from_numpy(s.y_test),
-            num_classes=s.num_classes,
-        )
-
     def server_test(self) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.from_numpy(self.splits.x_test), torch.from_numpy(self.splits.y_test)
 
