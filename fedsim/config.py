@@ -90,6 +90,9 @@ def validate(cfg: DictConfig) -> None:
     ratio = cfg.data.client_test_ratio
     _require(isinstance(ratio, int | float) and ratio >= 0, "data.client_test_ratio",
              "a number >= 0", ratio)
+    device = str(cfg.device)
+    _require(device in ("auto", "cpu") or device.split(":")[0] == "cuda", "device",
+             "auto, cpu, cuda or cuda:<index>", cfg.device)
     _require(_is_int(cfg.torch_threads) and cfg.torch_threads >= 1, "torch_threads",
              "an integer >= 1", cfg.torch_threads)
     _validate_partition(cfg)

@@ -33,7 +33,9 @@ def initial_model(cfg: DictConfig, data: FederatedData) -> nn.Module:
 
 def build_trainer(cfg: DictConfig, data: FederatedData) -> Trainer:
     """The configured local trainer (also used by strategies that re-run clients)."""
-    return instantiate(cfg.client, model_fn=model_factory(cfg, data), seed=cfg.seed)
+    return instantiate(
+        cfg.client, model_fn=model_factory(cfg, data), seed=cfg.seed, device=cfg.device
+    )
 
 
 _RUNTIMES: dict[int, tuple[DictConfig, FederatedData, Trainer]] = {}

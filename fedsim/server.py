@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from fedsim.backends.base import MeteredGrid
-from fedsim.clients.base import evaluate_model
+from fedsim.clients.base import evaluate_model, resolve_device
 from fedsim.config import validate
 from fedsim.datasets.federated import FederatedData, build_federated_data
 from fedsim.recording import RunRecorder, prepare_run_dir
@@ -47,7 +47,7 @@ def build_strategy(cfg: DictConfig) -> Strategy:
 
 def make_evaluator(cfg: DictConfig, data: FederatedData):
     """Centralized evaluation of global arrays on the server's test split."""
-    model = initial_model(cfg, data)
+    model = initial_model(cfg, data).to(resolve_device(cfg.device))
     x_test, y_test = data.server_test()
 
     def evaluate(arrays: ArrayRecord) -> dict[str, float]:

@@ -19,6 +19,7 @@ from fedsim.errors import ConfigError
         (["client.batch_size=2.5"], "client.batch_size"),
         (["strategy._target_=flwr.serverapp.strategy.NoSuchStrategy"], "strategy._target_"),
         (["partition.num_partitions=3"], "partition.num_partitions"),
+        (["device=tpu"], "device"),
     ],
 )
 def test_bad_fields_are_named_with_what_is_allowed(tiny_cfg, overrides, field):

@@ -56,14 +56,21 @@ class Trainer(ABC):
         The run seed; per-round randomness is derived from it and the client id.
     eval_batch_size : int
         Batch size for evaluation passes.
+    device : str
+        "auto" (CUDA when this process sees a GPU, else CPU), "cpu" or "cuda[:i]".
     """
 
     def __init__(
-        self, model_fn: Callable[[], nn.Module], seed: int = 0, eval_batch_size: int = 1024
+        self,
+        model_fn: Callable[[], nn.Module],
+        seed: int = 0,
+        eval_batch_size: int = 1024,
+        device: str = "auto",
     ) -> None:
         self.model_fn = model_fn
         self.seed = seed
         self.eval_batch_size = eval_batch_size
+        self.device = resolve_device(device)
         self._model: nn.Module | None = None
         self._received: ArrayRecord | None = None
         self._received_state: dict[str, torch.Tensor] = {}
@@ -89,7 +96,7 @@ class Trainer(ABC):
         its decoded tensors are kept until a different record arrives.
         """
         if self._model is None:
-            self._model = self.model_fn()
+            self._model = self.model_fn().to(self.device)
         if arrays is not self._received:
             self._received_state = arrays.to_torch_state_dict()
             self._received = arrays
@@ -99,6 +106,13 @@ class Trainer(ABC):
     def generator(self, data: ClientData, server_round: int) -> torch.Generator:
         """A torch RNG unique to (run seed, client, round): same draws on any backend."""
         return torch.Generator().manual_seed(round_seed(self.seed, data.partition_id, server_round))
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" -> CUDA if this process sees a GPU (a Ray actor with num_gpus > 0), else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
 
 
 def round_seed(seed: int, partition_id: int, server_round: int) -> int:
@@ -121,12 +135,13 @@ def evaluate_model(
     """Mean cross-entropy and accuracy of `model` on (x, y); (nan, nan) when empty."""
     if len(y) == 0:
         return float("nan"), float("nan")
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     loss_sum, correct = 0.0, 0
     for start in range(0, len(y), batch_size):
-        logits = model(x[start : start + batch_size])
-        target = y[start : start + batch_size]
+        logits = model(x[start : start + batch_size].to(device))
+        target = y[start : start + batch_size].to(device)
         loss_sum += nn.functional.cross_entropy(logits, target, reduction="sum").item()
         correct += (logits.argmax(1) == target).sum().item()
     model.train(was_training)

@@ -37,8 +37,9 @@ class SGDTrainer(Trainer):
         batch_size: int = 32,
         proximal_mu: float = 0.0,
         eval_batch_size: int = 1024,
+        device: str = "auto",
     ) -> None:
-        super().__init__(model_fn, seed, eval_batch_size)
+        super().__init__(model_fn, seed, eval_batch_size, device)
         self.lr = lr
         self.momentum = momentum
         self.weight_decay = weight_decay
@@ -57,10 +58,12 @@ class SGDTrainer(Trainer):
             model.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
         )
         generator = self.generator(data, int(config.get("server-round", 0)))
-        loss_sum, steps = torch.zeros(()), 0
+        x, y = data.x_train.to(self.device), data.y_train.to(self.device)
+        loss_sum, steps = torch.zeros((), device=self.device), 0
         for _ in range(self.local_epochs):
             for idx in minibatches(data.num_train, self.batch_size, generator):
-                loss = nn.functional.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+                idx = idx.to(self.device)
+                loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
                 if mu > 0:
                     loss = loss + mu / 2 * proximal_term(model, anchor)
                 optimizer.zero_grad(set_to_none=True)
