@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedsim.clients.base import Trainer
+from fedsim.clients.base import Trainer, round_seed
 from fedsim.config import from_run_config
 from fedsim.datasets.federated import ClientData
 from fedsim.runtime import client_runtime
@@ -24,7 +25,11 @@ def make_client_app(config_json: str | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         trainer, client_data = node_inputs(context)
-        out = trainer.train(msg.content["arrays"], _config(msg), client_data, context.state)
+        config = _config(msg)
+        server_round = int(config.get("server-round", 0))
+        with torch.random.fork_rng(devices=[]):  # dropout, augmentation: same on any backend
+            torch.manual_seed(round_seed(trainer.seed, client_data.partition_id, server_round) + 1)
+            out = trainer.train(msg.content["arrays"], config, client_data, context.state)
         context.state = out.state
         content = RecordDict({"arrays": out.arrays, "metrics": MetricRecord(out.metrics)})
         for name, record in out.records.items():

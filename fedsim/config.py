@@ -67,6 +67,8 @@ def _check_target(cfg: DictConfig, group: str) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Check every cross-cutting field before any work; raise one `ConfigError` naming it."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    _require(not missing, missing[0] if missing else "", "set (it has no default)", "???")
     for group in GROUPS:
         _check_target(cfg, group)
     _require(_is_int(cfg.seed) and cfg.seed >= 0, "seed", "an integer >= 0", cfg.seed)
@@ -93,10 +95,19 @@ def validate(cfg: DictConfig) -> None:
     device = str(cfg.device)
     _require(device in ("auto", "cpu") or device.split(":")[0] == "cuda", "device",
              "auto, cpu, cuda or cuda:<index>", cfg.device)
+    if device.startswith("cuda"):
+        import torch
+
+        _require(torch.cuda.is_available(), "device", "auto or cpu (this machine has no CUDA)",
+                 cfg.device)
     _require(_is_int(cfg.torch_threads) and cfg.torch_threads >= 1, "torch_threads",
              "an integer >= 1", cfg.torch_threads)
+    _require(ratio > 0 or evaluation.clients_per_round == 0, "data.client_test_ratio",
+             "> 0 while evaluation.clients_per_round > 0 (clients need test samples)", ratio)
     _validate_partition(cfg)
     _validate_client(cfg)
+    _validate_strategy(cfg)
+    _validate_backend_and_logger(cfg)
 
 
 def _validate_partition(cfg: DictConfig) -> None:
@@ -124,6 +135,45 @@ def _validate_client(cfg: DictConfig) -> None:
     for key in ("batch_size", "local_epochs"):
         if key in client:
             _require(_is_int(client[key]), f"client.{key}", "an integer > 0", client[key])
+    for key in ("momentum", "weight_decay", "proximal_mu"):
+        if key in client:
+            _require(isinstance(client[key], int | float) and client[key] >= 0,
+                     f"client.{key}", "a number >= 0", client[key])
+
+
+def _validate_strategy(cfg: DictConfig) -> None:
+    """Byzantine-robust rules need enough clients per round for their assumed attackers."""
+    strategy, k = cfg.strategy, cfg.clients_per_round
+    if "num_malicious_nodes" not in strategy:
+        return
+    f = strategy.num_malicious_nodes
+    _require(_is_int(f) and f >= 0, "strategy.num_malicious_nodes", "an integer >= 0", f)
+    if str(strategy._target_).endswith("Bulyan"):
+        _require(k >= 4 * f + 3, "clients_per_round",
+                 f">= 4 * strategy.num_malicious_nodes + 3 = {4 * f + 3} for Bulyan", k)
+    else:
+        _require(k >= 2 * f + 3, "clients_per_round",
+                 f">= 2 * strategy.num_malicious_nodes + 3 = {2 * f + 3} for Krum", k)
+    if "num_nodes_to_select" in strategy:
+        n = strategy.num_nodes_to_select
+        _require(_is_int(n) and 1 <= n <= k, "strategy.num_nodes_to_select",
+                 f"an integer in [1, clients_per_round={k}]", n)
+
+
+def _validate_backend_and_logger(cfg: DictConfig) -> None:
+    backend = cfg.backend
+    if backend.get("num_actors") is not None:
+        _require(_is_int(backend.num_actors) and backend.num_actors >= 1,
+                 "backend.num_actors", "an integer >= 1 or null", backend.num_actors)
+    if "num_cpus" in backend:
+        _require(isinstance(backend.num_cpus, int | float) and backend.num_cpus > 0,
+                 "backend.num_cpus", "a number > 0", backend.num_cpus)
+    if "num_gpus" in backend:
+        _require(isinstance(backend.num_gpus, int | float) and backend.num_gpus >= 0,
+                 "backend.num_gpus", "a number >= 0", backend.num_gpus)
+    if "mode" in cfg.logger:
+        _require(cfg.logger.mode in ("offline", "online", "disabled"), "logger.mode",
+                 "offline, online or disabled", cfg.logger.mode)
 
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")

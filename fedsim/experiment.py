@@ -12,6 +12,7 @@ from omegaconf import DictConfig, open_dict
 from fedsim.config import validate
 from fedsim.datasets.federated import build_federated_data
 from fedsim.recording import SUMMARY_FILE, default_run_dir, prepare_run_dir
+from fedsim.runtime import check_model_fits
 
 
 def run_experiment(cfg: DictConfig) -> dict[str, Any]:
@@ -20,7 +21,7 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
     if cfg.output_dir is None:
         with open_dict(cfg):
             cfg.output_dir = str(default_run_dir())
-    build_federated_data(cfg)  # data-dependent checks (samples >= clients, partitions) first
+    check_model_fits(cfg, build_federated_data(cfg))  # data-dependent checks come first too
     backend = instantiate(cfg.backend)
     prepare_run_dir(cfg.output_dir)
     backend.run(cfg)

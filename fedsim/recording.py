@@ -10,12 +10,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import Strategy
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from fedsim.backends.base import MeteredGrid
+from fedsim.clients.base import NUM_EXAMPLES
 from fedsim.errors import ConfigError
 from fedsim.plots import plot_curves, plot_label_distribution
 
@@ -46,6 +47,13 @@ def _flat(prefix: str, record: MetricRecord | None) -> dict[str, float]:
     return {
         f"{prefix}/{k}": float(v) for k, v in record.items() if isinstance(v, int | float)
     }
+
+
+def _examples(reply: Message) -> float:
+    """`num-examples` of a successful reply (0 for errors or when missing)."""
+    if not reply.has_content():
+        return 0.0
+    return sum(float(r.get(NUM_EXAMPLES, 0)) for r in reply.content.metric_records.values())
 
 
 class RunRecorder:
@@ -103,6 +111,10 @@ class RunRecorder:
             return arrays, metrics
 
         def recorded_evaluate(server_round, replies):
+            replies = list(replies)
+            if not any(_examples(m) > 0 for m in replies):  # nothing to weight: no metrics
+                self._client_eval = None
+                return None
             metrics = aggregate_evaluate(server_round, replies)
             self._client_eval = metrics
             return metrics
@@ -120,7 +132,6 @@ class RunRecorder:
             self._write(self.rows[-1])
             return server
         now = time.perf_counter()
-        bytes_down, bytes_up = self.grid.take_bytes()
         row = {
             "round": server_round,
             **_flat("train", self._train),
@@ -128,8 +139,7 @@ class RunRecorder:
             **_flat("client_eval", self._client_eval),
             "round_time_s": now - self._round_start,
             "wall_time_s": now - self._start,
-            "bytes_down": bytes_down,
-            "bytes_up": bytes_up,
+            **self.grid.take_counts(),
         }
         self._round_start = now
         self._train = self._client_eval = None
@@ -180,8 +190,10 @@ class RunRecorder:
             "final_server_accuracy": evaluated[-1]["server/accuracy"] if evaluated else None,
             "best_server_accuracy": max(accuracies) if accuracies else None,
             "wall_time_s": time.perf_counter() - self._start,
-            "bytes_down": sum(r.get("bytes_down", 0) for r in self.rows),
-            "bytes_up": sum(r.get("bytes_up", 0) for r in self.rows),
+            **{
+                key: sum(r.get(key, 0) for r in self.rows)
+                for key in ("bytes_down", "bytes_up", "train_failures", "evaluate_failures")
+            },
             "strategy": str(self.cfg.strategy._target_).rsplit(".", 1)[-1],
             "client": str(self.cfg.client._target_).rsplit(".", 1)[-1],
             "seed": self.cfg.seed,

@@ -16,6 +16,7 @@ from torch import nn
 
 from fedsim.clients.base import Trainer
 from fedsim.datasets.federated import FederatedData, build_federated_data
+from fedsim.errors import ConfigError
 
 
 def model_factory(cfg: DictConfig, data: FederatedData) -> Callable[[], nn.Module]:
@@ -29,6 +30,25 @@ def initial_model(cfg: DictConfig, data: FederatedData) -> nn.Module:
     """The global model at round 0, initialized from the run seed."""
     torch.manual_seed(cfg.seed)
     return model_factory(cfg, data)()
+
+
+def check_model_fits(cfg: DictConfig, data: FederatedData) -> None:
+    """Build the model and run two dummy samples through it, or raise a `ConfigError`."""
+    try:
+        model = model_factory(cfg, data)()
+        with torch.no_grad():
+            logits = model(torch.zeros(2, *data.input_shape))
+    except Exception as err:  # noqa: BLE001 - any failure here means the pair does not fit
+        cause = err.__cause__ or err
+        raise ConfigError(
+            f"model ({cfg.model._target_}) cannot take this dataset's samples of shape "
+            f"{data.input_shape}: {cause}; pick a model that fits (model=mlp fits any dataset)"
+        ) from err
+    if tuple(logits.shape) != (2, data.num_classes):
+        raise ConfigError(
+            f"model ({cfg.model._target_}) returns shape {tuple(logits.shape)[1:]} per sample, "
+            f"expected ({data.num_classes},) logits"
+        )
 
 
 def build_trainer(cfg: DictConfig, data: FederatedData) -> Trainer:

@@ -22,7 +22,7 @@ from fedsim.clients.base import evaluate_model, resolve_device
 from fedsim.config import validate
 from fedsim.datasets.federated import FederatedData, build_federated_data
 from fedsim.recording import RunRecorder, prepare_run_dir
-from fedsim.runtime import initial_model
+from fedsim.runtime import check_model_fits, initial_model
 
 NO_TIMEOUT = 7 * 24 * 3600.0
 
@@ -66,6 +66,7 @@ def run_server(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
     random.seed(cfg.seed)  # Flower's sample_nodes draws from the global `random`
     run_dir = prepare_run_dir(cfg.output_dir)
     data = build_federated_data(cfg)
+    check_model_fits(cfg, data)
     initial = ArrayRecord(initial_model(cfg, data).state_dict())
     strategy = build_strategy(cfg)
     metered = MeteredGrid(grid)

@@ -8,12 +8,10 @@ from fedsim.experiment import run_experiment
 
 @pytest.fixture(scope="module")
 def ray_session():
-    import os
     from pathlib import Path
 
     import ray
 
-    os.environ["RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"] = "0"
     tests_dir = str(Path(__file__).parent)  # so workers can import `helpers`
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
              configure_logging=False, runtime_env={"env_vars": {"PYTHONPATH": tests_dir}})
@@ -41,6 +39,8 @@ def test_ray_backend_keeps_client_state_across_rounds(tiny_cfg, ray_session):
     run_experiment(cfg)
     rows = read_metrics(cfg.output_dir)
     assert [r["train/rounds_seen"] for r in rows[1:]] == [1.0, 2.0, 3.0]
+    # evaluation visits the nodes in another order, so each node's state has moved actors
+    assert [r["client_eval/local_rounds"] for r in rows[1:]] == [1.0, 2.0, 3.0]
 
 
 def test_flower_engine_backend_matches_with_full_participation(tiny_cfg, ray_session):
@@ -53,3 +53,12 @@ def test_flower_engine_backend_matches_with_full_participation(tiny_cfg, ray_ses
         for key in ("server/accuracy", "server/loss", "train/train_loss"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5), key
+
+
+def test_a_pool_the_cluster_cannot_place_is_refused(tiny_cfg, ray_session):
+    from fedsim.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="backend.num_cpus"):
+        run_experiment(tiny_cfg("backend=ray", "backend.num_actors=4"))
+    with pytest.raises(ConfigError, match="backend.num_gpus"):
+        run_experiment(tiny_cfg("backend=ray", "backend.num_gpus=1"))

@@ -20,6 +20,14 @@ from fedsim.errors import ConfigError
         (["strategy._target_=flwr.serverapp.strategy.NoSuchStrategy"], "strategy._target_"),
         (["partition.num_partitions=3"], "partition.num_partitions"),
         (["device=tpu"], "device"),
+        (["dataset=npz"], "dataset.path"),
+        (["client.momentum=-0.5"], "client.momentum"),
+        (["logger=wandb", "logger.mode=sometimes"], "logger.mode"),
+        (["backend=ray", "backend.num_actors=0"], "backend.num_actors"),
+        (["strategy=bulyan", "strategy.num_malicious_nodes=1"], "clients_per_round"),
+        (["strategy=multikrum", "strategy.num_nodes_to_select=4"],
+         "strategy.num_nodes_to_select"),
+        (["data.client_test_ratio=0"], "data.client_test_ratio"),
     ],
 )
 def test_bad_fields_are_named_with_what_is_allowed(tiny_cfg, overrides, field):
@@ -43,3 +51,10 @@ def test_run_config_round_trip_is_read_only(tiny_cfg):
 def test_missing_run_config_explains_how_to_start(tiny_cfg):
     with pytest.raises(ConfigError, match="fedsim-config"):
         from_run_config({})
+
+
+def test_a_model_that_does_not_fit_the_dataset_is_a_config_error(tiny_cfg):
+    from fedsim.experiment import run_experiment
+
+    with pytest.raises(ConfigError, match="model=mlp fits any dataset"):
+        run_experiment(tiny_cfg("dataset=digits", "model=cnn1d"))

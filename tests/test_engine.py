@@ -126,21 +126,32 @@ def test_centralized_run_equals_a_plain_training_loop(tiny_cfg):
         assert fedsim_rows[rnd]["server/loss"] == pytest.approx(loss, rel=1e-5)
 
 
+class ShuffledGrid(InProcessGrid):
+    """Lists its nodes out of order, as a SuperLink may."""
+
+    def get_node_ids(self):
+        return [3, 1, 2]
+
+
 def test_metered_grid_counts_payload_bytes_and_sorts_nodes(tiny_cfg):
     from fedsim.client_app import app
     from fedsim.config import from_run_config, to_run_config
 
     cfg = tiny_cfg()
     run_config = to_run_config(cfg)
-    grid = MeteredGrid(InProcessGrid(app, 3, run_config))
+    grid = MeteredGrid(ShuffledGrid(app, 3, run_config))
     assert list(grid.get_node_ids()) == [1, 2, 3]
     data = build_federated_data(from_run_config(run_config))
     arrays = ArrayRecord(initial_model(cfg, data).state_dict())
     content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})})
     replies = grid.send_and_receive([Message(content, dst_node_id=2, message_type="train")])
-    down, up = grid.take_bytes()
-    assert down == content_nbytes(content) == sum(len(a.data) for a in arrays.values())
-    assert up == content_nbytes(replies[0].content) > 0
+    counts = grid.take_counts()
+    assert counts["bytes_down"] == content_nbytes(content) == sum(
+        len(a.data) for a in arrays.values()
+    )
+    assert counts["bytes_up"] == content_nbytes(replies[0].content) > 0
+    assert counts["train_failures"] == 0
+    assert grid.take_counts()["bytes_down"] == 0  # taken counts start again
 
 
 def test_a_failing_client_becomes_an_error_reply(tiny_cfg):
@@ -167,6 +178,8 @@ def test_failing_clients_are_reported_and_the_run_goes_on(tiny_cfg):
     summary = run_experiment(cfg)
     rows = read_metrics(cfg.output_dir)
     assert len(rows) == 3 and not any("train/train_loss" in r for r in rows)
+    assert [r["train_failures"] for r in rows[1:]] == [3, 3]
+    assert summary["train_failures"] == 6
     assert summary["final_server_accuracy"] == rows[0]["server/accuracy"]  # model unchanged
 
 
@@ -190,3 +203,22 @@ def test_node_state_exists_only_for_clients_that_took_part(tiny_cfg):
     grid.context(17)
     assert list(grid.contexts) == [17]
     assert grid.contexts[17].node_config["partition-id"] == 16
+
+
+def test_clients_without_test_samples_do_not_break_federated_evaluation(tiny_cfg, tmp_path):
+    """Test pool without classes 2 and 3: some clients get empty test splits."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "skewed.npz"
+    np.savez(path, x_train=rng.normal(size=(120, 4)), y_train=np.repeat(np.arange(4), 30),
+             x_test=rng.normal(size=(40, 4)), y_test=np.repeat([0, 1], 20))
+    cfg = tiny_cfg("dataset=npz", f"dataset.path={path}", "partition=pathological",
+                   "partition.num_classes_per_partition=1", "num_clients=4",
+                   "clients_per_round=4", "evaluation.clients_per_round=4")
+    run_experiment(cfg)
+    for row in read_metrics(cfg.output_dir)[1:]:
+        assert 0.0 <= row["client_eval/accuracy"] <= 1.0
+
+
+def test_dirichlet_accepts_one_alpha_per_client(tiny_cfg):
+    cfg = tiny_cfg("partition=dirichlet", "partition.alpha=[0.1,0.1,0.1,10,10,10]")
+    assert run_experiment(cfg)["final_server_accuracy"] is not None

@@ -68,6 +68,7 @@ def test_partition_count_must_match_num_clients():
         partition_indices(partitioner, 5)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_dirichlet_that_cannot_fill_clients_reports_the_partition_field():
     labels = np.random.default_rng(0).integers(0, 2, size=30)
     partitioner = DirichletPartitioner(10, "label", alpha=0.01, min_partition_size=5, seed=0)

@@ -8,8 +8,10 @@ replies exist instead of polling a message store.
 
 from __future__ import annotations
 
+import logging
 import traceback
 from abc import abstractmethod
+from collections import Counter
 from collections.abc import Iterable
 from uuid import uuid4
 
@@ -20,6 +22,8 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 RUN_ID = 1
+MAX_LOGGED_FAILURES = 3  # per round; the rest are counted
+log = logging.getLogger("fedsim")
 
 
 def content_nbytes(content: RecordDict) -> int:
@@ -128,16 +132,17 @@ class SimulationGrid(Grid):
 
 
 class MeteredGrid(Grid):
-    """Wraps any Grid: counts payload bytes each way and lists nodes in a stable order.
+    """Wraps any Grid: meters each round's traffic and failures; lists nodes in a stable order.
 
     Flower samples clients with `random.sample(list(grid.get_node_ids()), k)`;
     sorting the ids makes that draw depend only on the seed and the node set.
+    A client that answers with an error, or not at all, is counted per message
+    type and logged with its node id, so a failure is never silent.
     """
 
     def __init__(self, grid: Grid) -> None:
         self.grid = grid
-        self.bytes_down = 0
-        self.bytes_up = 0
+        self.counts: Counter[str] = Counter()
 
     def set_run(self, run: Run) -> None:
         self.grid.set_run(run)
@@ -154,12 +159,12 @@ class MeteredGrid(Grid):
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
-        self.bytes_down += sum(content_nbytes(m.content) for m in messages)
+        self.counts["bytes_down"] += sum(content_nbytes(m.content) for m in messages)
         return self.grid.push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         replies = list(self.grid.pull_messages(message_ids))
-        self.bytes_up += sum(content_nbytes(m.content) for m in replies if m.has_content())
+        self._count_replies(replies)
         return replies
 
     def send_and_receive(
@@ -168,13 +173,34 @@ class MeteredGrid(Grid):
         messages = list(messages)
         if not messages:
             return []
-        self.bytes_down += sum(content_nbytes(m.content) for m in messages)
+        self.counts["bytes_down"] += sum(content_nbytes(m.content) for m in messages)
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
-        self.bytes_up += sum(content_nbytes(m.content) for m in replies if m.has_content())
+        self._count_replies(replies)
+        kind = messages[0].metadata.message_type.split(".")[0]
+        missing = len(messages) - len(replies)
+        if missing > 0:
+            self.counts[f"{kind}_failures"] += missing
+            log.warning("%d %s message(s) got no reply before the timeout", missing, kind)
         return replies
 
-    def take_bytes(self) -> tuple[int, int]:
-        """Bytes (down, up) since the last call."""
-        counts = (self.bytes_down, self.bytes_up)
-        self.bytes_down = self.bytes_up = 0
+    def _count_replies(self, replies: list[Message]) -> None:
+        failed = [m for m in replies if m.has_error()]
+        self.counts["bytes_up"] += sum(
+            content_nbytes(m.content) for m in replies if m.has_content()
+        )
+        for msg in failed[:MAX_LOGGED_FAILURES]:
+            log.warning(
+                "client node %d failed (%s): %s", msg.metadata.src_node_id,
+                msg.metadata.message_type, msg.error.reason.splitlines()[0][:300],
+            )
+        if len(failed) > MAX_LOGGED_FAILURES:
+            log.warning("... and %d more client failures", len(failed) - MAX_LOGGED_FAILURES)
+        for msg in failed:
+            self.counts[f"{msg.metadata.message_type.split('.')[0]}_failures"] += 1
+
+    def take_counts(self) -> dict[str, int]:
+        """bytes_down, bytes_up, train_failures, evaluate_failures since the last call."""
+        keys = ("bytes_down", "bytes_up", "train_failures", "evaluate_failures")
+        counts = {k: int(self.counts[k]) for k in keys}
+        self.counts.clear()
         return counts

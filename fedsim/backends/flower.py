@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import warnings
 
 from omegaconf import DictConfig
 
@@ -44,7 +44,7 @@ class FlowerSimulationBackend:
         from fedsim.client_app import make_client_app
         from fedsim.server_app import make_server_app
 
-        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+        warnings.filterwarnings("ignore", message="Tip: In future versions of Ray")
         for name in ("flwr", "alembic"):  # Flower's engine logs its set-up at DEBUG/INFO
             logging.getLogger(name).setLevel(cfg.flwr_log_level)
         config_json = to_run_config(cfg)[RUN_CONFIG_KEY]

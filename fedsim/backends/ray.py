@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import os
+import warnings
 from typing import Any
 
 import ray
@@ -20,6 +21,7 @@ from omegaconf import DictConfig
 
 from fedsim.backends.base import SimulationGrid, server_context
 from fedsim.config import to_run_config
+from fedsim.errors import ConfigError
 
 
 @ray.remote
@@ -30,6 +32,8 @@ class ClientWorker:
         from fedsim.config import from_run_config
         from fedsim.datasets.federated import prime_cache
 
+        if not ray.get_gpu_ids():  # device=auto must not pick a GPU Ray did not assign
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
         prime_cache(from_run_config(run_config), data)
 
     def execute(
@@ -86,7 +90,8 @@ class RayBackend:
     Parameters
     ----------
     num_cpus, num_gpus : resources reserved per client actor.
-    num_actors : actors in the pool (default: the cluster's CPUs // num_cpus).
+    num_actors : actors in the pool (default: the cluster's CPUs // num_cpus, at most
+        clients_per_round).
     address : an existing Ray cluster to join; None starts a local one.
     """
 
@@ -107,6 +112,8 @@ class RayBackend:
         from fedsim.server_app import app as server_app
 
         self._connect()
+        pool_size = self._pool_size(cfg)
+        self._check_resources(pool_size)
         run_config = to_run_config(cfg)
         data = build_federated_data(cfg)
         shared = ray.put(dataclasses.replace(data, partitioner=None))
@@ -114,7 +121,7 @@ class RayBackend:
             ClientWorker.options(num_cpus=self.num_cpus, num_gpus=self.num_gpus).remote(
                 run_config, shared
             )
-            for _ in range(self._pool_size(cfg))
+            for _ in range(pool_size)
         ]
         try:
             server_app(RayGrid(workers, cfg.num_clients, run_config), server_context(run_config))
@@ -126,12 +133,24 @@ class RayBackend:
         """Start (or join) Ray once per process; later runs of a sweep reuse the session."""
         if ray.is_initialized():
             return
-        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+        warnings.filterwarnings("ignore", message="Tip: In future versions of Ray")
         ray.init(
             address=self.address, include_dashboard=False, logging_level="WARNING",
             log_to_driver=True, configure_logging=False,
         )
         atexit.register(ray.shutdown)
+
+    def _check_resources(self, pool_size: int) -> None:
+        """Refuse a pool the cluster cannot place (Ray would wait for it forever)."""
+        have = ray.cluster_resources()
+        for name, per_actor, field in (("CPU", self.num_cpus, "backend.num_cpus"),
+                                       ("GPU", self.num_gpus, "backend.num_gpus")):
+            need = pool_size * per_actor
+            if need > have.get(name, 0) + 1e-9:
+                raise ConfigError(
+                    f"{field}={per_actor} x {pool_size} actors needs {need:g} {name}s but the "
+                    f"Ray cluster has {have.get(name, 0):g}; lower {field} or backend.num_actors"
+                )
 
     def _pool_size(self, cfg: DictConfig) -> int:
         if self.num_actors:

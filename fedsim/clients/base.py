@@ -84,7 +84,13 @@ class Trainer(ABC):
     def evaluate(
         self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData, state: RecordDict
     ) -> dict[str, float | int]:
-        """Accuracy and loss of the received model on the client's test split."""
+        """Accuracy and loss of the received model on the client's test split.
+
+        An empty split reports zeros with weight 0 (`num-examples` = 0), so it
+        does not count in the weighted average.
+        """
+        if len(data.y_test) == 0:
+            return {"loss": 0.0, "accuracy": 0.0, NUM_EXAMPLES: 0}
         model = self.load_model(arrays)
         loss, accuracy = evaluate_model(model, data.x_test, data.y_test, self.eval_batch_size)
         return {"loss": loss, "accuracy": accuracy, NUM_EXAMPLES: len(data.y_test)}
