@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
@@ -60,3 +61,12 @@ class FedAvgFailingInRound2(FedAvg):
         if server_round == 2:
             raise RuntimeError("aggregation broke")
         return super().aggregate_train(server_round, replies)
+
+
+class NoisyTrainer(SGDTrainer):
+    """Draws from torch's global RNG (as dropout or augmentation would)."""
+
+    def train(self, arrays, config, data, state):
+        out = super().train(arrays, config, data, state)
+        out.metrics["noise"] = float(torch.rand(()))
+        return out

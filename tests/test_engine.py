@@ -222,3 +222,22 @@ def test_clients_without_test_samples_do_not_break_federated_evaluation(tiny_cfg
 def test_dirichlet_accepts_one_alpha_per_client(tiny_cfg):
     cfg = tiny_cfg("partition=dirichlet", "partition.alpha=[0.1,0.1,0.1,10,10,10]")
     assert run_experiment(cfg)["final_server_accuracy"] is not None
+
+
+def test_global_torch_rng_draws_in_a_client_do_not_depend_on_the_process_state(tiny_cfg):
+    from fedsim.client_app import app
+    from fedsim.config import from_run_config, to_run_config
+
+    cfg = tiny_cfg("client._target_=helpers.NoisyTrainer")
+    run_config = to_run_config(cfg)
+    data = build_federated_data(from_run_config(run_config))
+    arrays = ArrayRecord(initial_model(cfg, data).state_dict())
+    noise = []
+    for outside_seed in (1, 2):
+        torch.manual_seed(outside_seed)
+        grid = InProcessGrid(app, 3, run_config)
+        content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})})
+        (reply,) = grid.send_and_receive([Message(content, dst_node_id=2, message_type="train")])
+        noise.append(reply.content["metrics"]["noise"])
+    assert noise[0] == noise[1]
+    assert torch.rand(()).item() != noise[0]  # the caller's RNG stream was left alone

@@ -101,8 +101,9 @@ class Trainer(ABC):
         A round sends the same ArrayRecord object to every client of a process, so
         its decoded tensors are kept until a different record arrives.
         """
-        if self._model is None:
-            self._model = self.model_fn().to(self.device)
+        if self._model is None:  # built once per process: must not consume the seeded stream
+            with torch.random.fork_rng(devices=[]):
+                self._model = self.model_fn().to(self.device)
         if arrays is not self._received:
             self._received_state = arrays.to_torch_state_dict()
             self._received = arrays
