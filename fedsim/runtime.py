@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
@@ -15,8 +16,10 @@ from omegaconf import DictConfig
 from torch import nn
 
 from fedsim.clients.base import Trainer
+from fedsim.config import validate
 from fedsim.datasets.federated import FederatedData, build_federated_data
 from fedsim.errors import ConfigError
+from fedsim.recording import prepare_run_dir
 
 
 def model_factory(cfg: DictConfig, data: FederatedData) -> Callable[[], nn.Module]:
@@ -49,6 +52,18 @@ def check_model_fits(cfg: DictConfig, data: FederatedData) -> None:
             f"model ({cfg.model._target_}) returns shape {tuple(logits.shape)[1:]} per sample, "
             f"expected ({data.num_classes},) logits"
         )
+
+
+def preflight(cfg: DictConfig) -> tuple[FederatedData, Path]:
+    """Every check that can fail on the user's input, before any work starts.
+
+    Config fields, data (samples >= clients, partitions), model-dataset fit and
+    the run directory (never an existing run's). Returns the data and the run dir.
+    """
+    validate(cfg)
+    data = build_federated_data(cfg)
+    check_model_fits(cfg, data)
+    return data, prepare_run_dir(cfg.output_dir)
 
 
 def build_trainer(cfg: DictConfig, data: FederatedData) -> Trainer:

@@ -16,13 +16,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from torch import nn
 
 from fedsim.backends.base import MeteredGrid
 from fedsim.clients.base import evaluate_model, resolve_device
-from fedsim.config import validate
-from fedsim.datasets.federated import FederatedData, build_federated_data
-from fedsim.recording import RunRecorder, prepare_run_dir
-from fedsim.runtime import check_model_fits, initial_model
+from fedsim.datasets.federated import FederatedData
+from fedsim.recording import RunRecorder
+from fedsim.runtime import initial_model, preflight
 
 NO_TIMEOUT = 7 * 24 * 3600.0
 
@@ -45,9 +45,8 @@ def build_strategy(cfg: DictConfig) -> Strategy:
     )
 
 
-def make_evaluator(cfg: DictConfig, data: FederatedData):
-    """Centralized evaluation of global arrays on the server's test split."""
-    model = initial_model(cfg, data).to(resolve_device(cfg.device))
+def make_evaluator(model: nn.Module, data: FederatedData):
+    """Centralized evaluation of global arrays on the server's test split, in `model`."""
     x_test, y_test = data.server_test()
 
     def evaluate(arrays: ArrayRecord) -> dict[str, float]:
@@ -60,18 +59,16 @@ def make_evaluator(cfg: DictConfig, data: FederatedData):
 
 def run_server(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
     """Run `cfg.num_rounds` rounds of the configured strategy on `grid`; return the summary."""
-    validate(cfg)  # again here: deployments reach the ServerApp without the CLI
+    data, run_dir = preflight(cfg)  # again here: deployments reach the ServerApp without the CLI
     logging.getLogger("flwr").setLevel(cfg.flwr_log_level)
     torch.set_num_threads(cfg.torch_threads)
     random.seed(cfg.seed)  # Flower's sample_nodes draws from the global `random`
-    run_dir = prepare_run_dir(cfg.output_dir)
-    data = build_federated_data(cfg)
-    check_model_fits(cfg, data)
-    initial = ArrayRecord(initial_model(cfg, data).state_dict())
+    model = initial_model(cfg, data)
+    initial = ArrayRecord(model.state_dict())
     strategy = build_strategy(cfg)
     metered = MeteredGrid(grid)
-    recorder = RunRecorder(cfg, metered, make_evaluator(cfg, data), instantiate(cfg.logger),
-                           run_dir)
+    evaluate = make_evaluator(model.to(resolve_device(cfg.device)), data)
+    recorder = RunRecorder(cfg, metered, evaluate, instantiate(cfg.logger), run_dir)
     try:
         recorder.write_inputs(data.partitioner)
         recorder.attach(strategy)
