@@ -65,12 +65,30 @@ def _check_target(cfg: DictConfig, group: str) -> None:
     _require(hasattr(module, attr), f"{group}._target_", f"a name in {module_name}", attr)
 
 
+def _target(node: DictConfig) -> type:
+    module_name, _, attr = str(node._target_).rpartition(".")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def _validate_upload_pairing(cfg: DictConfig) -> None:
+    """The trainer must upload what the strategy aggregates: weights or deltas."""
+    uploads = getattr(_target(cfg.client), "uploads", "weights")
+    expects = getattr(_target(cfg.strategy), "expects_uploads", "weights")
+    hint = "a delta strategy such as strategy=fedld" if uploads == "deltas" else (
+        "a trainer that uploads deltas, e.g. the method's own client group")
+    _require(uploads == expects, "client",
+             f"a trainer that uploads {expects}, as strategy {cfg.strategy._target_} expects "
+             f"(client {cfg.client._target_} uploads {uploads}; pair it with {hint})",
+             str(cfg.client._target_))
+
+
 def validate(cfg: DictConfig) -> None:
     """Check every cross-cutting field before any work; raise one `ConfigError` naming it."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     _require(not missing, missing[0] if missing else "", "set (it has no default)", "???")
     for group in GROUPS:
         _check_target(cfg, group)
+    _validate_upload_pairing(cfg)
     _require(_is_int(cfg.seed) and cfg.seed >= 0, "seed", "an integer >= 0", cfg.seed)
     _require(_is_int(cfg.num_clients) and cfg.num_clients >= 1, "num_clients",
              "an integer >= 1", cfg.num_clients)
@@ -135,15 +153,22 @@ def _validate_client(cfg: DictConfig) -> None:
     for key in ("batch_size", "local_epochs"):
         if key in client:
             _require(_is_int(client[key]), f"client.{key}", "an integer > 0", client[key])
-    for key in ("momentum", "weight_decay", "proximal_mu"):
+    for key in ("momentum", "weight_decay", "proximal_mu", "lam"):
         if key in client:
             _require(isinstance(client[key], int | float) and client[key] >= 0,
                      f"client.{key}", "a number >= 0", client[key])
 
 
 def _validate_strategy(cfg: DictConfig) -> None:
-    """Byzantine-robust rules need enough clients per round for their assumed attackers."""
+    """Method parameters in range; robust rules need enough clients for their attackers."""
     strategy, k = cfg.strategy, cfg.clients_per_round
+    if "k_proportion" in strategy:
+        _require(isinstance(strategy.k_proportion, int | float) and 0 < strategy.k_proportion <= 1,
+                 "strategy.k_proportion", "a number in (0, 1]", strategy.k_proportion)
+    if "history_decay" in strategy:
+        _require(isinstance(strategy.history_decay, int | float)
+                 and 0 <= strategy.history_decay < 1,
+                 "strategy.history_decay", "a number in [0, 1)", strategy.history_decay)
     if "num_malicious_nodes" not in strategy:
         return
     f = strategy.num_malicious_nodes

@@ -11,3 +11,7 @@ class ConfigError(FedsimError):
 
 class DataError(FedsimError):
     """A data source is malformed or cannot be loaded."""
+
+
+class MessageError(FedsimError):
+    """A peer's message does not match what the run expects (keys, shapes, dtypes)."""

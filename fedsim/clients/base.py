@@ -23,6 +23,8 @@ from fedsim.datasets.federated import ClientData
 
 Record = ArrayRecord | MetricRecord | ConfigRecord
 NUM_EXAMPLES = "num-examples"
+UPLOADS_WEIGHTS = "weights"  # the trainer sends trained weights (what Flower's strategies expect)
+UPLOADS_DELTAS = "deltas"  # the trainer sends w_local - w_global (fedsim.strategies.base)
 
 
 @dataclass
@@ -48,6 +50,9 @@ class TrainOutput:
 class Trainer(ABC):
     """A client's local procedure, configured once and called every round.
 
+    The class attribute `uploads` says what `train` sends back (`"weights"` or
+    `"deltas"`); config validation checks it against the strategy's expectation.
+
     Parameters
     ----------
     model_fn : Callable[[], nn.Module]
@@ -59,6 +64,8 @@ class Trainer(ABC):
     device : str
         "auto" (CUDA when this process sees a GPU, else CPU), "cpu" or "cuda[:i]".
     """
+
+    uploads = UPLOADS_WEIGHTS
 
     def __init__(
         self,
@@ -109,6 +116,10 @@ class Trainer(ABC):
             self._received = arrays
         self._model.load_state_dict(self._received_state)
         return self._model
+
+    def received_state(self) -> dict[str, torch.Tensor]:
+        """The state dict last loaded by `load_model` (on the CPU): the global weights."""
+        return self._received_state
 
     def generator(self, data: ClientData, server_round: int) -> torch.Generator:
         """A torch RNG unique to (run seed, client, round): same draws on any backend."""

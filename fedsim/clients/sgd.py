@@ -8,7 +8,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from torch import nn
 
-from fedsim.clients.base import NUM_EXAMPLES, Trainer, TrainOutput, minibatches
+from fedsim.clients.base import NUM_EXAMPLES, UPLOADS_WEIGHTS, Trainer, TrainOutput, minibatches
 from fedsim.datasets.federated import ClientData
 
 
@@ -23,8 +23,11 @@ class SGDTrainer(Trainer):
     """Local epochs of minibatch SGD on cross-entropy; uploads the trained weights.
 
     `proximal_mu` adds mu/2 * ||w - w_global||^2; a `proximal-mu` value in the
-    round's config (sent by Flower's FedProx) takes precedence.
+    round's config (sent by Flower's FedProx) takes precedence. Subclasses change
+    the per-batch objective (`batch_loss`) or what is sent back (`upload`).
     """
+
+    uploads = UPLOADS_WEIGHTS
 
     def __init__(
         self,
@@ -63,7 +66,7 @@ class SGDTrainer(Trainer):
         for _ in range(self.local_epochs):
             for idx in minibatches(data.num_train, self.batch_size, generator):
                 idx = idx.to(self.device)
-                loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+                loss = self.batch_loss(model(x[idx]), y[idx])
                 if mu > 0:
                     loss = loss + mu / 2 * proximal_term(model, anchor)
                 optimizer.zero_grad(set_to_none=True)
@@ -72,7 +75,15 @@ class SGDTrainer(Trainer):
                 loss_sum += loss.detach()
                 steps += 1
         return TrainOutput(
-            arrays=ArrayRecord(model.state_dict()),
+            arrays=self.upload(model),
             metrics={"train_loss": loss_sum.item() / max(steps, 1), NUM_EXAMPLES: data.num_train},
             state=state,
         )
+
+    def batch_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The objective minimized on each minibatch: cross-entropy."""
+        return nn.functional.cross_entropy(logits, targets)
+
+    def upload(self, model: nn.Module) -> ArrayRecord:
+        """What goes back to the server: the trained weights (every state entry)."""
+        return ArrayRecord(model.state_dict())

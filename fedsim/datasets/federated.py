@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -19,7 +20,7 @@ from fedsim.datasets.partition import (
     matched_test_indices,
     partition_indices,
 )
-from fedsim.errors import ConfigError
+from fedsim.errors import ConfigError, FedsimError
 
 _CACHE: dict[str, FederatedData] = {}
 _CACHE_SIZE = 2  # a sweep in one process keeps only the latest datasets in memory
@@ -141,8 +142,18 @@ def build_federated_data(cfg: DictConfig) -> FederatedData:
     return cached if cached is not None else _remember(key, _build(cfg))
 
 
+def instantiate_input(node: DictConfig) -> Any:
+    """`instantiate`, but a fedsim error raised inside comes out as itself (one clear line)."""
+    try:
+        return instantiate(node)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, FedsimError):
+            raise err.__cause__ from None
+        raise
+
+
 def _build(cfg: DictConfig) -> FederatedData:
-    splits: ArraySplits = instantiate(cfg.dataset)
+    splits: ArraySplits = instantiate_input(cfg.dataset)
     labels, ids = splits.y_train, splits.train_ids
     if cfg.data.imbalance_factor < 1.0:
         keep = long_tail_indices(labels, splits.num_classes, cfg.data.imbalance_factor, cfg.seed)
@@ -153,7 +164,7 @@ def _build(cfg: DictConfig) -> FederatedData:
             f"num_clients={cfg.num_clients} is more than the {len(keep)} training samples "
             "available; lower num_clients"
         )
-    partitioner = instantiate(cfg.partition)
+    partitioner = instantiate_input(cfg.partition)
     partitioner.dataset = label_dataset(
         labels[keep], splits.num_classes, None if ids is None else ids[keep]
     )

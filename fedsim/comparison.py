@@ -1,0 +1,188 @@
+"""Method comparisons: a grid of runs, executed once each, summarized as mean ± std.
+
+The comparison scripts in `scripts/` name their methods (override lists), the
+datasets, the swept values and the seeds; this module runs every cell that has
+no finished run yet (several at a time, one process each), reads the runs'
+`metrics.jsonl` back, and writes the table and plot that go into `docs/results/`.
+A finished run is never redone or overwritten, so an interrupted comparison
+resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import shutil
+import statistics
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid: which method, on what, with which seed."""
+
+    method: str
+    dataset: str
+    value: float
+    seed: int
+    overrides: tuple[str, ...]
+    run_dir: Path
+
+    @property
+    def finished(self) -> bool:
+        return (self.run_dir / "summary.json").exists()
+
+
+@dataclass
+class Grid:
+    """methods x datasets x values x seeds, every cell with its own run directory.
+
+    `methods` and `datasets` map a label to the overrides it adds; `value_key`
+    is the swept config key (e.g. `partition.alpha`); `base` applies to all.
+    """
+
+    methods: dict[str, list[str]]
+    datasets: dict[str, list[str]]
+    value_key: str
+    values: Sequence[float]
+    seeds: Sequence[int]
+    base: list[str] = field(default_factory=list)
+    runs_dir: Path = Path("outputs/comparison")
+
+    def cells(self) -> list[Cell]:
+        cells = []
+        for dataset, dataset_overrides in self.datasets.items():
+            for value in self.values:
+                for seed in self.seeds:
+                    for method, method_overrides in self.methods.items():
+                        run_dir = self.runs_dir / dataset / method / f"{value}" / f"seed{seed}"
+                        overrides = (*self.base, *dataset_overrides, *method_overrides,
+                                     f"{self.value_key}={value}", f"seed={seed}",
+                                     f"output_dir={run_dir.resolve()}")
+                        cells.append(Cell(method, dataset, value, seed, overrides, run_dir))
+        return cells
+
+
+def run_cell(overrides: Sequence[str]) -> None:
+    """One run in this process (the pool's unit of work)."""
+    from fedsim.config import compose
+    from fedsim.experiment import run_experiment
+
+    run_experiment(compose(list(overrides)))
+
+
+def run_missing(cells: Sequence[Cell], workers: int, log: Callable[[str], None] = print) -> None:
+    """Run every unfinished cell, `workers` at a time; a half-written run is set aside first."""
+    todo = [cell for cell in cells if not cell.finished]
+    for cell in todo:
+        if cell.run_dir.exists():  # interrupted earlier: keep it, under another name
+            shutil.move(cell.run_dir, _unused_name(cell.run_dir))
+    log(f"{len(cells) - len(todo)} of {len(cells)} runs already finished; running {len(todo)}")
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = {pool.submit(run_cell, cell.overrides): cell for cell in todo}
+        for done, (future, cell) in enumerate(futures.items(), start=1):
+            future.result()
+            log(f"[{done}/{len(todo)}] {cell.dataset} {cell.method} {cell.value} seed {cell.seed}")
+
+
+def _unused_name(path: Path) -> Path:
+    for n in range(1, 10_000):
+        candidate = path.with_name(f"{path.name}.incomplete{n}")
+        if not candidate.exists():
+            return candidate
+    raise RuntimeError(f"too many incomplete copies of {path}")
+
+
+def read_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's per-round metrics (round 0 first)."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def metric_at(rows: list[dict[str, Any]], key: str, round_: int) -> float:
+    """`key` at round `round_` (the last round if there are fewer)."""
+    usable = [r for r in rows if key in r and r["round"] <= round_]
+    return float(usable[-1][key]) if usable else math.nan
+
+
+def mean_last(rows: list[dict[str, Any]], key: str, count: int, round_: int) -> float:
+    """Mean of `key` over the last `count` rounds up to `round_` (smooths round noise)."""
+    values = [float(r[key]) for r in rows if key in r and 1 <= r["round"] <= round_]
+    return statistics.fmean(values[-count:]) if values else math.nan
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(
+    cells: Sequence[Cell], measure: Callable[[list[dict[str, Any]]], float]
+) -> dict[tuple[str, float, str], tuple[float, float, int]]:
+    """(dataset, value, method) -> (mean, std, seeds) of `measure(rows)` over seeds."""
+    groups: dict[tuple[str, float, str], list[float]] = {}
+    for cell in cells:
+        groups.setdefault((cell.dataset, cell.value, cell.method), []).append(
+            measure(read_rows(cell.run_dir))
+        )
+    return {key: (*mean_std(v), len(v)) for key, v in groups.items()}
+
+
+def markdown_table(
+    stats: dict[tuple[str, float, str], tuple[float, float, int]],
+    methods: Sequence[str],
+    value_label: str,
+    scale: float = 100.0,
+) -> str:
+    """Rows dataset x value, a column per method, `mean ± std`; the best mean in bold."""
+    lines = [f"| dataset | {value_label} | " + " | ".join(methods) + " |",
+             "|---|---:|" + "---:|" * len(methods)]
+    for dataset, value in dict.fromkeys((d, v) for d, v, _ in stats):
+        means = {m: stats[(dataset, value, m)][0] for m in methods}
+        best = max(means.values())
+        cells = []
+        for m in methods:
+            mean, std, _ = stats[(dataset, value, m)]
+            text = f"{scale * mean:.1f} ± {scale * std:.1f}"
+            cells.append(f"**{text}**" if mean == best else text)
+        lines.append(f"| {dataset} | {value:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_methods(
+    stats: dict[tuple[str, float, str], tuple[float, float, int]],
+    methods: Sequence[str],
+    value_label: str,
+    ylabel: str,
+    out: Path,
+    log_x: bool = True,
+) -> None:
+    """One panel per dataset: the measure against the swept value, a line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(dict.fromkeys(d for d, _, _ in stats))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 3.8), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        values = sorted({v for d, v, _ in stats if d == dataset})
+        for method in methods:
+            mean = [stats[(dataset, v, method)][0] for v in values]
+            std = [stats[(dataset, v, method)][1] for v in values]
+            ax.errorbar(values, mean, yerr=std, marker="o", capsize=3, label=method)
+        if log_x:
+            ax.set_xscale("log")
+        ax.set(title=dataset, xlabel=value_label, ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)

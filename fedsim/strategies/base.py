@@ -1,0 +1,130 @@
+"""Shared base for strategies whose clients upload model deltas.
+
+Flower's strategies receive trained weights and return the new global weights.
+Methods like FedLD instead combine the clients' *updates* `d_i = w_i - w` into
+one server update. `DeltaStrategy` keeps FedAvg's sampling, messaging and
+metric aggregation, remembers the global arrays it sent, checks every reply
+against them, and leaves one method to implement: `aggregate_deltas`.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedsim.clients.base import UPLOADS_DELTAS
+from fedsim.errors import MessageError
+
+
+class DeltaStrategy(FedAvg):
+    """FedAvg's round structure around a pluggable rule for combining client deltas.
+
+    Training metrics gain `update-norm` (the server update's L2 norm) and
+    `mean-delta-norm` (that of the plain mean of the deltas), so a run shows how
+    far the rule moves the model compared with averaging.
+
+    Subclasses implement `aggregate_deltas(server_round, deltas)`, which gets, for
+    every state entry, the stacked deltas of the clients that replied (shape
+    `(m, *entry_shape)`, float64) and returns that entry's server update. The new
+    global arrays are `w + update`, cast back to each entry's dtype.
+    """
+
+    #: What the matching trainers upload; `fedsim.config.validate` checks the pair.
+    expects_uploads = UPLOADS_DELTAS
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.current_arrays: dict[str, np.ndarray] | None = None
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Remember the global arrays sent this round; the replies are deltas against them."""
+        self.current_arrays = {key: array.numpy() for key, array in arrays.items()}
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Stack the repliers' deltas, aggregate them, and apply the update to `w`."""
+        valid_replies, _ = self._check_and_log_replies(replies, is_train=True)
+        if not valid_replies:
+            return None, None
+        if self.current_arrays is None:
+            raise RuntimeError("aggregate_train called before configure_train")
+        deltas = stack_deltas(
+            [(msg.metadata.src_node_id, only_arrayrecord(msg)) for msg in valid_replies],
+            self.current_arrays,
+        )
+        update = self.aggregate_deltas(server_round, deltas)
+        arrays = apply_update(self.current_arrays, update)
+        metrics = self.train_metrics_aggr_fn(
+            [msg.content for msg in valid_replies], self.weighted_by_key
+        )
+        metrics["update-norm"] = global_norm(update.values())
+        metrics["mean-delta-norm"] = global_norm(d.mean(axis=0) for d in deltas.values())
+        return arrays, metrics
+
+    @abstractmethod
+    def aggregate_deltas(
+        self, server_round: int, deltas: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """The server update for every state entry from the stacked client deltas."""
+
+
+def global_norm(arrays: Iterable[np.ndarray]) -> float:
+    """The L2 norm of all arrays taken together as one flat vector."""
+    return float(np.sqrt(sum(float(np.square(a).sum()) for a in arrays)))
+
+
+def only_arrayrecord(message: Message) -> ArrayRecord:
+    """The reply's single ArrayRecord (Flower's reply validation guarantees exactly one)."""
+    return next(iter(message.content.array_records.values()))
+
+
+def stack_deltas(
+    uploads: list[tuple[int, ArrayRecord]], reference: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Per state entry, the clients' deltas stacked along a new first axis (float64).
+
+    Every upload must carry exactly the reference's keys with the same shapes; a
+    reply that does not is rejected with the node, the key and what was expected.
+    """
+    expected = set(reference)
+    for node_id, record in uploads:
+        keys = set(record.keys())
+        if keys != expected:
+            missing, extra = sorted(expected - keys), sorted(keys - expected)
+            raise MessageError(
+                f"reply from node {node_id}: arrays must have the global model's keys "
+                f"(missing {missing[:5]}, unexpected {extra[:5]})"
+            )
+        for key, ref in reference.items():
+            shape = tuple(record[key].shape)
+            if shape != ref.shape:
+                raise MessageError(
+                    f"reply from node {node_id}: arrays['{key}'] must have shape "
+                    f"{ref.shape} (got {shape})"
+                )
+    return {
+        key: np.stack([record[key].numpy().astype(np.float64) for _, record in uploads])
+        for key in reference
+    }
+
+
+def apply_update(
+    current: dict[str, np.ndarray], update: dict[str, np.ndarray]
+) -> ArrayRecord:
+    """`w + update` per entry, in each entry's own dtype (integer entries are rounded)."""
+    new_arrays = {}
+    for key, weights in current.items():
+        step = update[key]
+        if np.issubdtype(weights.dtype, np.integer):
+            step = np.rint(step)
+        new_arrays[key] = Array(np.asarray(weights + step).astype(weights.dtype, copy=False))
+    return ArrayRecord(new_arrays)
