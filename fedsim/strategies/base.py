@@ -30,7 +30,7 @@ class DeltaStrategy(FedAvg):
 
     Subclasses implement `aggregate_deltas(server_round, deltas)`, which gets, for
     every state entry, the stacked deltas of the clients that replied (shape
-    `(m, *entry_shape)`, float64) and returns that entry's server update. The new
+    `(m, *entry_shape)`, floating) and returns that entry's server update. The new
     global arrays are `w + update`, cast back to each entry's dtype.
     """
 
@@ -90,7 +90,7 @@ def only_arrayrecord(message: Message) -> ArrayRecord:
 def stack_deltas(
     uploads: list[tuple[int, ArrayRecord]], reference: dict[str, np.ndarray]
 ) -> dict[str, np.ndarray]:
-    """Per state entry, the clients' deltas stacked along a new first axis (float64).
+    """Per state entry, the clients' deltas stacked along a new first axis.
 
     Every upload must carry exactly the reference's keys with the same shapes; a
     reply that does not is rejected with the node, the key and what was expected.
@@ -111,10 +111,13 @@ def stack_deltas(
                     f"reply from node {node_id}: arrays['{key}'] must have shape "
                     f"{ref.shape} (got {shape})"
                 )
-    return {
-        key: np.stack([record[key].numpy().astype(np.float64) for _, record in uploads])
-        for key in reference
-    }
+    return {key: _stack([record[key].numpy() for _, record in uploads]) for key in reference}
+
+
+def _stack(arrays: list[np.ndarray]) -> np.ndarray:
+    """Floating uploads keep their dtype (float32 halves the memory); others become float64."""
+    stacked = np.stack(arrays)
+    return stacked if np.issubdtype(stacked.dtype, np.floating) else stacked.astype(np.float64)
 
 
 def apply_update(

@@ -14,20 +14,24 @@ import numpy as np
 
 from fedsim.strategies.base import DeltaStrategy
 
+ORTHOGONAL_COS = 1e-9  # |cos(d_i, w_j)| below this counts as orthogonal: sign 0, not noise
 
-def principal_directions(deltas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenvalues (descending) of the Gram matrix G G^T / m and directions G^T e_j.
 
-    `deltas` is G, the (m, d) matrix of client updates. The directions (rows of
-    the returned (m, d) array) are the right singular vectors of G scaled by
-    sqrt(m * s_j); the eigenvalues are s_j = sigma_j(G)^2 / m, clipped at 0.
+def gram_eigen(deltas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues s (descending, clipped at 0) and eigenvectors E of G G^T / m.
+
+    `deltas` is G, the (m, d) matrix of client updates. The principal directions
+    are w_j = G^T e_j, the right singular vectors of G scaled by ||w_j|| =
+    sqrt(m * s_j); s_j = sigma_j(G)^2 / m.
     """
-    m = deltas.shape[0]
-    eigenvalues, eigenvectors = np.linalg.eigh(deltas @ deltas.T / m)
+    return sorted_eigen(deltas @ deltas.T / deltas.shape[0])
+
+
+def sorted_eigen(symmetric: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Descending eigenvalues (clipped at 0) and matching eigenvector columns."""
+    eigenvalues, eigenvectors = np.linalg.eigh(symmetric)
     order = np.argsort(eigenvalues)[::-1]
-    eigenvalues = np.clip(eigenvalues[order], 0.0, None)
-    directions = eigenvectors[:, order].T @ deltas
-    return eigenvalues, directions
+    return np.clip(eigenvalues[order], 0.0, None), eigenvectors[:, order]
 
 
 def majority_sign_flips(projections: np.ndarray) -> np.ndarray:
@@ -47,37 +51,45 @@ def num_directions(num_clients: int, k_proportion: float) -> int:
 def principal_gradient_update(deltas: np.ndarray, k_proportion: float = 0.8) -> np.ndarray:
     """FedLD's layer update from the (m, d) matrix of client deltas.
 
-    With s_j, w_j from `principal_directions` and k = floor(k_proportion * m):
+    With s_j, w_j = G^T e_j from `gram_eigen` and k = floor(k_proportion * m):
 
         r_i = sum_{j<k} sign(<d_i, w_j>) * (s_j / sum_all s) * ||d_i|| * w_j / ||w_j||
         update = mean_i r_i
 
-    Directions are sign-calibrated by majority first, as in the paper; note that
-    r_i itself does not change when w_j flips. Directions whose eigenvalue or
-    norm is numerically zero (rank-deficient layers) are skipped, so the result
-    is always finite; all-zero deltas give a zero update.
+    Directions are sign-calibrated by majority first, as in the paper (r_i itself
+    does not change when w_j flips). Directions whose eigenvalue is numerically
+    zero (rank-deficient layers) are skipped, so the result is always finite, and
+    all-zero deltas give a zero update.
+
+    Computed from the m x m Gram matrix: <d_i, w_j> = m s_j E_ij, ||w_j|| =
+    sqrt(m s_j), ||d_i||^2 = (G G^T)_ii, and sum_j c_j w_j / ||w_j|| =
+    G^T (E (c / ||w||)), so G is read twice (Gram, final product) instead of
+    forming the k directions.
     """
     deltas = np.asarray(deltas, dtype=np.float64)
     m, d = deltas.shape
-    eigenvalues, directions = principal_directions(deltas)
+    gram = deltas @ deltas.T
+    eigenvalues, eigenvectors = sorted_eigen(gram / m)
     total = eigenvalues.sum()
     if total <= 0.0:
         return np.zeros(d)
     k = num_directions(m, k_proportion)
-    eigenvalues, directions = eigenvalues[:k], directions[:k]
-    norms = np.linalg.norm(directions, axis=1)
-    tolerance = eigenvalues[0] * max(m, d) * np.finfo(np.float64).eps
-    usable = (eigenvalues > tolerance) & (norms > 0.0)
-    eigenvalues, directions, norms = eigenvalues[usable], directions[usable], norms[usable]
+    eigenvalues, eigenvectors = eigenvalues[:k], eigenvectors[:, :k]
+    usable = eigenvalues > eigenvalues[0] * max(m, d) * np.finfo(np.float64).eps
+    eigenvalues, eigenvectors = eigenvalues[usable], eigenvectors[:, usable]
 
-    projections = deltas @ directions.T  # (m, k)
+    direction_norms = np.sqrt(m * eigenvalues)
+    client_norms = np.sqrt(np.clip(np.diag(gram), 0.0, None))
+    projections = eigenvectors * (m * eigenvalues)  # (m, k): <d_i, w_j>
+    scale = np.maximum(client_norms[:, None] * direction_norms, np.finfo(np.float64).tiny)
+    cosines = projections / scale
+    projections[np.abs(cosines) < ORTHOGONAL_COS] = 0.0
     flips = majority_sign_flips(projections)
-    directions[flips] *= -1.0
+    eigenvectors[:, flips] *= -1.0
     projections[:, flips] *= -1.0
 
-    client_norms = np.linalg.norm(deltas, axis=1)
     coefficients = np.sign(projections) * (eigenvalues / total) * client_norms[:, None]
-    return coefficients.mean(axis=0) @ (directions / norms[:, None])
+    return (eigenvectors @ (coefficients.mean(axis=0) / direction_norms)) @ deltas
 
 
 class FedLD(DeltaStrategy):
