@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
+import re
 import shutil
 import statistics
 from collections.abc import Callable, Sequence
@@ -60,7 +61,8 @@ class Grid:
             for value in self.values:
                 for seed in self.seeds:
                     for method, method_overrides in self.methods.items():
-                        run_dir = self.runs_dir / dataset / method / f"{value}" / f"seed{seed}"
+                        run_dir = self.runs_dir / slug(dataset) / slug(method) / f"{value}" \
+                            / f"seed{seed}"
                         overrides = (*self.base, *dataset_overrides, *method_overrides,
                                      f"{self.value_key}={value}", f"seed={seed}",
                                      f"output_dir={run_dir.resolve()}")
@@ -68,12 +70,25 @@ class Grid:
         return cells
 
 
+def slug(label: str) -> str:
+    """A label as a path part that Hydra's override parser accepts."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-")
+
+
 def run_cell(overrides: Sequence[str]) -> None:
-    """One run in this process (the pool's unit of work)."""
+    """One run in this process (the pool's unit of work).
+
+    Errors come back as a RuntimeError naming the run: some library exceptions
+    cannot cross the process boundary as themselves.
+    """
     from fedsim.config import compose
     from fedsim.experiment import run_experiment
 
-    run_experiment(compose(list(overrides)))
+    try:
+        run_experiment(compose(list(overrides)))
+    except Exception as err:
+        message = f"run {' '.join(overrides)} failed: {type(err).__name__}: {err}"
+        raise RuntimeError(message) from None
 
 
 def run_missing(cells: Sequence[Cell], workers: int, log: Callable[[str], None] = print) -> None:

@@ -184,6 +184,14 @@ def test_strategy_branches_and_history():
     )
 
 
+def test_ablation_without_the_server_rule_always_takes_the_mean():
+    strategy = FedLD(principal_gradient=False)
+    deltas = {"w": np.random.default_rng(5).normal(size=(4, 6)) + 1.0}
+    for server_round in (1, 2, 3):
+        update = strategy.aggregate_deltas(server_round, deltas)
+        np.testing.assert_allclose(update["w"], deltas["w"].mean(axis=0))
+
+
 def _instruction(node_id: int) -> Message:
     return Message(content=RecordDict(), dst_node_id=node_id, message_type=MessageType.TRAIN)
 

@@ -110,12 +110,22 @@ class FedLD(DeltaStrategy):
         Fraction of the m principal directions kept, k = floor(k_proportion * m).
     history_decay : float (default: 0.99)
         EMA factor of the per-layer update history.
+    principal_gradient : bool (default: True)
+        False always takes the mean branch: an ablation that keeps FedLD's client
+        (margin loss) and drops its server rule.
     **kwargs
         FedAvg's sampling and record-key arguments.
     """
 
-    def __init__(self, k_proportion: float = 0.8, history_decay: float = 0.99, **kwargs) -> None:
+    def __init__(
+        self,
+        k_proportion: float = 0.8,
+        history_decay: float = 0.99,
+        principal_gradient: bool = True,
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
+        self.principal_gradient = principal_gradient
         if not 0.0 < k_proportion <= 1.0:
             raise ValueError(f"k_proportion must be in (0, 1] (got {k_proportion})")
         if not 0.0 <= history_decay < 1.0:
@@ -132,7 +142,8 @@ class FedLD(DeltaStrategy):
         for key, stacked in deltas.items():
             history = self.history.get(key)
             flat = stacked.reshape(stacked.shape[0], -1)
-            if server_round == 1 or history is None or not history.any() or flat.shape[1] == 1:
+            if not self.principal_gradient or server_round == 1 or history is None \
+                    or not history.any() or flat.shape[1] == 1:
                 layer = flat.mean(axis=0)
             else:
                 layer = principal_gradient_update(flat, self.k_proportion)

@@ -1,0 +1,81 @@
+"""Comparison grids: cells, resuming, and the numbers that go into docs/results."""
+
+import json
+import math
+
+import pytest
+from conftest import TINY
+
+from fedsim.comparison import (
+    Cell,
+    Grid,
+    markdown_table,
+    mean_last,
+    mean_std,
+    metric_at,
+    run_missing,
+    summarize,
+)
+
+ROWS = [{"round": 0, "acc": 0.1}, {"round": 1, "acc": 0.3}, {"round": 2, "acc": 0.5},
+        {"round": 3, "acc": 0.4}]
+
+
+def test_metric_at_and_mean_last():
+    assert metric_at(ROWS, "acc", 2) == 0.5
+    assert metric_at(ROWS, "acc", 99) == 0.4  # fewer rounds than asked: the last
+    assert math.isnan(metric_at(ROWS, "missing", 2))
+    assert mean_last(ROWS, "acc", 2, 3) == pytest.approx(0.45)
+    assert mean_last(ROWS, "acc", 5, 2) == pytest.approx(0.4)  # round 0 is not a trained round
+
+
+def test_mean_std_is_the_sample_std():
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
+    assert mean_std([5.0]) == (5.0, 0.0)
+
+
+def test_markdown_table_bolds_the_best_mean():
+    stats = {("d", 0.1, "A"): (0.5, 0.01, 3), ("d", 0.1, "B"): (0.6, 0.02, 3)}
+    table = markdown_table(stats, ["A", "B"], "alpha")
+    assert table.splitlines()[-1] == "| d | 0.1 | 50.0 ± 1.0 | **60.0 ± 2.0** |"
+
+
+def test_grid_gives_every_cell_the_same_partition_inputs(tmp_path):
+    grid = Grid(methods={"A": ["strategy=fedavg"], "B": ["strategy=fedprox"]},
+                datasets={"d": ["dataset=digits"]}, value_key="partition.alpha",
+                values=[0.1, 1.0], seeds=[0, 1], runs_dir=tmp_path)
+    cells = grid.cells()
+    assert len(cells) == 8 and len({c.run_dir for c in cells}) == 8
+    a, b = cells[0], cells[1]
+    assert (a.method, b.method) == ("A", "B")
+    assert set(a.overrides) - set(b.overrides) == {
+        "strategy=fedavg", f"output_dir={a.run_dir.resolve()}"}
+    assert "partition.alpha=0.1" in a.overrides and "seed=0" in a.overrides
+
+
+def test_run_missing_runs_once_and_sets_half_written_runs_aside(tmp_path):
+    grid = Grid(methods={"FedAvg": []}, datasets={"mnist1d": []}, value_key="partition.alpha",
+                values=[0.5], seeds=[0], base=TINY, runs_dir=tmp_path)
+    (cell,) = grid.cells()
+    cell.run_dir.mkdir(parents=True)
+    (cell.run_dir / "metrics.jsonl").write_text('{"round": 0}\n')  # an interrupted run
+    messages: list[str] = []
+    run_missing(grid.cells(), workers=1, log=messages.append)
+    assert cell.finished
+    kept = cell.run_dir.with_name(cell.run_dir.name + ".incomplete1")
+    assert (kept / "metrics.jsonl").read_text() == '{"round": 0}\n'
+    first = (cell.run_dir / "summary.json").read_text()
+    run_missing(grid.cells(), workers=1, log=messages.append)
+    assert messages[-1] == "1 of 1 runs already finished; running 0"
+    assert (cell.run_dir / "summary.json").read_text() == first
+    stats = summarize([cell], lambda rows: metric_at(rows, "server/accuracy", 2))
+    final = json.loads(first)["final"]["server/accuracy"]
+    assert stats[("mnist1d", 0.5, "FedAvg")] == (final, 0.0, 1)
+
+
+def test_cell_is_finished_only_with_a_summary(tmp_path):
+    cell = Cell("A", "d", 1.0, 0, (), tmp_path / "run")
+    assert not cell.finished
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "summary.json").write_text("{}")
+    assert cell.finished
