@@ -19,9 +19,11 @@ def ray_session():
     ray.shutdown()
 
 
-def test_ray_backend_matches_inprocess_exactly(tiny_cfg, ray_session):
+@pytest.mark.parametrize("method", [[], ["strategy=fedld", "client=fedld"]],
+                         ids=["fedavg", "fedld-deltas"])
+def test_ray_backend_matches_inprocess_exactly(tiny_cfg, ray_session, method):
     overrides = ["partition=dirichlet", "num_rounds=3", "num_clients=8", "clients_per_round=3",
-                 "evaluation.clients_per_round=3"]
+                 "evaluation.clients_per_round=3", *method]
     local, remote = tiny_cfg(*overrides), tiny_cfg(*overrides, "backend=ray")
     run_experiment(local)
     run_experiment(remote)

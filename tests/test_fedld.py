@@ -326,6 +326,22 @@ def test_fedld_preset_runs_and_learns(tmp_path):
     assert summary["final"]["server/accuracy"] == rows[-1]["server/accuracy"]
 
 
+def test_fedld_with_batchnorm_buffers_runs_end_to_end(tmp_path):
+    # BatchNorm adds running statistics and an int64 step counter to the deltas.
+    cfg = compose(["+experiment=fedld_mnist1d", *TINY, "dataset=digits", "model=resnet18",
+                   "model.width=8", "num_rounds=3", f"output_dir={tmp_path}"])
+    run_experiment(cfg)
+    rows = read_metrics(tmp_path)
+    assert len(rows) == 4 and rows[-1]["train_failures"] == 0
+    assert all(math.isfinite(r["server/loss"]) for r in rows)
+    assert rows[2]["train/update-norm"] != rows[2]["train/mean-delta-norm"]  # the rule ran
+
+
+def test_a_lone_replier_moves_the_model_by_its_own_delta():
+    delta = np.array([[0.5, -1.0, 2.0]])
+    np.testing.assert_allclose(principal_gradient_update(delta), delta[0], atol=1e-12)
+
+
 def test_fedld_cifar10_preset_fails_clearly_without_network(tmp_path, monkeypatch):
     from fedsim.datasets import hf
 
