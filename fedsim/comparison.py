@@ -4,8 +4,9 @@ The comparison scripts in `scripts/` name their methods (override lists), the
 datasets, the swept values and the seeds; this module runs every cell that has
 no finished run yet (several at a time, one process each), reads the runs'
 `metrics.jsonl` back, and writes the table and plot that go into `docs/results/`.
-A finished run is never redone or overwritten, so an interrupted comparison
-resumes where it stopped.
+A run finished by the current code (same `code_fingerprint`) is never redone,
+so an interrupted comparison resumes where it stopped; runs of other code are
+kept aside and redone, so a table never mixes code versions.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedsim.recording import code_fingerprint
+
 
 @dataclass(frozen=True)
 class Cell:
@@ -36,7 +39,11 @@ class Cell:
 
     @property
     def finished(self) -> bool:
-        return (self.run_dir / "summary.json").exists()
+        """A summary exists and was written by the current code (same fingerprint)."""
+        summary = self.run_dir / "summary.json"
+        if not summary.exists():
+            return False
+        return json.loads(summary.read_text()).get("code") == code_fingerprint()
 
 
 @dataclass
@@ -92,10 +99,14 @@ def run_cell(overrides: Sequence[str]) -> None:
 
 
 def run_missing(cells: Sequence[Cell], workers: int, log: Callable[[str], None] = print) -> None:
-    """Run every unfinished cell, `workers` at a time; a half-written run is set aside first."""
+    """Run every unfinished cell, `workers` at a time.
+
+    A half-written run, or one written by other code, is kept under another name
+    (`<dir>.old<n>`) and run again.
+    """
     todo = [cell for cell in cells if not cell.finished]
     for cell in todo:
-        if cell.run_dir.exists():  # interrupted earlier: keep it, under another name
+        if cell.run_dir.exists():
             shutil.move(cell.run_dir, _unused_name(cell.run_dir))
     log(f"{len(cells) - len(todo)} of {len(cells)} runs already finished; running {len(todo)}")
     context = multiprocessing.get_context("spawn")
@@ -108,10 +119,10 @@ def run_missing(cells: Sequence[Cell], workers: int, log: Callable[[str], None] 
 
 def _unused_name(path: Path) -> Path:
     for n in range(1, 10_000):
-        candidate = path.with_name(f"{path.name}.incomplete{n}")
+        candidate = path.with_name(f"{path.name}.old{n}")
         if not candidate.exists():
             return candidate
-    raise RuntimeError(f"too many incomplete copies of {path}")
+    raise RuntimeError(f"too many old copies of {path}")
 
 
 def read_rows(run_dir: Path) -> list[dict[str, Any]]:

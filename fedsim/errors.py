@@ -14,4 +14,4 @@ class DataError(FedsimError):
 
 
 class MessageError(FedsimError):
-    """A peer's message does not match what the run expects (keys, shapes, dtypes)."""
+    """A peer's message does not match what the run expects (keys, shapes, dtypes, values)."""

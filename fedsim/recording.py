@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import time
 from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,22 @@ from fedsim.plots import plot_curves, plot_label_distribution
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+
+
+@lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """SHA-256 over fedsim's source and Hydra config files: which code produced a run.
+
+    Comparisons redo a run whose fingerprint differs from the current one, so a
+    results table never mixes runs of different code.
+    """
+    package = Path(__file__).resolve().parent
+    files = sorted(package.rglob("*.py")) + sorted((package.parent / "conf").rglob("*.yaml"))
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(package.parent)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def default_run_dir() -> Path:
@@ -197,4 +215,5 @@ class RunRecorder:
             "strategy": str(self.cfg.strategy._target_).rsplit(".", 1)[-1],
             "client": str(self.cfg.client._target_).rsplit(".", 1)[-1],
             "seed": self.cfg.seed,
+            "code": code_fingerprint(),
         }

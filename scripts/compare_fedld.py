@@ -71,7 +71,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="extra overrides for every run (e.g. client.lr=0.01)")
     parser.add_argument("--out", type=Path, default=Path("docs/results/fedld"),
                         help="writes OUT.md, OUT.png and OUT.json")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not 1 <= args.early <= args.rounds:
+        parser.error(f"--early must be in [1, --rounds={args.rounds}] (got {args.early})")
+    return args
 
 
 def build_grid(args: argparse.Namespace) -> Grid:
@@ -90,7 +93,8 @@ def build_grid(args: argparse.Namespace) -> Grid:
 def update_ratio(rows: list[dict]) -> float:
     """Mean over rounds >= 2 of |FedLD update| / |mean of the deltas|."""
     ratios = [r["train/update-norm"] / r["train/mean-delta-norm"] for r in rows
-              if r["round"] >= 2 and r.get("train/mean-delta-norm")]
+              if r["round"] >= 2 and r.get("train/mean-delta-norm")
+              and r.get("train/update-norm") is not None]
     return statistics.fmean(ratios) if ratios else float("nan")
 
 

@@ -16,6 +16,7 @@ from fedsim.comparison import (
     run_missing,
     summarize,
 )
+from fedsim.recording import code_fingerprint
 
 ROWS = [{"round": 0, "acc": 0.1}, {"round": 1, "acc": 0.3}, {"round": 2, "acc": 0.5},
         {"round": 3, "acc": 0.4}]
@@ -62,7 +63,7 @@ def test_run_missing_runs_once_and_sets_half_written_runs_aside(tmp_path):
     messages: list[str] = []
     run_missing(grid.cells(), workers=1, log=messages.append)
     assert cell.finished
-    kept = cell.run_dir.with_name(cell.run_dir.name + ".incomplete1")
+    kept = cell.run_dir.with_name(cell.run_dir.name + ".old1")
     assert (kept / "metrics.jsonl").read_text() == '{"round": 0}\n'
     first = (cell.run_dir / "summary.json").read_text()
     run_missing(grid.cells(), workers=1, log=messages.append)
@@ -71,6 +72,11 @@ def test_run_missing_runs_once_and_sets_half_written_runs_aside(tmp_path):
     stats = summarize([cell], lambda rows: metric_at(rows, "server/accuracy", 2))
     final = json.loads(first)["final"]["server/accuracy"]
     assert stats[("mnist1d", 0.5, "FedAvg")] == (final, 0.0, 1)
+    # a run written by other code is not reused
+    summary = json.loads(first)
+    summary["code"] = "older-code"
+    (cell.run_dir / "summary.json").write_text(json.dumps(summary))
+    assert not cell.finished
 
 
 def test_cell_is_finished_only_with_a_summary(tmp_path):
@@ -78,4 +84,6 @@ def test_cell_is_finished_only_with_a_summary(tmp_path):
     assert not cell.finished
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "summary.json").write_text("{}")
+    assert not cell.finished  # no code fingerprint: unknown code
+    (tmp_path / "run" / "summary.json").write_text(json.dumps({"code": code_fingerprint()}))
     assert cell.finished

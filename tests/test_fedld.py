@@ -157,6 +157,17 @@ def test_update_is_odd_and_invariant_to_client_order():
 
 def test_number_of_directions():
     assert [num_directions(m, 0.8) for m in (1, 2, 5, 10, 12)] == [1, 1, 4, 8, 9]
+    assert num_directions(90, 0.7) == 63  # 0.7 * 90 is 62.99999... in floating point
+
+
+def test_projections_at_rounding_level_have_no_sign():
+    # As the hand-worked orthogonal case, with d1 tilted by 1e-15 towards w1: a sign
+    # that rounding could flip counts as 0, so the update stays (0, 1.28) ...
+    tilted = np.array([[3.0, 3e-15], [0.0, 4.0]])
+    np.testing.assert_allclose(principal_gradient_update(tilted), [0.0, 1.28], atol=1e-9)
+    # ... while a real (if small) projection counts: r1 = 0.64 * 3 * (0, 1) joins r2.
+    small = np.array([[3.0, 3e-6], [0.0, 4.0]])
+    np.testing.assert_allclose(principal_gradient_update(small), [0.0, 2.24], atol=1e-5)
 
 
 # --- the strategy ----------------------------------------------------------------------
@@ -182,6 +193,18 @@ def test_strategy_branches_and_history():
     np.testing.assert_allclose(
         strategy.history["w"], 0.99 * 0.01 * deltas["w"].mean(axis=0) + 0.01 * expected_w
     )
+
+
+def test_a_layer_with_zero_history_takes_the_mean_until_it_moves():
+    strategy = FedLD()
+    still = {"w": np.zeros((3, 4))}
+    strategy.aggregate_deltas(1, still)
+    moving = {"w": np.array([[1.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0], [0.0, 0.0, 3.0, 1.0]])}
+    second = strategy.aggregate_deltas(2, moving)  # history still all zeros: the mean
+    np.testing.assert_allclose(second["w"], moving["w"].mean(axis=0))
+    third = strategy.aggregate_deltas(3, moving)  # now it has a history: the rule
+    np.testing.assert_allclose(third["w"], principal_gradient_update(moving["w"]))
+    assert not np.allclose(third["w"], second["w"])
 
 
 def test_ablation_without_the_server_rule_always_takes_the_mean():
@@ -236,9 +259,40 @@ def test_aggregate_train_rejects_a_reply_that_does_not_match_the_model():
         stack_deltas([(4, ArrayRecord({"v": Array(np.zeros(1))}))], {"w": np.zeros(1)})
 
 
-def test_apply_update_rounds_integer_entries():
+def test_apply_update_rounds_integer_entries_and_keeps_variances_nonnegative():
     new = apply_update({"n": np.array(2, np.int64)}, {"n": np.array(2.6)})
     assert new["n"].numpy().dtype == np.int64 and int(new["n"].numpy()) == 5
+    current = {"bn.running_var": np.array([0.5, 1.0], np.float32),
+               "bn.running_mean": np.array([0.5, 1.0], np.float32)}
+    step = {"bn.running_var": np.array([-0.75, 0.5]), "bn.running_mean": np.array([-0.75, 0.5])}
+    new = apply_update(current, step)
+    np.testing.assert_array_equal(new["bn.running_var"].numpy(), [0.0, 1.5])
+    np.testing.assert_array_equal(new["bn.running_mean"].numpy(), [-0.25, 1.5])
+
+
+def test_replies_are_aggregated_in_node_order_whatever_their_arrival():
+    # Equal eigenvalues: the eigenvector basis, hence the result, depends on row order.
+    weights = {"w": np.zeros(3, np.float64)}
+    replies = [_reply(2, {"w": np.array([1.0, 0.0, 0.0])}),
+               _reply(1, {"w": np.array([0.0, 1.0, 0.0])})]
+    results = []
+    for order in (replies, replies[::-1]):
+        strategy = FedLD(k_proportion=0.5)
+        strategy.history = {"w": np.ones(3)}
+        _configured(strategy, weights)
+        arrays, _ = strategy.aggregate_train(2, order)
+        results.append(arrays["w"].numpy())
+    np.testing.assert_array_equal(results[0], results[1])
+
+
+def test_non_finite_or_mistyped_uploads_are_rejected():
+    reference = {"w": np.zeros(2, np.float32)}
+    bad_value = ArrayRecord({"w": Array(np.array([1.0, np.nan], np.float32))})
+    with pytest.raises(MessageError, match=r"node 3: arrays\['w'\] must be finite"):
+        stack_deltas([(3, bad_value)], reference)
+    bad_dtype = ArrayRecord({"w": Array(np.zeros(2, np.float64))})
+    with pytest.raises(MessageError, match=r"node 3: arrays\['w'\] must have dtype float32"):
+        stack_deltas([(3, bad_dtype)], reference)
 
 
 def test_invalid_strategy_parameters_are_refused():

@@ -57,10 +57,11 @@ class DeltaStrategy(FedAvg):
             return None, None
         if self.current_arrays is None:
             raise RuntimeError("aggregate_train called before configure_train")
-        deltas = stack_deltas(
-            [(msg.metadata.src_node_id, only_arrayrecord(msg)) for msg in valid_replies],
-            self.current_arrays,
+        uploads = sorted(  # node order, not arrival order: the same input on every backend
+            ((msg.metadata.src_node_id, only_arrayrecord(msg)) for msg in valid_replies),
+            key=lambda upload: upload[0],
         )
+        deltas = stack_deltas(uploads, self.current_arrays)
         update = self.aggregate_deltas(server_round, deltas)
         arrays = apply_update(self.current_arrays, update)
         metrics = self.train_metrics_aggr_fn(
@@ -92,8 +93,9 @@ def stack_deltas(
 ) -> dict[str, np.ndarray]:
     """Per state entry, the clients' deltas stacked along a new first axis.
 
-    Every upload must carry exactly the reference's keys with the same shapes; a
-    reply that does not is rejected with the node, the key and what was expected.
+    Every upload must carry exactly the reference's keys with the same shapes and
+    dtypes, and finite values; a reply that does not is rejected with the node, the
+    key and what was expected.
     """
     expected = set(reference)
     for node_id, record in uploads:
@@ -105,13 +107,18 @@ def stack_deltas(
                 f"(missing {missing[:5]}, unexpected {extra[:5]})"
             )
         for key, ref in reference.items():
-            shape = tuple(record[key].shape)
-            if shape != ref.shape:
-                raise MessageError(
-                    f"reply from node {node_id}: arrays['{key}'] must have shape "
-                    f"{ref.shape} (got {shape})"
-                )
+            _check_upload(node_id, key, record[key].numpy(), ref)
     return {key: _stack([record[key].numpy() for _, record in uploads]) for key in reference}
+
+
+def _check_upload(node_id: int, key: str, upload: np.ndarray, reference: np.ndarray) -> None:
+    where = f"reply from node {node_id}: arrays['{key}']"
+    if upload.shape != reference.shape:
+        raise MessageError(f"{where} must have shape {reference.shape} (got {upload.shape})")
+    if upload.dtype != reference.dtype:
+        raise MessageError(f"{where} must have dtype {reference.dtype} (got {upload.dtype})")
+    if np.issubdtype(upload.dtype, np.floating) and not np.isfinite(upload).all():
+        raise MessageError(f"{where} must be finite (got NaN or inf: did local training diverge?)")
 
 
 def _stack(arrays: list[np.ndarray]) -> np.ndarray:
@@ -120,14 +127,25 @@ def _stack(arrays: list[np.ndarray]) -> np.ndarray:
     return stacked if np.issubdtype(stacked.dtype, np.floating) else stacked.astype(np.float64)
 
 
+#: State entries that must stay >= 0 (BatchNorm variances): a rule that is not a convex
+#: combination of the clients' values can push them below 0, and evaluation to NaN.
+NONNEGATIVE_SUFFIXES = ("running_var",)
+
+
 def apply_update(
     current: dict[str, np.ndarray], update: dict[str, np.ndarray]
 ) -> ArrayRecord:
-    """`w + update` per entry, in each entry's own dtype (integer entries are rounded)."""
+    """`w + update` per entry, in each entry's own dtype (integer entries are rounded).
+
+    Entries named `*running_var` are clipped at 0 (see `NONNEGATIVE_SUFFIXES`).
+    """
     new_arrays = {}
     for key, weights in current.items():
         step = update[key]
         if np.issubdtype(weights.dtype, np.integer):
             step = np.rint(step)
-        new_arrays[key] = Array(np.asarray(weights + step).astype(weights.dtype, copy=False))
+        new = np.asarray(weights + step)
+        if key.endswith(NONNEGATIVE_SUFFIXES):
+            new = np.clip(new, 0.0, None)
+        new_arrays[key] = Array(new.astype(weights.dtype, copy=False))
     return ArrayRecord(new_arrays)

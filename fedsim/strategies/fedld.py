@@ -14,8 +14,6 @@ import numpy as np
 
 from fedsim.strategies.base import DeltaStrategy
 
-ORTHOGONAL_COS = 1e-9  # |cos(d_i, w_j)| below this counts as orthogonal: sign 0, not noise
-
 
 def gram_eigen(deltas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Eigenvalues s (descending, clipped at 0) and eigenvectors E of G G^T / m.
@@ -44,8 +42,25 @@ def majority_sign_flips(projections: np.ndarray) -> np.ndarray:
 
 
 def num_directions(num_clients: int, k_proportion: float) -> int:
-    """k = floor(k_proportion * m), at least 1 so a lone replier still moves the model."""
-    return max(1, int(np.floor(k_proportion * num_clients)))
+    """k = floor(k_proportion * m), at least 1 so a lone replier still moves the model.
+
+    A hair is added before flooring so that 0.7 * 90 (62.99999...) gives 63.
+    """
+    return max(1, int(np.floor(k_proportion * num_clients + 1e-9)))
+
+
+def rounding_level_cosines(
+    num_clients: int, eigenvalues: np.ndarray
+) -> np.ndarray:
+    """Per direction, the |cos(d_i, w_j)| that rounding error alone can produce.
+
+    Computed eigenvectors carry errors of about m * eps * s_1 / s_j relative to
+    their entries (their accuracy degrades with the eigenvalue gap); the cosine
+    of a client with direction j inherits about the square root of that ratio.
+    A projection below this level has no reliable sign, so it counts as 0.
+    """
+    eps = np.finfo(np.float64).eps
+    return 16.0 * num_clients * eps * np.sqrt(eigenvalues[0] / eigenvalues)
 
 
 def principal_gradient_update(deltas: np.ndarray, k_proportion: float = 0.8) -> np.ndarray:
@@ -59,7 +74,8 @@ def principal_gradient_update(deltas: np.ndarray, k_proportion: float = 0.8) -> 
     Directions are sign-calibrated by majority first, as in the paper (r_i itself
     does not change when w_j flips). Directions whose eigenvalue is numerically
     zero (rank-deficient layers) are skipped, so the result is always finite, and
-    all-zero deltas give a zero update.
+    all-zero deltas give a zero update. A client orthogonal to a direction up to
+    rounding error adds nothing along it (sign 0), rather than a sign set by noise.
 
     Computed from the m x m Gram matrix: <d_i, w_j> = m s_j E_ij, ||w_j|| =
     sqrt(m s_j), ||d_i||^2 = (G G^T)_ii, and sum_j c_j w_j / ||w_j|| =
@@ -83,7 +99,7 @@ def principal_gradient_update(deltas: np.ndarray, k_proportion: float = 0.8) -> 
     projections = eigenvectors * (m * eigenvalues)  # (m, k): <d_i, w_j>
     scale = np.maximum(client_norms[:, None] * direction_norms, np.finfo(np.float64).tiny)
     cosines = projections / scale
-    projections[np.abs(cosines) < ORTHOGONAL_COS] = 0.0
+    projections[np.abs(cosines) < rounding_level_cosines(m, eigenvalues)] = 0.0
     flips = majority_sign_flips(projections)
     eigenvectors[:, flips] *= -1.0
     projections[:, flips] *= -1.0
@@ -95,9 +111,10 @@ def principal_gradient_update(deltas: np.ndarray, k_proportion: float = 0.8) -> 
 class FedLD(DeltaStrategy):
     """FedLD (Zeng et al., MICCAI 2024): principal-gradient aggregation of client deltas.
 
-    Per state entry ("layer"): the unweighted mean of the deltas in round 1, for
-    a layer whose history is all zeros, and for single-element entries;
-    otherwise `principal_gradient_update`. After either branch the layer's
+    Per state entry ("layer"): the unweighted mean of the deltas the first round
+    the layer is aggregated (round 1), while the layer's history is all zeros, and
+    for single-element entries (where the rule equals the mean anyway); otherwise
+    `principal_gradient_update`. After either branch the layer's
     history becomes `history_decay * history + (1 - history_decay) * update`;
     the history only decides which branch a layer takes. With partial
     participation the rule runs over the clients that replied. Sample counts
@@ -142,8 +159,8 @@ class FedLD(DeltaStrategy):
         for key, stacked in deltas.items():
             history = self.history.get(key)
             flat = stacked.reshape(stacked.shape[0], -1)
-            if not self.principal_gradient or server_round == 1 or history is None \
-                    or not history.any() or flat.shape[1] == 1:
+            if not self.principal_gradient or history is None or not history.any() \
+                    or flat.shape[1] == 1:
                 layer = flat.mean(axis=0)
             else:
                 layer = principal_gradient_update(flat, self.k_proportion)
