@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsim.recording import code_fingerprint
+from fedsim.report import mean_std
 
 
 @dataclass(frozen=True)
@@ -141,11 +142,6 @@ def mean_last(rows: list[dict[str, Any]], key: str, count: int, round_: int) -> 
     """Mean of `key` over the last `count` rounds up to `round_` (smooths round noise)."""
     values = [float(r[key]) for r in rows if key in r and 1 <= r["round"] <= round_]
     return statistics.fmean(values[-count:]) if values else math.nan
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def summarize(

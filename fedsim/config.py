@@ -65,15 +65,12 @@ def _check_target(cfg: DictConfig, group: str) -> None:
     _require(hasattr(module, attr), f"{group}._target_", f"a name in {module_name}", attr)
 
 
-def _target(node: DictConfig) -> type:
-    module_name, _, attr = str(node._target_).rpartition(".")
-    return getattr(importlib.import_module(module_name), attr)
-
-
 def _validate_upload_pairing(cfg: DictConfig) -> None:
     """The trainer must upload what the strategy aggregates: weights or deltas."""
-    uploads = getattr(_target(cfg.client), "uploads", "weights")
-    expects = getattr(_target(cfg.strategy), "expects_uploads", "weights")
+    from hydra.utils import get_class
+
+    uploads = getattr(get_class(cfg.client._target_), "uploads", "weights")
+    expects = getattr(get_class(cfg.strategy._target_), "expects_uploads", "weights")
     hint = "a delta strategy such as strategy=fedld" if uploads == "deltas" else (
         "a trainer that uploads deltas, e.g. the method's own client group")
     _require(uploads == expects, "client",

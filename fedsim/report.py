@@ -63,6 +63,11 @@ def swept_keys(jobs: list[dict[str, Any]]) -> list[str]:
     return [k for k, v in values.items() if len(v) > 1 or k == "strategy"]
 
 
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation over seeds (0 for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def summarize(jobs: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
     """Group jobs by every swept key but the seed; mean, std and count per group."""
     keys = [k for k in swept_keys(jobs) if k != AVERAGED]
@@ -71,12 +76,9 @@ def summarize(jobs: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any
         groups[tuple(job["overrides"].get(k, "") for k in keys)].append(job["value"])
     rows = []
     for group, values in groups.items():
-        rows.append({
-            **dict(zip(keys, group, strict=True)),
-            "mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values),
-        })
+        mean, std = mean_std(values)
+        rows.append({**dict(zip(keys, group, strict=True)), "mean": mean, "std": std,
+                     "n": len(values)})
     rows.sort(key=lambda r: tuple((_number(r[k]) is None, _number(r[k]) or 0, r[k])
                                   for k in keys))
     return keys, rows

@@ -140,6 +140,13 @@ def ablation_text(stats: dict) -> str:
             f"aggregation rule without the margin loss).\n")
 
 
+def raw_result(cell, rows: list[dict], rounds: tuple[int, ...]) -> dict:
+    """One run's identity and its accuracy at the reported rounds, for the .json file."""
+    return {"dataset": cell.dataset, "method": cell.method, "alpha": cell.value,
+            "seed": cell.seed, "overrides": list(cell.overrides[:-1]),
+            **{f"accuracy_round{r}": metric_at(rows, ACCURACY, r) for r in rounds}}
+
+
 def write_report(args: argparse.Namespace, grid: Grid) -> None:
     cells = grid.cells()
     run_s = sum(read_rows(c.run_dir)[-1]["wall_time_s"] for c in cells)
@@ -217,11 +224,7 @@ retinal and COVID-FL images, 200 rounds), so it says nothing about FedLD there; 
 """
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text(text)
-    raw = [{"dataset": c.dataset, "method": c.method, "alpha": c.value, "seed": c.seed,
-            "overrides": list(c.overrides[:-1]),
-            f"accuracy_round{args.early}": metric_at(read_rows(c.run_dir), ACCURACY, args.early),
-            f"accuracy_round{args.rounds}": metric_at(read_rows(c.run_dir), ACCURACY, args.rounds)}
-           for c in cells]
+    raw = [raw_result(c, read_rows(c.run_dir), (args.early, args.rounds)) for c in cells]
     args.out.with_suffix(".json").write_text(json.dumps(raw, indent=1) + "\n")
 
 

@@ -126,7 +126,7 @@ def test_matches_the_literal_formula_on_random_deltas():
 def test_eigenvalues_are_squared_singular_values_over_m():
     rng = np.random.default_rng(2)
     deltas = rng.normal(size=(4, 9))
-    eigenvalues, eigenvectors = gram_eigen(deltas)
+    eigenvalues, eigenvectors = gram_eigen(deltas @ deltas.T, 4)
     singular = np.linalg.svd(deltas, compute_uv=False)
     np.testing.assert_allclose(eigenvalues, singular**2 / 4, rtol=1e-10)
     directions = eigenvectors.T @ deltas

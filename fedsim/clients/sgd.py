@@ -8,7 +8,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from torch import nn
 
-from fedsim.clients.base import NUM_EXAMPLES, UPLOADS_WEIGHTS, Trainer, TrainOutput, minibatches
+from fedsim.clients.base import NUM_EXAMPLES, Trainer, TrainOutput, minibatches
 from fedsim.datasets.federated import ClientData
 
 
@@ -26,8 +26,6 @@ class SGDTrainer(Trainer):
     round's config (sent by Flower's FedProx) takes precedence. Subclasses change
     the per-batch objective (`batch_loss`) or what is sent back (`upload`).
     """
-
-    uploads = UPLOADS_WEIGHTS
 
     def __init__(
         self,

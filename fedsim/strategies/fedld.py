@@ -15,19 +15,14 @@ import numpy as np
 from fedsim.strategies.base import DeltaStrategy
 
 
-def gram_eigen(deltas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def gram_eigen(gram: np.ndarray, num_clients: int) -> tuple[np.ndarray, np.ndarray]:
     """Eigenvalues s (descending, clipped at 0) and eigenvectors E of G G^T / m.
 
-    `deltas` is G, the (m, d) matrix of client updates. The principal directions
-    are w_j = G^T e_j, the right singular vectors of G scaled by ||w_j|| =
-    sqrt(m * s_j); s_j = sigma_j(G)^2 / m.
+    `gram` is G G^T for G the (m, d) matrix of client updates. The principal
+    directions are w_j = G^T e_j, the right singular vectors of G scaled by
+    ||w_j|| = sqrt(m * s_j); s_j = sigma_j(G)^2 / m.
     """
-    return sorted_eigen(deltas @ deltas.T / deltas.shape[0])
-
-
-def sorted_eigen(symmetric: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Descending eigenvalues (clipped at 0) and matching eigenvector columns."""
-    eigenvalues, eigenvectors = np.linalg.eigh(symmetric)
+    eigenvalues, eigenvectors = np.linalg.eigh(gram / num_clients)
     order = np.argsort(eigenvalues)[::-1]
     return np.clip(eigenvalues[order], 0.0, None), eigenvectors[:, order]
 
@@ -85,7 +80,7 @@ def principal_gradient_update(deltas: np.ndarray, k_proportion: float = 0.8) -> 
     deltas = np.asarray(deltas, dtype=np.float64)
     m, d = deltas.shape
     gram = deltas @ deltas.T
-    eigenvalues, eigenvectors = sorted_eigen(gram / m)
+    eigenvalues, eigenvectors = gram_eigen(gram, m)
     total = eigenvalues.sum()
     if total <= 0.0:
         return np.zeros(d)
@@ -142,13 +137,13 @@ class FedLD(DeltaStrategy):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        self.principal_gradient = principal_gradient
         if not 0.0 < k_proportion <= 1.0:
             raise ValueError(f"k_proportion must be in (0, 1] (got {k_proportion})")
         if not 0.0 <= history_decay < 1.0:
             raise ValueError(f"history_decay must be in [0, 1) (got {history_decay})")
         self.k_proportion = k_proportion
         self.history_decay = history_decay
+        self.principal_gradient = principal_gradient
         self.history: dict[str, np.ndarray] = {}
 
     def aggregate_deltas(
