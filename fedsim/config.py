@@ -71,11 +71,10 @@ def _validate_upload_pairing(cfg: DictConfig) -> None:
 
     uploads = getattr(get_class(cfg.client._target_), "uploads", "weights")
     expects = getattr(get_class(cfg.strategy._target_), "expects_uploads", "weights")
-    hint = "a delta strategy such as strategy=fedld" if uploads == "deltas" else (
-        "a trainer that uploads deltas, e.g. the method's own client group")
     _require(uploads == expects, "client",
              f"a trainer that uploads {expects}, as strategy {cfg.strategy._target_} expects "
-             f"(client {cfg.client._target_} uploads {uploads}; pair it with {hint})",
+             f"(client {cfg.client._target_} uploads {uploads}; use the method's own client "
+             "group, e.g. strategy=fedld client=fedld, strategy=frl client=frl)",
              str(cfg.client._target_))
 
 

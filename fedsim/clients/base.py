@@ -25,6 +25,7 @@ Record = ArrayRecord | MetricRecord | ConfigRecord
 NUM_EXAMPLES = "num-examples"
 UPLOADS_WEIGHTS = "weights"  # the trainer sends trained weights (what Flower's strategies expect)
 UPLOADS_DELTAS = "deltas"  # the trainer sends w_local - w_global (fedsim.strategies.base)
+UPLOADS_RANKINGS = "rankings"  # per state entry, edge ids sorted by score (fedsim.strategies.frl)
 
 
 @dataclass
@@ -50,8 +51,9 @@ class TrainOutput:
 class Trainer(ABC):
     """A client's local procedure, configured once and called every round.
 
-    The class attribute `uploads` says what `train` sends back (`"weights"` or
-    `"deltas"`); config validation checks it against the strategy's expectation.
+    The class attribute `uploads` says what `train` sends back (`"weights"`,
+    `"deltas"` or `"rankings"`); config validation checks it against the strategy's
+    expectation.
 
     Parameters
     ----------

@@ -23,8 +23,12 @@ class SGDTrainer(Trainer):
     """Local epochs of minibatch SGD on cross-entropy; uploads the trained weights.
 
     `proximal_mu` adds mu/2 * ||w - w_global||^2; a `proximal-mu` value in the
-    round's config (sent by Flower's FedProx) takes precedence. Subclasses change
-    the per-batch objective (`batch_loss`) or what is sent back (`upload`).
+    round's config (sent by Flower's FedProx) takes precedence. The learning rate
+    of round r (from 1) is `lr * lr_decay**(r - 1)`; `cosine_epochs` anneals it to 0
+    over the local epochs with a cosine, stepped once per epoch. Only parameters
+    that require gradients train (supermask networks train their scores alone).
+    Subclasses change the per-batch objective (`batch_loss`) or what is sent back
+    (`upload`).
     """
 
     def __init__(
@@ -37,6 +41,8 @@ class SGDTrainer(Trainer):
         local_epochs: int = 1,
         batch_size: int = 32,
         proximal_mu: float = 0.0,
+        lr_decay: float = 1.0,
+        cosine_epochs: bool = False,
         eval_batch_size: int = 1024,
         device: str = "auto",
     ) -> None:
@@ -47,6 +53,8 @@ class SGDTrainer(Trainer):
         self.local_epochs = local_epochs
         self.batch_size = batch_size
         self.proximal_mu = proximal_mu
+        self.lr_decay = lr_decay
+        self.cosine_epochs = cosine_epochs
 
     def train(
         self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData, state: RecordDict
@@ -55,10 +63,18 @@ class SGDTrainer(Trainer):
         model.train()
         mu = float(config.get("proximal-mu", self.proximal_mu))
         anchor = [p.detach().clone() for p in model.parameters()] if mu > 0 else []
+        server_round = int(config.get("server-round", 0))
         optimizer = torch.optim.SGD(
-            model.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+            [p for p in model.parameters() if p.requires_grad],
+            lr=self.lr * self.lr_decay ** max(server_round - 1, 0),
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
         )
-        generator = self.generator(data, int(config.get("server-round", 0)))
+        scheduler = (
+            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.local_epochs)
+            if self.cosine_epochs else None
+        )
+        generator = self.generator(data, server_round)
         x, y = data.x_train.to(self.device), data.y_train.to(self.device)
         loss_sum, steps = torch.zeros((), device=self.device), 0
         for _ in range(self.local_epochs):
@@ -72,6 +88,8 @@ class SGDTrainer(Trainer):
                 optimizer.step()
                 loss_sum += loss.detach()
                 steps += 1
+            if scheduler is not None:
+                scheduler.step()
         return TrainOutput(
             arrays=self.upload(model),
             metrics={"train_loss": loss_sum.item() / max(steps, 1), NUM_EXAMPLES: data.num_train},

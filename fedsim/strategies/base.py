@@ -1,10 +1,12 @@
-"""Shared base for strategies whose clients upload model deltas.
+"""Shared bases for strategies with their own upload format and aggregation rule.
 
 Flower's strategies receive trained weights and return the new global weights.
 Methods like FedLD instead combine the clients' *updates* `d_i = w_i - w` into
-one server update. `DeltaStrategy` keeps FedAvg's sampling, messaging and
-metric aggregation, remembers the global arrays it sent, checks every reply
-against them, and leaves one method to implement: `aggregate_deltas`.
+one server update, and FRL votes on integer rankings. `UploadStrategy` keeps
+FedAvg's sampling, messaging and metric aggregation, remembers the global arrays
+it sent and hands the replies, in node order, to one method: `aggregate_uploads`.
+`DeltaStrategy` is that for deltas: it checks every reply against the global
+arrays and leaves `aggregate_deltas` to implement.
 """
 
 from __future__ import annotations
@@ -17,12 +19,63 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedsim.clients.base import UPLOADS_DELTAS
+from fedsim.clients.base import UPLOADS_DELTAS, UPLOADS_WEIGHTS
 from fedsim.errors import MessageError
 
 
-class DeltaStrategy(FedAvg):
-    """FedAvg's round structure around a pluggable rule for combining client deltas.
+class UploadStrategy(FedAvg):
+    """FedAvg's round structure around a pluggable rule for combining uploads.
+
+    It remembers the global arrays it sent (`current_arrays`), orders the replies
+    by node id (the same input on every backend, whatever the arrival order) and
+    hands them to `aggregate_uploads`, which returns the new global arrays and any
+    metrics of the rule. Training metrics are aggregated as in FedAvg.
+    """
+
+    #: What the matching trainers upload; `fedsim.config.validate` checks the pair.
+    expects_uploads = UPLOADS_WEIGHTS
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.current_arrays: dict[str, np.ndarray] | None = None
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Remember the global arrays sent this round; replies are read against them."""
+        self.current_arrays = {key: array.numpy() for key, array in arrays.items()}
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Apply the rule to the repliers' uploads, in node order."""
+        valid_replies, _ = self._check_and_log_replies(replies, is_train=True)
+        if not valid_replies:
+            return None, None
+        if self.current_arrays is None:
+            raise RuntimeError("aggregate_train called before configure_train")
+        uploads = sorted(
+            ((msg.metadata.src_node_id, only_arrayrecord(msg)) for msg in valid_replies),
+            key=lambda upload: upload[0],
+        )
+        arrays, rule_metrics = self.aggregate_uploads(server_round, uploads)
+        metrics = self.train_metrics_aggr_fn(
+            [msg.content for msg in valid_replies], self.weighted_by_key
+        )
+        for key, value in rule_metrics.items():
+            metrics[key] = value
+        return arrays, metrics
+
+    @abstractmethod
+    def aggregate_uploads(
+        self, server_round: int, uploads: list[tuple[int, ArrayRecord]]
+    ) -> tuple[ArrayRecord, dict[str, float]]:
+        """The new global arrays (and the rule's metrics) from (node id, upload) pairs."""
+
+
+class DeltaStrategy(UploadStrategy):
+    """A rule for combining client deltas `d_i = w_i - w` into one server update.
 
     Training metrics gain `update-norm` (the server update's L2 norm) and
     `mean-delta-norm` (that of the plain mean of the deltas), so a run shows how
@@ -34,42 +87,18 @@ class DeltaStrategy(FedAvg):
     global arrays are `w + update`, cast back to each entry's dtype.
     """
 
-    #: What the matching trainers upload; `fedsim.config.validate` checks the pair.
     expects_uploads = UPLOADS_DELTAS
 
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.current_arrays: dict[str, np.ndarray] | None = None
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Remember the global arrays sent this round; the replies are deltas against them."""
-        self.current_arrays = {key: array.numpy() for key, array in arrays.items()}
-        return super().configure_train(server_round, arrays, config, grid)
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Stack the repliers' deltas, aggregate them, and apply the update to `w`."""
-        valid_replies, _ = self._check_and_log_replies(replies, is_train=True)
-        if not valid_replies:
-            return None, None
-        if self.current_arrays is None:
-            raise RuntimeError("aggregate_train called before configure_train")
-        uploads = sorted(  # node order, not arrival order: the same input on every backend
-            ((msg.metadata.src_node_id, only_arrayrecord(msg)) for msg in valid_replies),
-            key=lambda upload: upload[0],
-        )
+    def aggregate_uploads(
+        self, server_round: int, uploads: list[tuple[int, ArrayRecord]]
+    ) -> tuple[ArrayRecord, dict[str, float]]:
+        """Stack the deltas, aggregate them, and apply the update to `w`."""
         deltas = stack_deltas(uploads, self.current_arrays)
         update = self.aggregate_deltas(server_round, deltas)
-        arrays = apply_update(self.current_arrays, update)
-        metrics = self.train_metrics_aggr_fn(
-            [msg.content for msg in valid_replies], self.weighted_by_key
-        )
-        metrics["update-norm"] = global_norm(update.values())
-        metrics["mean-delta-norm"] = global_norm(d.mean(axis=0) for d in deltas.values())
-        return arrays, metrics
+        return apply_update(self.current_arrays, update), {
+            "update-norm": global_norm(update.values()),
+            "mean-delta-norm": global_norm(d.mean(axis=0) for d in deltas.values()),
+        }
 
     @abstractmethod
     def aggregate_deltas(

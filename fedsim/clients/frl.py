@@ -1,0 +1,99 @@
+"""FRL's client (Mozaffari et al., USENIX Security 2023): train edge scores, send rankings.
+
+The client starts from the global scores of a supermask network, trains them
+with SGD (weights stay frozen), and sends back, for every layer, the ranking
+of its edges: the edge ids sorted by score, least important first. Rankings
+travel as the narrowest unsigned integer type that holds an edge id, never as
+floats; the server votes on them (`fedsim.strategies.frl`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from torch import nn
+
+from fedsim.clients.base import UPLOADS_RANKINGS, TrainOutput
+from fedsim.clients.sgd import SGDTrainer
+from fedsim.datasets.federated import ClientData
+from fedsim.supermask import set_mask_mode
+
+
+def ranking_dtype(num_edges: int) -> np.dtype:
+    """The narrowest unsigned integer type that holds every edge id of a layer."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if num_edges - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    return np.dtype(np.uint64)
+
+
+def ranking(scores: torch.Tensor) -> np.ndarray:
+    """Edge ids sorted by score, ascending (least important first), as unsigned integers.
+
+    Ties are broken by edge id (a stable sort), so the ranking is a function of the scores.
+    """
+    order = torch.argsort(scores.detach().flatten().cpu(), stable=True).numpy()
+    return order.astype(ranking_dtype(order.size))
+
+
+def rankings(model: nn.Module) -> ArrayRecord:
+    """One ranking per state entry (for a supermask network: per layer's scores)."""
+    return ArrayRecord({key: Array(ranking(value)) for key, value in model.state_dict().items()})
+
+
+class FRLTrainer(SGDTrainer):
+    """SGD on the scores of a supermask network; uploads integer rankings.
+
+    Defaults follow the FRL reference: lr 0.4 decayed by 0.999 a round, momentum 0.9,
+    weight decay 1e-4, cosine annealing over the local epochs, batch 8, 2 epochs
+    (MNIST; the reference uses 5 on CIFAR-10). The mask mode the server sends
+    (`mask-mode`) is applied to the model before training and evaluation.
+    """
+
+    uploads = UPLOADS_RANKINGS
+
+    def __init__(
+        self,
+        model_fn: Callable[[], nn.Module],
+        seed: int = 0,
+        lr: float = 0.4,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        local_epochs: int = 2,
+        batch_size: int = 8,
+        lr_decay: float = 0.999,
+        cosine_epochs: bool = True,
+        eval_batch_size: int = 1024,
+        device: str = "auto",
+    ) -> None:
+        super().__init__(
+            model_fn, seed, lr=lr, momentum=momentum, weight_decay=weight_decay,
+            local_epochs=local_epochs, batch_size=batch_size, lr_decay=lr_decay,
+            cosine_epochs=cosine_epochs, eval_batch_size=eval_batch_size, device=device,
+        )
+
+    def load_model(self, arrays: ArrayRecord, config: ConfigRecord | None = None) -> nn.Module:
+        """The model with the received scores, in the mask mode the server asks for."""
+        model = super().load_model(arrays)
+        if config is not None and "mask-mode" in config:
+            set_mask_mode(model, str(config["mask-mode"]))
+        return model
+
+    def train(
+        self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData, state: RecordDict
+    ) -> TrainOutput:
+        self.load_model(arrays, config)
+        return super().train(arrays, config, data, state)
+
+    def evaluate(
+        self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData, state: RecordDict
+    ) -> dict[str, float | int]:
+        self.load_model(arrays, config)
+        return super().evaluate(arrays, config, data, state)
+
+    def upload(self, model: nn.Module) -> ArrayRecord:
+        """Per layer, the edges ranked by the trained scores (integers)."""
+        return rankings(model)
