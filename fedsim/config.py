@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedsim.errors import ConfigError
 
 RUN_CONFIG_KEY = "fedsim-config"
-GROUPS = ("strategy", "client", "dataset", "partition", "model", "backend", "logger")
+GROUPS = ("strategy", "client", "dataset", "partition", "model", "backend", "logger", "attack")
 
 
 def to_run_config(cfg: DictConfig) -> dict[str, str]:
@@ -122,6 +122,7 @@ def validate(cfg: DictConfig) -> None:
     _validate_client(cfg)
     _validate_strategy(cfg)
     _validate_backend_and_logger(cfg)
+    _validate_attack(cfg)
 
 
 def _validate_partition(cfg: DictConfig) -> None:
@@ -165,6 +166,12 @@ def _validate_strategy(cfg: DictConfig) -> None:
         _require(isinstance(strategy.history_decay, int | float)
                  and 0 <= strategy.history_decay < 1,
                  "strategy.history_decay", "a number in [0, 1)", strategy.history_decay)
+    for group in ("strategy", "model"):
+        if "mask_mode" in cfg[group]:
+            from fedsim.supermask import MASK_MODES
+
+            _require(cfg[group].mask_mode in MASK_MODES, f"{group}.mask_mode",
+                     f"one of {MASK_MODES}", cfg[group].mask_mode)
     if "num_malicious_nodes" not in strategy:
         return
     f = strategy.num_malicious_nodes
@@ -179,6 +186,41 @@ def _validate_strategy(cfg: DictConfig) -> None:
         n = strategy.num_nodes_to_select
         _require(_is_int(n) and 1 <= n <= k, "strategy.num_nodes_to_select",
                  f"an integer in [1, clients_per_round={k}]", n)
+
+
+def _validate_attack(cfg: DictConfig) -> None:
+    """Malicious share below half, an upload kind the attack can forge, a simulated grid."""
+    from hydra.utils import get_class
+
+    from fedsim.attacks.base import benign_majority_possible, malicious_nodes
+
+    attack = cfg.attack
+    fraction = attack.get("fraction", 0.0)
+    _require(isinstance(fraction, int | float) and 0 <= fraction < 0.5, "attack.fraction",
+             "a number in [0, 0.5)", fraction)
+    if "colluders" in attack:
+        _require(_is_int(attack.colluders) and attack.colluders >= 0, "attack.colluders",
+                 "an integer >= 0", attack.colluders)
+    num_malicious = len(malicious_nodes(fraction, cfg.num_clients))
+    if num_malicious == 0:
+        return
+    attack_cls = get_class(attack._target_)
+    uploads = getattr(get_class(cfg.client._target_), "uploads", "weights")
+    _require(uploads in attack_cls.targets, "attack",
+             f"an attack on {uploads} uploads (attack {attack._target_} forges "
+             f"{' or '.join(attack_cls.targets)}: rank_reversal for client=frl, scaling or "
+             "tailored for weight uploads)", str(attack._target_))
+    if attack_cls.aggregators is not None:
+        _require(issubclass(get_class(cfg.strategy._target_), attack_cls.aggregators),
+                 "strategy", f"one of {[c.__name__ for c in attack_cls.aggregators]} for attack "
+                 f"{attack._target_} (it simulates the server's rule)", str(cfg.strategy._target_))
+    _require(getattr(get_class(cfg.backend._target_), "partition_node_ids", False), "backend",
+             "inprocess or ray under an attack (malicious clients are found by node id)",
+             str(cfg.backend._target_))
+    _require(benign_majority_possible(num_malicious, cfg.num_clients, cfg.clients_per_round),
+             "attack.fraction", f"small enough that a cohort of {cfg.clients_per_round} can "
+             f"have a benign majority ({num_malicious} of {cfg.num_clients} are malicious)",
+             fraction)
 
 
 def _validate_backend_and_logger(cfg: DictConfig) -> None:

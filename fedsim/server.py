@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
+from fedsim.attacks.base import attach_attack
 from fedsim.backends.base import MeteredGrid
 from fedsim.clients.base import evaluate_model, resolve_device
 from fedsim.datasets.federated import FederatedData
@@ -66,7 +67,7 @@ def run_server(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
     model = initial_model(cfg, data)
     initial = ArrayRecord(model.state_dict())
     strategy = build_strategy(cfg)
-    metered = MeteredGrid(grid)
+    metered = MeteredGrid(attach_attack(cfg, strategy, grid))
     evaluate = make_evaluator(model.to(resolve_device(cfg.device)), data)
     recorder = RunRecorder(cfg, metered, evaluate, instantiate(cfg.logger), run_dir)
     try:

@@ -27,6 +27,8 @@ class InProcessGrid(SimulationGrid):
 class InProcessBackend:
     """Runs the ServerApp against an `InProcessGrid`: no Ray, no polling, no copies."""
 
+    partition_node_ids = True  # node i + 1 holds partition i (attacks rely on it)
+
     def run(self, cfg: DictConfig) -> None:
         from fedsim.client_app import app as client_app
         from fedsim.server_app import app as server_app

@@ -95,6 +95,8 @@ class RayBackend:
     address : an existing Ray cluster to join; None starts a local one.
     """
 
+    partition_node_ids = True  # node i + 1 holds partition i (attacks rely on it)
+
     def __init__(
         self,
         num_cpus: float = 1,

@@ -1,0 +1,1 @@
+"""Poisoning attacks on federated training (see `fedsim.attacks.base`)."""

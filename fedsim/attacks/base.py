@@ -1,0 +1,246 @@
+"""Poisoning attacks: malicious clients that collude, usable with any strategy.
+
+The malicious clients are partitions `0 .. int(fraction * num_clients) - 1`
+(nodes `1 .. M` in simulation). They run the configured trainer honestly, from
+the global model they receive; the `AdversarialGrid` then stands in for their
+side channel: it pools the honest uploads of the colluding malicious clients
+(never a benign client's), asks the attack for one crafted upload, and every
+malicious client of the round submits it. Each round's cohort is redrawn while
+malicious clients would be half of it or more (the FRL reference's protocol).
+
+Like the FRL reference, the colluders are more than the round's own malicious
+clients: up to `colluders` malicious clients train each attacked round (the
+round's first, then others drawn at random), so that statistics such as a
+coordinate-wise standard deviation exist even when one attacker is sampled.
+Their extra uploads feed the attack only; the server never sees them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.common import MessageType
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore.run import Run
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig
+
+from fedsim.clients.base import UPLOADS_DELTAS, UPLOADS_WEIGHTS
+from fedsim.errors import ConfigError
+
+MAX_COHORT_DRAWS = 1000
+Arrays = dict[str, np.ndarray]
+
+
+class Attack(ABC):
+    """What the colluding malicious clients submit, given their honest uploads.
+
+    Parameters
+    ----------
+    fraction : float
+        Share of registered clients that are malicious, in [0, 0.5).
+    colluders : int
+        How many malicious clients train honestly in an attacked round to inform
+        the attack (at least the round's own; 25 in the FRL reference).
+    """
+
+    #: Upload kinds (`Trainer.uploads`) the attack can forge.
+    targets: tuple[str, ...] = ()
+    #: Server strategies the attack is tailored to (None: any).
+    aggregators: tuple[type[Strategy], ...] | None = None
+
+    def __init__(self, fraction: float = 0.0, colluders: int = 25) -> None:
+        self.fraction = fraction
+        self.colluders = colluders
+        self.strategy: Strategy | None = None
+
+    def prepare(self, strategy: Strategy) -> None:
+        """Check and keep the server's strategy before the first round."""
+        if self.aggregators is not None and not isinstance(strategy, self.aggregators):
+            raise ConfigError(
+                f"strategy must be one of {[c.__name__ for c in self.aggregators]} for "
+                f"{type(self).__name__} (got {type(strategy).__name__})"
+            )
+        self.strategy = strategy
+
+    @abstractmethod
+    def craft(self, honest: list[Arrays], global_arrays: Arrays, num_malicious: int) -> Arrays:
+        """The one upload every malicious client of the round submits.
+
+        `honest` holds the colluders' honest uploads, as updates `w_i - w` for
+        weight and delta uploads (floating entries only) or as received for other
+        kinds (rankings); the result is in the same form.
+        """
+
+
+class NoAttack(Attack):
+    """Every client is honest."""
+
+    def __init__(self) -> None:
+        super().__init__(fraction=0.0, colluders=0)
+
+    def craft(self, honest: list[Arrays], global_arrays: Arrays, num_malicious: int) -> Arrays:
+        raise RuntimeError("NoAttack has no malicious clients")
+
+
+def malicious_nodes(fraction: float, num_clients: int) -> frozenset[int]:
+    """Simulation node ids of the malicious clients: partitions below fraction * N."""
+    return frozenset(range(1, int(fraction * num_clients) + 1))
+
+
+def benign_majority_possible(num_malicious: int, num_clients: int, cohort: int) -> bool:
+    """Whether a cohort of this size can have fewer than half malicious clients."""
+    return 2 * max(0, cohort - (num_clients - num_malicious)) < cohort
+
+
+def redraw_malicious_majorities(strategy: Strategy, malicious: frozenset[int]) -> None:
+    """Make `strategy` redraw any training cohort that is half or more malicious.
+
+    Wraps the instance's `configure_train`; every draw comes from the strategy's
+    own sampling, so the redraws are as reproducible as the first draw.
+    """
+    configure_train = strategy.configure_train
+
+    def configure_benign_majority(server_round, arrays, config, grid) -> Iterable[Message]:
+        for _ in range(MAX_COHORT_DRAWS):
+            messages = list(configure_train(server_round, arrays, config, grid))
+            bad = sum(msg.metadata.dst_node_id in malicious for msg in messages)
+            if 2 * bad < len(messages):
+                return messages
+        raise RuntimeError(f"no cohort with a benign majority in {MAX_COHORT_DRAWS} draws")
+
+    strategy.configure_train = configure_benign_majority
+
+
+def attach_attack(cfg: DictConfig, strategy: Strategy, grid: Grid) -> Grid:
+    """`grid` with the configured attack in front of it (unchanged when nobody is malicious)."""
+    attack: Attack = instantiate(cfg.attack)
+    malicious = malicious_nodes(attack.fraction, cfg.num_clients)
+    if not malicious:
+        return grid
+    attack.prepare(strategy)
+    redraw_malicious_majorities(strategy, malicious)
+    uploads = getattr(get_class(cfg.client._target_), "uploads", UPLOADS_WEIGHTS)
+    return AdversarialGrid(grid, attack, malicious, uploads, cfg.seed)
+
+
+def to_updates(upload: ArrayRecord, global_arrays: Arrays, kind: str) -> Arrays:
+    """An upload as the attack sees it: floating updates for weights/deltas, else as is."""
+    arrays = {key: array.numpy() for key, array in upload.items()}
+    if kind not in (UPLOADS_WEIGHTS, UPLOADS_DELTAS):
+        return arrays
+    floating = [k for k, v in arrays.items() if np.issubdtype(v.dtype, np.floating)]
+    if kind == UPLOADS_WEIGHTS:
+        return {k: arrays[k] - global_arrays[k] for k in floating}
+    return {k: arrays[k] for k in floating}
+
+
+def to_upload(crafted: Arrays, template: ArrayRecord, global_arrays: Arrays,
+              kind: str) -> ArrayRecord:
+    """The crafted arrays in the wire format; entries not crafted keep the template's."""
+    out = {}
+    for key, array in template.items():
+        if key not in crafted:
+            out[key] = array
+            continue
+        value = crafted[key]
+        if kind == UPLOADS_WEIGHTS:
+            value = global_arrays[key] + value
+        out[key] = Array(np.asarray(value).astype(array.numpy().dtype, copy=False))
+    return ArrayRecord(out)
+
+
+class AdversarialGrid(Grid):
+    """A Grid that lets the round's malicious clients collude before their replies leave.
+
+    Only `send_and_receive` (what `Strategy.start` uses) is attacked; message
+    pushes and pulls pass through untouched.
+    """
+
+    def __init__(self, grid: Grid, attack: Attack, malicious: frozenset[int], upload_kind: str,
+                 seed: int) -> None:
+        self.grid = grid
+        self.attack = attack
+        self.malicious = malicious
+        self.upload_kind = upload_kind
+        self.seed = seed
+        self.rounds = 0
+
+    def set_run(self, run: Run) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.grid.run
+
+    def create_message(self, *args, **kwargs) -> Message:
+        return self.grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        messages = list(messages)
+        if not messages or messages[0].metadata.message_type != MessageType.TRAIN:
+            return self.grid.send_and_receive(messages, timeout=timeout)
+        self.rounds += 1
+        cohort = {msg.metadata.dst_node_id for msg in messages}
+        in_cohort = cohort & self.malicious
+        if not in_cohort:
+            return self.grid.send_and_receive(messages, timeout=timeout)
+        extra = [self._copy_to(messages[0], node) for node in self._extra_colluders(cohort)]
+        replies = list(self.grid.send_and_receive(messages + extra, timeout=timeout))
+        self._forge(messages[0], replies, len(in_cohort))
+        return [reply for reply in replies if reply.metadata.src_node_id in cohort]
+
+    def _extra_colluders(self, cohort: set[int]) -> list[int]:
+        """Malicious clients outside the cohort that also train, up to `colluders` in all."""
+        others = sorted(self.malicious - cohort)
+        wanted = min(self.attack.colluders, len(self.malicious)) - len(cohort & self.malicious)
+        if wanted <= 0 or not others:
+            return []
+        rng = np.random.default_rng([self.seed, self.rounds, 0xA77AC])
+        return sorted(rng.choice(others, size=min(wanted, len(others)), replace=False).tolist())
+
+    def _copy_to(self, message: Message, node_id: int) -> Message:
+        return self.grid.create_message(
+            message.content, message.metadata.message_type, node_id, message.metadata.group_id
+        )
+
+    def _forge(self, sent: Message, replies: list[Message], num_malicious: int) -> None:
+        """Replace the arrays of the malicious replies with the attack's upload."""
+        colluding = sorted(
+            (reply for reply in replies
+             if reply.metadata.src_node_id in self.malicious and reply.has_content()),
+            key=lambda reply: reply.metadata.src_node_id,
+        )
+        if not colluding:
+            return
+        global_arrays = {k: a.numpy() for k, a in _arrays_of(sent.content)[1].items()}
+        honest = [
+            to_updates(_arrays_of(r.content)[1], global_arrays, self.upload_kind)
+            for r in colluding
+        ]
+        crafted = self.attack.craft(honest, global_arrays, num_malicious)
+        for reply in colluding:
+            key, record = _arrays_of(reply.content)
+            content = RecordDict(dict(reply.content.items()))
+            content[key] = to_upload(crafted, record, global_arrays, self.upload_kind)
+            reply.content = content
+
+
+def _arrays_of(content: RecordDict) -> tuple[str, ArrayRecord]:
+    """The (key, record) of a message's single ArrayRecord."""
+    return next(iter(content.array_records.items()))
