@@ -52,7 +52,8 @@ class Grid:
     """methods x datasets x values x seeds, every cell with its own run directory.
 
     `methods` and `datasets` map a label to the overrides it adds; `value_key`
-    is the swept config key (e.g. `partition.alpha`); `base` applies to all.
+    is the swept config key (e.g. `partition.alpha`); `base` applies to all;
+    `pairs` adds overrides for one (method, dataset) pair (e.g. its model).
     """
 
     methods: dict[str, list[str]]
@@ -62,6 +63,7 @@ class Grid:
     seeds: Sequence[int]
     base: list[str] = field(default_factory=list)
     runs_dir: Path = Path("outputs/comparison")
+    pairs: dict[tuple[str, str], list[str]] = field(default_factory=dict)
 
     def cells(self) -> list[Cell]:
         cells = []
@@ -72,6 +74,7 @@ class Grid:
                         run_dir = self.runs_dir / slug(dataset) / slug(method) / f"{value}" \
                             / f"seed{seed}"
                         overrides = (*self.base, *dataset_overrides, *method_overrides,
+                                     *self.pairs.get((method, dataset), []),
                                      f"{self.value_key}={value}", f"seed={seed}",
                                      f"output_dir={run_dir.resolve()}")
                         cells.append(Cell(method, dataset, value, seed, overrides, run_dir))

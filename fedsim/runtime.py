@@ -47,10 +47,27 @@ def check_model_fits(cfg: DictConfig, data: FederatedData) -> None:
             f"model ({cfg.model._target_}) cannot take this dataset's samples of shape "
             f"{data.input_shape}: {cause}; pick a model that fits (model=mlp fits any dataset)"
         ) from err
+    _check_supermask_for_rankings(cfg, model)
     if tuple(logits.shape) != (2, data.num_classes):
         raise ConfigError(
             f"model ({cfg.model._target_}) returns shape {tuple(logits.shape)[1:]} per sample, "
             f"expected ({data.num_classes},) logits"
+        )
+
+
+def _check_supermask_for_rankings(cfg: DictConfig, model: nn.Module) -> None:
+    """A rank-uploading client (FRL) only makes sense on a supermask network."""
+    from hydra.utils import get_class
+
+    from fedsim.clients.base import UPLOADS_RANKINGS
+    from fedsim.supermask import SupermaskLayer
+
+    if getattr(get_class(cfg.client._target_), "uploads", None) != UPLOADS_RANKINGS:
+        return
+    if not any(isinstance(module, SupermaskLayer) for module in model.modules()):
+        raise ConfigError(
+            f"model must be a supermask network for client {cfg.client._target_} (got "
+            f"{cfg.model._target_}); use model=supermask_mlp, supermask_cnn1d, lenet or conv8"
         )
 
 

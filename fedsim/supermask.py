@@ -55,7 +55,11 @@ def top_mask(ranked: torch.Tensor, keep: int) -> torch.Tensor:
 
 
 def kept_edges(num_edges: int, sparsity: float) -> int:
-    """How many edges the mask keeps: the reference zeroes int(sparsity * n) of them."""
+    """How many edges the mask keeps: int(sparsity * n) of them are zeroed.
+
+    `sparsity` is the fraction zeroed; the reference's `k` is the fraction kept
+    (it zeroes int((1 - k) * n)). The two agree at the default, 0.5.
+    """
     return num_edges - int(sparsity * num_edges)
 
 

@@ -265,10 +265,20 @@ def test_config_pairs_frl_with_its_client_and_checks_the_mask_mode():
     with pytest.raises(ConfigError, match="strategy.mask_mode must be one of"):
         validate(compose(["strategy=frl", "client=frl", "model=supermask_mlp",
                           "strategy.mask_mode=bottom"]))
+    with pytest.raises(ConfigError, match=r"model.mask_mode must be the strategy's \(reference\)"):
+        validate(compose(["strategy=frl", "client=frl", "model=supermask_mlp",
+                          "model.mask_mode=topk"]))
     cfg = compose(["strategy=frl", "client=frl", "model=supermask_mlp",
                    "strategy.mask_mode=topk"])
     assert cfg.model.mask_mode == "topk"  # the server's evaluation model follows the strategy
     assert compose(["model=supermask_mlp"]).model.mask_mode == "reference"
+
+
+def test_frl_refuses_a_dense_model(tiny_cfg):
+    from fedsim.runtime import preflight
+
+    with pytest.raises(ConfigError, match="model must be a supermask network"):
+        preflight(tiny_cfg("strategy=frl", "client=frl", "model=mlp"))
 
 
 @pytest.mark.parametrize("mask_mode", ["reference", "topk"])

@@ -92,11 +92,6 @@ def malicious_nodes(fraction: float, num_clients: int) -> frozenset[int]:
     return frozenset(range(1, int(fraction * num_clients) + 1))
 
 
-def benign_majority_possible(num_malicious: int, num_clients: int, cohort: int) -> bool:
-    """Whether a cohort of this size can have fewer than half malicious clients."""
-    return 2 * max(0, cohort - (num_clients - num_malicious)) < cohort
-
-
 def redraw_malicious_majorities(strategy: Strategy, malicious: frozenset[int]) -> None:
     """Make `strategy` redraw any training cohort that is half or more malicious.
 
@@ -109,7 +104,7 @@ def redraw_malicious_majorities(strategy: Strategy, malicious: frozenset[int]) -
         for _ in range(MAX_COHORT_DRAWS):
             messages = list(configure_train(server_round, arrays, config, grid))
             bad = sum(msg.metadata.dst_node_id in malicious for msg in messages)
-            if 2 * bad < len(messages):
+            if not messages or 2 * bad < len(messages):
                 return messages
         raise RuntimeError(f"no cohort with a benign majority in {MAX_COHORT_DRAWS} draws")
 

@@ -5,8 +5,11 @@ The colluders estimate the benign updates from their own honest ones and submit
 5.0 against a simulation of the server's own rule, run with Flower's functions
 on the colluders' honest updates plus the malicious copies:
 - trimmed mean: the step is kept when it pulled the aggregate further from the
-  mean than the previous try did (the FRL reference's criterion);
-- Multi-Krum: the step is kept when every malicious copy is selected.
+  mean than the previous try did (the FRL reference's criterion). The simulation
+  trims `beta` of its own inputs (copies + colluders), where the reference trims
+  as many as there are attackers;
+- Multi-Krum: the step is kept when every malicious copy is selected (for Krum,
+  which selects one update: when the selected update is a copy).
 """
 
 from __future__ import annotations
@@ -60,7 +63,11 @@ def trimmed_mean_criterion(honest: np.ndarray, deviation: np.ndarray, copies: in
 def multikrum_criterion(honest: np.ndarray, deviation: np.ndarray, copies: int,
                         num_malicious_nodes: int, num_nodes_to_select: int
                         ) -> Callable[[float], bool]:
-    """Success test for (Multi-)Krum: Flower's selection keeps every malicious copy."""
+    """Success test for (Multi-)Krum: Flower's selection takes every malicious copy it can.
+
+    That is all copies, or, when it selects fewer updates than there are copies
+    (Krum selects one), nothing but copies.
+    """
     mean = honest.mean(axis=0)
     benign = [RecordDict({"arrays": ArrayRecord([row])}) for row in honest]
 
@@ -68,7 +75,7 @@ def multikrum_criterion(honest: np.ndarray, deviation: np.ndarray, copies: int,
         forged_row = mean - gamma * deviation
         forged = [RecordDict({"arrays": ArrayRecord([forged_row])}) for _ in range(copies)]
         chosen = select_multikrum(forged + benign, num_malicious_nodes, num_nodes_to_select)
-        return sum(any(c is f for f in forged) for c in chosen) == copies
+        return sum(any(c is f for f in forged) for c in chosen) == min(copies, len(chosen))
 
     return succeeds
 
