@@ -8,7 +8,7 @@ NDSS-21 aggregation-tailored attack on trimmed mean and Multi-Krum.
     python scripts/compare_frl.py                           # the full grid
     python scripts/compare_frl.py --seeds 0 --rounds 5 --fractions 0 0.2   # a smoke run
     python scripts/compare_frl.py --rounds 200 --datasets mnist1d --methods FRL "FRL topk" \
-        FedAvg --fractions 0 0.2 --seeds 0 1 --set model.channels=100 \
+        FedAvg --fractions 0 --seeds 0 1 --set model.channels=100 \
         --out docs/results/frl-wide                # FRL on a 4x wider 1-D CNN
 
 Runs land in --runs-dir (default outputs/compare_frl); finished runs are reused,
