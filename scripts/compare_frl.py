@@ -236,11 +236,11 @@ best-scored updates.
 
 ## Change from each method's own unattacked accuracy (points)
 
-{chr(10).join(drops(final, methods))}
+{chr(10).join(drops(final, methods)) or "(this grid has no attacked fraction)"}
 
 ## Reading
 
-{chr(10).join(reading(final, methods))}
+{chr(10).join(reading(final, methods)) or "(this grid has no attacked fraction)"}
 
 Caveats that limit what the table says:
 - Multi-Krum is told to expect 2 malicious nodes in every round, also at 0% (the
