@@ -25,10 +25,10 @@ from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.common import MessageType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from flwr.supercore.run import Run
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
+from fedsim.backends.base import GridWrapper
 from fedsim.clients.base import UPLOADS_DELTAS, UPLOADS_WEIGHTS
 from fedsim.errors import ConfigError
 
@@ -149,7 +149,7 @@ def to_upload(crafted: Arrays, template: ArrayRecord, global_arrays: Arrays,
     return ArrayRecord(out)
 
 
-class AdversarialGrid(Grid):
+class AdversarialGrid(GridWrapper):
     """A Grid that lets the round's malicious clients collude before their replies leave.
 
     Only `send_and_receive` (what `Strategy.start` uses) is attacked; message
@@ -158,31 +158,12 @@ class AdversarialGrid(Grid):
 
     def __init__(self, grid: Grid, attack: Attack, malicious: frozenset[int], upload_kind: str,
                  seed: int) -> None:
-        self.grid = grid
+        super().__init__(grid)
         self.attack = attack
         self.malicious = malicious
         self.upload_kind = upload_kind
         self.seed = seed
         self.rounds = 0
-
-    def set_run(self, run: Run) -> None:
-        self.grid.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self.grid.run
-
-    def create_message(self, *args, **kwargs) -> Message:
-        return self.grid.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.grid.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.grid.pull_messages(message_ids)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

@@ -131,18 +131,11 @@ class SimulationGrid(Grid):
         """Run the ClientApp for each message on its node; return the replies."""
 
 
-class MeteredGrid(Grid):
-    """Wraps any Grid: meters each round's traffic and failures; lists nodes in a stable order.
-
-    Flower samples clients with `random.sample(list(grid.get_node_ids()), k)`;
-    sorting the ids makes that draw depend only on the seed and the node set.
-    A client that answers with an error, or not at all, is counted per message
-    type and logged with its node id, so a failure is never silent.
-    """
+class GridWrapper(Grid):
+    """A Grid that forwards every call to `grid`; subclasses override what they change."""
 
     def __init__(self, grid: Grid) -> None:
         self.grid = grid
-        self.counts: Counter[str] = Counter()
 
     def set_run(self, run: Run) -> None:
         self.grid.set_run(run)
@@ -153,6 +146,34 @@ class MeteredGrid(Grid):
 
     def create_message(self, *args, **kwargs) -> Message:
         return self.grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return self.grid.send_and_receive(messages, timeout=timeout)
+
+
+class MeteredGrid(GridWrapper):
+    """Wraps any Grid: meters each round's traffic and failures; lists nodes in a stable order.
+
+    Flower samples clients with `random.sample(list(grid.get_node_ids()), k)`;
+    sorting the ids makes that draw depend only on the seed and the node set.
+    A client that answers with an error, or not at all, is counted per message
+    type and logged with its node id, so a failure is never silent.
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        super().__init__(grid)
+        self.counts: Counter[str] = Counter()
 
     def get_node_ids(self) -> Iterable[int]:
         return sorted(self.grid.get_node_ids())
