@@ -65,11 +65,18 @@ def _check_target(cfg: DictConfig, group: str) -> None:
     _require(hasattr(module, attr), f"{group}._target_", f"a name in {module_name}", attr)
 
 
-def _validate_upload_pairing(cfg: DictConfig) -> None:
-    """The trainer must upload what the strategy aggregates: weights or deltas."""
+def client_uploads(cfg: DictConfig) -> str:
+    """What the configured trainer uploads (`Trainer.uploads`; Flower-style weights if unset)."""
     from hydra.utils import get_class
 
-    uploads = getattr(get_class(cfg.client._target_), "uploads", "weights")
+    return getattr(get_class(cfg.client._target_), "uploads", "weights")
+
+
+def _validate_upload_pairing(cfg: DictConfig) -> None:
+    """The trainer must upload what the strategy aggregates: weights, deltas or rankings."""
+    from hydra.utils import get_class
+
+    uploads = client_uploads(cfg)
     expects = getattr(get_class(cfg.strategy._target_), "expects_uploads", "weights")
     _require(uploads == expects, "client",
              f"a trainer that uploads {expects}, as strategy {cfg.strategy._target_} expects "
@@ -214,7 +221,7 @@ def _validate_attack(cfg: DictConfig) -> None:
     if num_malicious == 0:
         return
     attack_cls = get_class(attack._target_)
-    uploads = getattr(get_class(cfg.client._target_), "uploads", "weights")
+    uploads = client_uploads(cfg)
     _require(uploads in attack_cls.targets, "attack",
              f"an attack on {uploads} uploads (attack {attack._target_} forges "
              f"{' or '.join(attack_cls.targets)}: rank_reversal for client=frl, scaling or "

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from fedsim.clients.base import Trainer
-from fedsim.config import validate
+from fedsim.config import client_uploads, validate
 from fedsim.datasets.federated import FederatedData, build_federated_data
 from fedsim.errors import ConfigError
 from fedsim.recording import prepare_run_dir
@@ -57,12 +57,10 @@ def check_model_fits(cfg: DictConfig, data: FederatedData) -> None:
 
 def _check_supermask_for_rankings(cfg: DictConfig, model: nn.Module) -> None:
     """A rank-uploading client (FRL) only makes sense on a supermask network."""
-    from hydra.utils import get_class
-
     from fedsim.clients.base import UPLOADS_RANKINGS
     from fedsim.supermask import SupermaskLayer
 
-    if getattr(get_class(cfg.client._target_), "uploads", None) != UPLOADS_RANKINGS:
+    if client_uploads(cfg) != UPLOADS_RANKINGS:
         return
     if not any(isinstance(module, SupermaskLayer) for module in model.modules()):
         raise ConfigError(

@@ -25,11 +25,12 @@ from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.common import MessageType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from fedsim.backends.base import GridWrapper
 from fedsim.clients.base import UPLOADS_DELTAS, UPLOADS_WEIGHTS
+from fedsim.config import client_uploads
 from fedsim.errors import ConfigError
 
 MAX_COHORT_DRAWS = 1000
@@ -119,8 +120,7 @@ def attach_attack(cfg: DictConfig, strategy: Strategy, grid: Grid) -> Grid:
         return grid
     attack.prepare(strategy)
     redraw_malicious_majorities(strategy, malicious)
-    uploads = getattr(get_class(cfg.client._target_), "uploads", UPLOADS_WEIGHTS)
-    return AdversarialGrid(grid, attack, malicious, uploads, cfg.seed)
+    return AdversarialGrid(grid, attack, malicious, client_uploads(cfg), cfg.seed)
 
 
 def to_updates(upload: ArrayRecord, global_arrays: Arrays, kind: str) -> Arrays:
@@ -145,7 +145,7 @@ def to_upload(crafted: Arrays, template: ArrayRecord, global_arrays: Arrays,
         value = crafted[key]
         if kind == UPLOADS_WEIGHTS:
             value = global_arrays[key] + value
-        out[key] = Array(np.asarray(value).astype(array.numpy().dtype, copy=False))
+        out[key] = Array(np.asarray(value).astype(array.dtype, copy=False))
     return ArrayRecord(out)
 
 

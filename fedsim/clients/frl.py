@@ -75,25 +75,32 @@ class FRLTrainer(SGDTrainer):
             cosine_epochs=cosine_epochs, eval_batch_size=eval_batch_size, device=device,
         )
 
-    def load_model(self, arrays: ArrayRecord, config: ConfigRecord | None = None) -> nn.Module:
-        """The model with the received scores, in the mask mode the server asks for."""
+        self._mask_mode: str | None = None  # the mode of the message being served
+
+    def load_model(self, arrays: ArrayRecord) -> nn.Module:
+        """The model with the received scores, in the mask mode the server asked for."""
         model = super().load_model(arrays)
-        if config is not None and "mask-mode" in config:
-            set_mask_mode(model, str(config["mask-mode"]))
+        if self._mask_mode is not None:
+            set_mask_mode(model, self._mask_mode)
         return model
 
     def train(
         self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData, state: RecordDict
     ) -> TrainOutput:
-        self.load_model(arrays, config)
+        self._mask_mode = _mask_mode(config)
         return super().train(arrays, config, data, state)
 
     def evaluate(
         self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData, state: RecordDict
     ) -> dict[str, float | int]:
-        self.load_model(arrays, config)
+        self._mask_mode = _mask_mode(config)
         return super().evaluate(arrays, config, data, state)
 
     def upload(self, model: nn.Module) -> ArrayRecord:
         """Per layer, the edges ranked by the trained scores (integers)."""
         return rankings(model)
+
+
+def _mask_mode(config: ConfigRecord) -> str | None:
+    """The `mask-mode` a message carries (FRL's strategy sends it), if any."""
+    return str(config["mask-mode"]) if "mask-mode" in config else None

@@ -124,8 +124,9 @@ class FRL(UploadStrategy):
         for key, scores in self.current_arrays.items():
             stacked = []
             for node_id, record in uploads:
-                check_ranking(node_id, key, record[key].numpy(), scores.size)
-                stacked.append(record[key].numpy())
+                ranks = record[key].numpy()  # decodes the payload: once per upload
+                check_ranking(node_id, key, ranks, scores.size)
+                stacked.append(ranks)
             new = vote(np.stack(stacked), scores)
             median = np.median(scores)
             crossed += int(np.count_nonzero((new > median) != (scores > median)))
