@@ -157,10 +157,21 @@ def _validate_client(cfg: DictConfig) -> None:
     for key in ("batch_size", "local_epochs"):
         if key in client:
             _require(_is_int(client[key]), f"client.{key}", "an integer > 0", client[key])
-    for key in ("momentum", "weight_decay", "proximal_mu", "lam"):
+    for key in ("momentum", "weight_decay", "proximal_mu", "lam", "etf_steps",
+                "finetune_epochs"):
         if key in client:
             _require(isinstance(client[key], int | float) and client[key] >= 0,
                      f"client.{key}", "a number >= 0", client[key])
+    for key in ("etf_steps", "finetune_epochs"):
+        if key in client:
+            _require(_is_int(client[key]), f"client.{key}", "an integer >= 0", client[key])
+    for key in ("etf_norm", "etf_lr"):
+        if key in client:
+            _require(isinstance(client[key], int | float) and client[key] > 0,
+                     f"client.{key}", "a number > 0", client[key])
+    if "etf_sparsity" in client:
+        _require(isinstance(client.etf_sparsity, int | float) and 0 <= client.etf_sparsity < 1,
+                 "client.etf_sparsity", "a number in [0, 1)", client.etf_sparsity)
 
 
 def _validate_strategy(cfg: DictConfig) -> None:
@@ -169,6 +180,9 @@ def _validate_strategy(cfg: DictConfig) -> None:
     if "k_proportion" in strategy:
         _require(isinstance(strategy.k_proportion, int | float) and 0 < strategy.k_proportion <= 1,
                  "strategy.k_proportion", "a number in (0, 1]", strategy.k_proportion)
+    if "generic_norm" in strategy:
+        _require(isinstance(strategy.generic_norm, int | float) and strategy.generic_norm > 0,
+                 "strategy.generic_norm", "a number > 0", strategy.generic_norm)
     if "history_decay" in strategy:
         _require(isinstance(strategy.history_decay, int | float)
                  and 0 <= strategy.history_decay < 1,

@@ -7,10 +7,46 @@ from the dataset, plus its own hyperparameters from `conf/model/*.yaml`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+
+def classifier_layer(model: nn.Module) -> nn.Linear:
+    """The model's classifier: its last `nn.Linear` (every fedsim model ends in one).
+
+    Methods that split a network into a feature extractor and a head (FedLoGe,
+    head fine-tuning) use it; the features are this layer's input.
+    """
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear classifier layer")
+    return linears[-1]
+
+
+@contextmanager
+def captured_features(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """While active, every forward pass appends the classifier's input (the features).
+
+    The features stay attached to the graph; the model's own logits are unchanged.
+    """
+    captured: list[torch.Tensor] = []
+    handle = classifier_layer(model).register_forward_pre_hook(
+        lambda _module, args: captured.append(args[0])
+    )
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The classifier's input for `x` (one forward pass; gradients flow as usual)."""
+    with captured_features(model) as captured:
+        model(x)
+    return captured[-1]
 
 
 class MLP(nn.Module):

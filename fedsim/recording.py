@@ -12,18 +12,21 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import Strategy
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from fedsim.backends.base import MeteredGrid
-from fedsim.clients.base import NUM_EXAMPLES
+from fedsim.datasets.federated import FederatedData
 from fedsim.errors import ConfigError
+from fedsim.metrics import GROUPS, NUM_EXAMPLES
 from fedsim.plots import plot_curves, plot_label_distribution
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+CLASS_GROUPS_FILE = "class_groups.json"
 
 
 @lru_cache(maxsize=1)
@@ -57,6 +60,13 @@ def prepare_run_dir(output_dir: str | None) -> Path:
         )
     (run_dir / "plots").mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def group_members(groups: np.ndarray | None) -> dict[str, list[int]]:
+    """{"head": [classes], "middle": [...], "tail": [...]} from group indices ({} for None)."""
+    if groups is None:
+        return {}
+    return {name: np.flatnonzero(groups == i).tolist() for i, name in enumerate(GROUPS)}
 
 
 def _flat(prefix: str, record: MetricRecord | None) -> dict[str, float]:
@@ -102,12 +112,18 @@ class RunRecorder:
         self._round_start = self._start
         self._metrics_file = open(run_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
         self._bar: tqdm | None = None
+        self.class_groups: dict[str, list[int]] = {}
 
-    def write_inputs(self, partitioner: Any) -> None:
-        """Resolved config and label-distribution plot, before round 1."""
+    def write_inputs(self, data: FederatedData) -> None:
+        """Resolved config, class groups and label-distribution plot, before round 1."""
         OmegaConf.save(self.cfg, self.run_dir / "config.yaml", resolve=True)
+        self.class_groups = group_members(data.class_groups)
+        if self.class_groups:
+            (self.run_dir / CLASS_GROUPS_FILE).write_text(json.dumps(self.class_groups))
         plot_label_distribution(
-            partitioner, self.run_dir / "plots" / "label_distribution.png", self.cfg.num_clients
+            data.partitioner,
+            self.run_dir / "plots" / "label_distribution.png",
+            self.cfg.num_clients,
         )
         self.logger.start(
             OmegaConf.to_container(self.cfg, resolve=True), str(self.run_dir), self.run_dir.name
@@ -215,5 +231,6 @@ class RunRecorder:
             "strategy": str(self.cfg.strategy._target_).rsplit(".", 1)[-1],
             "client": str(self.cfg.client._target_).rsplit(".", 1)[-1],
             "seed": self.cfg.seed,
+            **({"class_groups": self.class_groups} if self.class_groups else {}),
             "code": code_fingerprint(),
         }

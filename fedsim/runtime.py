@@ -48,6 +48,7 @@ def check_model_fits(cfg: DictConfig, data: FederatedData) -> None:
             f"{data.input_shape}: {cause}; pick a model that fits (model=mlp fits any dataset)"
         ) from err
     _check_supermask_for_rankings(cfg, model)
+    _check_features_for_etf(cfg, model, data.num_classes)
     if tuple(logits.shape) != (2, data.num_classes):
         raise ConfigError(
             f"model ({cfg.model._target_}) returns shape {tuple(logits.shape)[1:]} per sample, "
@@ -66,6 +67,20 @@ def _check_supermask_for_rankings(cfg: DictConfig, model: nn.Module) -> None:
         raise ConfigError(
             f"model must be a supermask network for client {cfg.client._target_} (got "
             f"{cfg.model._target_}); use model=supermask_mlp, supermask_cnn1d, lenet or conv8"
+        )
+
+
+def _check_features_for_etf(cfg: DictConfig, model: nn.Module, num_classes: int) -> None:
+    """FedLoGe's SSE-C is an ETF: its classifier needs at least as many features as classes."""
+    if "etf_sparsity" not in cfg.client:
+        return
+    from fedsim.models import classifier_layer
+
+    width = classifier_layer(model).in_features
+    if width < num_classes:
+        raise ConfigError(
+            f"model: FedLoGe's SSE-C needs the classifier's input width >= the {num_classes} "
+            f"classes (model {cfg.model._target_} has {width}); widen the layer before the head"
         )
 
 

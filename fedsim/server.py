@@ -20,8 +20,9 @@ from torch import nn
 
 from fedsim.attacks.base import attach_attack
 from fedsim.backends.base import MeteredGrid
-from fedsim.clients.base import evaluate_model, resolve_device
+from fedsim.clients.base import predict, resolve_device
 from fedsim.datasets.federated import FederatedData
+from fedsim.metrics import NUM_EXAMPLES, aggregate_client_evaluations, classification_metrics
 from fedsim.recording import RunRecorder
 from fedsim.runtime import initial_model, preflight
 
@@ -29,10 +30,12 @@ NO_TIMEOUT = 7 * 24 * 3600.0
 
 
 def build_strategy(cfg: DictConfig) -> Strategy:
-    """The configured Flower strategy with fedsim's cohort sizes filled in.
+    """The configured Flower strategy with fedsim's cohort sizes and metric aggregation.
 
     `fraction_*` alone can round down (int(0.29 * 100) == 28), so the `min_*`
-    counts pin the cohort to exactly `clients_per_round`.
+    counts pin the cohort to exactly `clients_per_round`. Client evaluations are
+    combined by `aggregate_client_evaluations`: Flower's weighted means, plus
+    means over clients and per class group.
     """
     n = cfg.num_clients
     k_eval = cfg.evaluation.clients_per_round
@@ -43,17 +46,26 @@ def build_strategy(cfg: DictConfig) -> Strategy:
         fraction_evaluate=k_eval / n,
         min_evaluate_nodes=k_eval,
         min_available_nodes=n,
+        evaluate_metrics_aggr_fn=aggregate_client_evaluations,
     )
 
 
-def make_evaluator(model: nn.Module, data: FederatedData):
-    """Centralized evaluation of global arrays on the server's test split, in `model`."""
+def make_evaluator(model: nn.Module, data: FederatedData, strategy: Strategy | None = None):
+    """Centralized evaluation of global arrays on the server's test split, in `model`.
+
+    A strategy with an `evaluation_arrays` method (FedLoGe's realigned generic head)
+    decides which arrays are evaluated; reports head/middle/tail accuracy on
+    long-tailed data.
+    """
     x_test, y_test = data.server_test()
+    transform = getattr(strategy, "evaluation_arrays", None)
 
     def evaluate(arrays: ArrayRecord) -> dict[str, float]:
+        if transform is not None:
+            arrays = transform(arrays)
         model.load_state_dict(arrays.to_torch_state_dict())
-        loss, accuracy = evaluate_model(model, x_test, y_test)
-        return {"loss": loss, "accuracy": accuracy}
+        metrics = classification_metrics(predict(model, x_test), y_test, data.class_groups)
+        return {k: v for k, v in metrics.items() if not k.startswith(NUM_EXAMPLES)}
 
     return evaluate
 
@@ -68,10 +80,10 @@ def run_server(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
     initial = ArrayRecord(model.state_dict())
     strategy = build_strategy(cfg)
     metered = MeteredGrid(attach_attack(cfg, strategy, grid))
-    evaluate = make_evaluator(model.to(resolve_device(cfg.device)), data)
+    evaluate = make_evaluator(model.to(resolve_device(cfg.device)), data, strategy)
     recorder = RunRecorder(cfg, metered, evaluate, instantiate(cfg.logger), run_dir)
     try:
-        recorder.write_inputs(data.partitioner)
+        recorder.write_inputs(data)
         recorder.attach(strategy)
         strategy.start(
             grid=metered,

@@ -20,9 +20,9 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import nn
 
 from fedsim.datasets.federated import ClientData
+from fedsim.metrics import NUM_EXAMPLES, classification_metrics
 
 Record = ArrayRecord | MetricRecord | ConfigRecord
-NUM_EXAMPLES = "num-examples"
 UPLOADS_WEIGHTS = "weights"  # the trainer sends trained weights (what Flower's strategies expect)
 UPLOADS_DELTAS = "deltas"  # the trainer sends w_local - w_global (fedsim.strategies.base)
 UPLOADS_RANKINGS = "rankings"  # per state entry, edge ids sorted by score (fedsim.strategies.frl)
@@ -93,16 +93,26 @@ class Trainer(ABC):
     def evaluate(
         self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData, state: RecordDict
     ) -> dict[str, float | int]:
-        """Accuracy and loss of the received model on the client's test split.
+        """Loss and accuracy on the client's test split (per class group when the data has them).
 
         An empty split reports zeros with weight 0 (`num-examples` = 0), so it
         does not count in the weighted average.
         """
         if len(data.y_test) == 0:
-            return {"loss": 0.0, "accuracy": 0.0, NUM_EXAMPLES: 0}
-        model = self.load_model(arrays)
-        loss, accuracy = evaluate_model(model, data.x_test, data.y_test, self.eval_batch_size)
-        return {"loss": loss, "accuracy": accuracy, NUM_EXAMPLES: len(data.y_test)}
+            logits = torch.zeros(0, data.num_classes)
+        else:
+            logits = self.test_logits(arrays, config, data, state)
+        return classification_metrics(logits, data.y_test, data.class_groups)
+
+    def test_logits(
+        self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData, state: RecordDict
+    ) -> torch.Tensor:
+        """The client's logits on its test split (on the CPU).
+
+        Here the received model's; personalized methods override it to use the
+        client's own head or a fine-tuned copy.
+        """
+        return predict(self.load_model(arrays), data.x_test, self.eval_batch_size)
 
     def load_model(self, arrays: ArrayRecord) -> nn.Module:
         """The trainer's model instance with `arrays` loaded (built once, then reused).
@@ -149,20 +159,34 @@ def minibatches(
 
 
 @torch.no_grad()
+def predict(
+    model: nn.Module,
+    x: torch.Tensor,
+    batch_size: int = 1024,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """`model`'s outputs for `x` in eval mode, batch by batch, gathered on the CPU.
+
+    `forward(batch)` replaces `model(batch)` (e.g. to read features instead of logits).
+    """
+    device = next(model.parameters()).device
+    forward = model if forward is None else forward
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.cat(
+            [forward(x[start : start + batch_size].to(device)).cpu()
+             for start in range(0, len(x), batch_size)]
+        )
+    finally:
+        model.train(was_training)
+
+
 def evaluate_model(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024
 ) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of `model` on (x, y); (nan, nan) when empty."""
     if len(y) == 0:
         return float("nan"), float("nan")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    loss_sum, correct = 0.0, 0
-    for start in range(0, len(y), batch_size):
-        logits = model(x[start : start + batch_size].to(device))
-        target = y[start : start + batch_size].to(device)
-        loss_sum += nn.functional.cross_entropy(logits, target, reduction="sum").item()
-        correct += (logits.argmax(1) == target).sum().item()
-    model.train(was_training)
-    return loss_sum / len(y), correct / len(y)
+    metrics = classification_metrics(predict(model, x, batch_size), y)
+    return metrics["loss"], metrics["accuracy"]

@@ -28,7 +28,7 @@ class SGDTrainer(Trainer):
     over the local epochs with a cosine, stepped once per epoch. Only parameters
     that require gradients train (supermask networks train their scores alone).
     Subclasses change the per-batch objective (`batch_loss`) or what is sent back
-    (`upload`).
+    (`upload`), or run `sgd_epochs` on parameters and an objective of their own.
     """
 
     def __init__(
@@ -64,25 +64,50 @@ class SGDTrainer(Trainer):
         mu = float(config.get("proximal-mu", self.proximal_mu))
         anchor = [p.detach().clone() for p in model.parameters()] if mu > 0 else []
         server_round = int(config.get("server-round", 0))
+        x, y = data.x_train.to(self.device), data.y_train.to(self.device)
+
+        def loss_of(idx: torch.Tensor) -> torch.Tensor:
+            loss = self.batch_loss(model(x[idx]), y[idx])
+            return loss + mu / 2 * proximal_term(model, anchor) if mu > 0 else loss
+
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        train_loss = self.sgd_epochs(trainable, data, server_round, loss_of)
+        return TrainOutput(
+            arrays=self.upload(model),
+            metrics={"train_loss": train_loss, NUM_EXAMPLES: data.num_train},
+            state=state,
+        )
+
+    def sgd_epochs(
+        self,
+        parameters: list[torch.Tensor],
+        data: ClientData,
+        server_round: int,
+        batch_loss: Callable[[torch.Tensor], torch.Tensor],
+        epochs: int | None = None,
+    ) -> float:
+        """Minibatch SGD on `parameters` over shuffled batches of the client's training indices.
+
+        `batch_loss(idx)` gives the objective of one batch (indices on the trainer's
+        device). Runs `epochs` (default `local_epochs`) epochs with this trainer's
+        lr schedule, momentum and weight decay; returns the mean batch loss.
+        """
         optimizer = torch.optim.SGD(
-            [p for p in model.parameters() if p.requires_grad],
+            parameters,
             lr=self.lr * self.lr_decay ** max(server_round - 1, 0),
             momentum=self.momentum,
             weight_decay=self.weight_decay,
         )
+        epochs = self.local_epochs if epochs is None else epochs
         scheduler = (
-            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.local_epochs)
+            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
             if self.cosine_epochs else None
         )
         generator = self.generator(data, server_round)
-        x, y = data.x_train.to(self.device), data.y_train.to(self.device)
         loss_sum, steps = torch.zeros((), device=self.device), 0
-        for _ in range(self.local_epochs):
+        for _ in range(epochs):
             for idx in minibatches(data.num_train, self.batch_size, generator):
-                idx = idx.to(self.device)
-                loss = self.batch_loss(model(x[idx]), y[idx])
-                if mu > 0:
-                    loss = loss + mu / 2 * proximal_term(model, anchor)
+                loss = batch_loss(idx.to(self.device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -90,11 +115,7 @@ class SGDTrainer(Trainer):
                 steps += 1
             if scheduler is not None:
                 scheduler.step()
-        return TrainOutput(
-            arrays=self.upload(model),
-            metrics={"train_loss": loss_sum.item() / max(steps, 1), NUM_EXAMPLES: data.num_train},
-            state=state,
-        )
+        return loss_sum.item() / max(steps, 1)
 
     def batch_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The objective minimized on each minibatch: cross-entropy."""

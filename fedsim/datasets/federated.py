@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedsim.datasets.base import ArraySplits
 from fedsim.datasets.partition import (
+    class_groups,
     label_counts,
     label_dataset,
     long_tail_indices,
@@ -36,6 +38,7 @@ class ClientData:
     x_test: torch.Tensor
     y_test: torch.Tensor
     num_classes: int
+    class_groups: np.ndarray | None = None  # head/middle/tail index per class (long tail only)
 
     @property
     def num_train(self) -> int:
@@ -56,6 +59,7 @@ class FederatedData:
     client_test_ratio: float
     seed: int
     partitioner: Any = field(default=None, repr=False)
+    long_tailed: bool = False
     _test_indices: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
@@ -69,6 +73,17 @@ class FederatedData:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return self.splits.input_shape
+
+    @cached_property
+    def class_groups(self) -> np.ndarray | None:
+        """Head/middle/tail index per class from the federation's training counts.
+
+        Only for long-tailed data (`data.imbalance_factor` < 1); None otherwise, and
+        evaluations then report no group metrics.
+        """
+        if not self.long_tailed:
+            return None
+        return class_groups(self.label_counts().sum(axis=0))
 
     def client_test_indices(self, partition_id: int) -> np.ndarray:
         """Test-pool indices for this client (drawn on first use with a per-client seed)."""
@@ -100,6 +115,7 @@ class FederatedData:
             x_test=torch.from_numpy(s.x_test[test]),
             y_test=torch.from_numpy(s.y_test[test]),
             num_classes=s.num_classes,
+            class_groups=self.class_groups,
         )
 
     def server_test(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,4 +191,5 @@ def _build(cfg: DictConfig) -> FederatedData:
         client_test_ratio=float(cfg.data.client_test_ratio),
         seed=int(cfg.seed),
         partitioner=partitioner,
+        long_tailed=cfg.data.imbalance_factor < 1.0,
     )

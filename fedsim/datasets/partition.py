@@ -44,6 +44,24 @@ def long_tail_indices(
     return np.sort(np.concatenate(chosen))
 
 
+def class_groups(
+    class_counts: np.ndarray, thresholds: tuple[float, float] = (0.75, 0.95)
+) -> np.ndarray:
+    """Group index per class by training frequency: 0 head, 1 middle, 2 tail.
+
+    Classes are sorted by count (most frequent first, ties by class id); a class
+    is head while the share of samples *before* it is below `thresholds[0]`
+    (75%), middle while below `thresholds[1]` (95%), tail after that. So the class
+    that crosses 75% is still head, as in FedLoGe's reference `shot_split`.
+    """
+    counts = np.asarray(class_counts, dtype=np.float64)
+    order = np.argsort(-counts, kind="stable")
+    share_before = (np.cumsum(counts[order]) - counts[order]) / counts.sum()
+    groups = np.empty(len(counts), dtype=np.int64)
+    groups[order] = np.searchsorted(np.asarray(thresholds), share_before, side="right")
+    return groups
+
+
 def label_dataset(labels: np.ndarray, num_classes: int, ids: np.ndarray | None = None):
     """A Hugging Face `Dataset` of labels (+ natural ids) for flwr-datasets partitioners."""
     from datasets import ClassLabel, Dataset, Features, Value

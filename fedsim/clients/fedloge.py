@@ -1,0 +1,251 @@
+"""FedLoGe's client (Xiao et al., ICLR 2024): SSE-C backbone, auxiliary and local heads.
+
+The global model is any fedsim network whose last linear layer serves as the
+auxiliary global head `g_aux`. Each batch:
+
+- the backbone (everything before that layer) trains against SSE-C, a frozen
+  sparse equiangular tight frame built from the run seed on every client;
+- `g_aux` and the client's own local head `l_k` train on the detached features.
+
+The client uploads backbone + `g_aux` (the model's state); `l_k` is persistent
+client state and never leaves the client. At evaluation the client realigns its
+heads (GLA-FR, Euclidean norm transfer): logits = l_k(f) + W_hat_k f + b_aux with
+W_hat_k[c] = ||l_k[c]|| * g_aux[c], classes the client never trained on masked.
+The server half (averaging, generic-head realignment) is
+`fedsim.strategies.fedloge.FedLoGe`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from torch import nn
+
+from fedsim.clients.base import TrainOutput, predict
+from fedsim.clients.sgd import SGDTrainer
+from fedsim.datasets.federated import ClientData
+from fedsim.metrics import NUM_EXAMPLES
+from fedsim.models import classifier_layer, features
+
+LOCAL_HEAD = "fedloge-local-head"  # key of the local head in the client's state
+
+
+def dense_etf(feature_dim: int, num_classes: int, generator: torch.Generator) -> torch.Tensor:
+    """A (d, K) simplex ETF: sqrt(K/(K-1)) * P (I - 11^T/K), P with orthonormal columns.
+
+    Columns have unit norm and pairwise cosine -1/(K-1). Needs d >= K.
+    """
+    if feature_dim < num_classes:
+        raise ValueError(
+            f"an equiangular tight frame needs feature dimension >= classes "
+            f"(got {feature_dim} < {num_classes})"
+        )
+    gaussian = torch.randn(feature_dim, num_classes, generator=generator, dtype=torch.float64)
+    basis, _ = torch.linalg.qr(gaussian)
+    centering = torch.eye(num_classes, dtype=torch.float64) - 1.0 / num_classes
+    return math.sqrt(num_classes / (num_classes - 1)) * basis @ centering
+
+
+def nearest_cosines(matrix: torch.Tensor) -> torch.Tensor:
+    """For every column, its largest cosine with another column (nearest neighbour)."""
+    unit = matrix / matrix.norm(dim=0, keepdim=True)
+    cosines = unit.T @ unit
+    cosines = cosines - 3.0 * torch.eye(len(cosines), dtype=cosines.dtype)  # exclude self
+    return cosines.max(dim=1).values
+
+
+def etf_objective(matrix: torch.Tensor, norm: float) -> torch.Tensor:
+    """SSE-C's refinement loss: class-vector norms to `norm`, nearest angle maximized.
+
+    sum_c (||m_c|| - norm)^2 - mean_c arccos(max_{c' != c} cos(m_c, m_c')).
+    """
+    norm_term = (matrix.norm(dim=0) - norm).pow(2).sum()
+    angle_term = torch.arccos(nearest_cosines(matrix).clamp(-0.99999, 0.99999)).mean()
+    return norm_term - angle_term
+
+
+def sparse_etf(
+    feature_dim: int,
+    num_classes: int,
+    seed: int,
+    sparsity: float = 0.6,
+    norm: float = 0.1,
+    steps: int = 2000,
+    lr: float = 1e-3,
+) -> torch.Tensor:
+    """SSE-C: a dense ETF with `sparsity` of its d*K entries zeroed, then refined.
+
+    The zeroed entries are drawn uniformly over the flattened matrix; the others
+    are refined with Adam on `etf_objective` (zeros stay zero), its lr annealed
+    to 0 by a cosine. 2000 steps at lr 1e-3 reach the dense ETF's nearest angle
+    (the reference runs 10,000 constant steps at 1e-4, slightly short of it). Deterministic in
+    `seed`, so every party builds the same matrix without communicating it.
+    Returns a float32 (d, K) matrix, one column per class.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    etf = dense_etf(feature_dim, num_classes, generator)
+    num_zero = int(sparsity * feature_dim * num_classes)
+    zeroed = torch.randperm(feature_dim * num_classes, generator=generator)[:num_zero]
+    keep = torch.ones(feature_dim * num_classes, dtype=torch.float64)
+    keep[zeroed] = 0.0
+    keep = keep.view(feature_dim, num_classes)
+    values = (etf * keep).clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([values], lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        etf_objective(values * keep, norm).backward()
+        optimizer.step()
+        schedule.step()
+    return (values.detach() * keep).float()
+
+
+def norm_transfer(local_weight: torch.Tensor, aux_weight: torch.Tensor) -> torch.Tensor:
+    """GLA-FR for a client: every g_aux row rescaled to the norm of the local head's row."""
+    return local_weight.norm(dim=1, keepdim=True) * aux_weight
+
+
+def personalized_logits(
+    feats: torch.Tensor,
+    local_head: dict[str, torch.Tensor],
+    aux_head: dict[str, torch.Tensor],
+    present: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """l_k(f) + W_hat_k f + b_aux; classes outside `present` (bool per class) get -inf.
+
+    Heads are given as their `weight` (K, d) and `bias` (K,) tensors.
+    """
+    realigned = norm_transfer(local_head["weight"], aux_head["weight"])
+    logits = feats @ (local_head["weight"] + realigned).T + local_head["bias"] + aux_head["bias"]
+    if present is not None:
+        logits = logits.masked_fill(~present, float("-inf"))
+    return logits
+
+
+def fresh_head(in_features: int, out_features: int, generator: torch.Generator) -> nn.Linear:
+    """A linear head with nn.Linear's default init range, drawn from `generator`."""
+    head = nn.Linear(in_features, out_features)
+    bound = 1.0 / math.sqrt(in_features)
+    with torch.no_grad():
+        for tensor in (head.weight, head.bias):
+            tensor.copy_(torch.empty_like(tensor).uniform_(-bound, bound, generator=generator))
+    return head
+
+
+def classes_present(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Which classes occur in `labels` (the client's training set)."""
+    return torch.bincount(labels, minlength=num_classes) > 0
+
+
+class FedLoGeTrainer(SGDTrainer):
+    """FedLoGe's local training: backbone vs SSE-C, g_aux and local head on detached features.
+
+    Defaults are the reference's: SGD lr 0.03, momentum 0.5, batch 8, 5 local
+    epochs. The three losses touch disjoint parameters, so one SGD step on their
+    sum equals the reference's three optimizers stepping one loss each.
+
+    Parameters beyond `SGDTrainer`'s:
+    - `etf_sparsity`, `etf_norm`, `etf_steps`, `etf_lr`: SSE-C (`sparse_etf`), built
+      once per process from the run seed. `etf_norm` defaults to 1.0, not the
+      reference's 0.1 (tuned for ResNet + BatchNorm): against class vectors of
+      norm 0.1 an unnormalized ReLU backbone grows its features to norm ~100,
+      and the heads' SGD on those features diverges.
+    - `mask_absent_classes`: at evaluation, rule out the classes absent from the
+      client's *training* set (the reference masks by its *test* labels).
+    """
+
+    def __init__(
+        self,
+        model_fn: Callable[[], nn.Module],
+        seed: int = 0,
+        lr: float = 0.03,
+        momentum: float = 0.5,
+        local_epochs: int = 5,
+        batch_size: int = 8,
+        etf_sparsity: float = 0.6,
+        etf_norm: float = 1.0,
+        etf_steps: int = 2000,
+        etf_lr: float = 1e-3,
+        mask_absent_classes: bool = True,
+        **kwargs,
+    ) -> None:
+        super().__init__(
+            model_fn, seed, lr=lr, momentum=momentum, local_epochs=local_epochs,
+            batch_size=batch_size, **kwargs,
+        )
+        self.etf_sparsity = etf_sparsity
+        self.etf_norm = etf_norm
+        self.etf_steps = etf_steps
+        self.etf_lr = etf_lr
+        self.mask_absent_classes = mask_absent_classes
+        self._etf: dict[tuple[int, int], torch.Tensor] = {}
+
+    def sse_c(self, feature_dim: int, num_classes: int) -> torch.Tensor:
+        """The frozen SSE-C for this run (built on first use, then kept)."""
+        key = (feature_dim, num_classes)
+        if key not in self._etf:
+            etf = sparse_etf(
+                feature_dim, num_classes, self.seed, self.etf_sparsity, self.etf_norm,
+                self.etf_steps, self.etf_lr,
+            )
+            self._etf[key] = etf.to(self.device)
+        return self._etf[key]
+
+    def local_head(self, state: RecordDict, aux_head: nn.Linear, data: ClientData) -> nn.Linear:
+        """The client's local head from its state, or a fresh one (seeded by client)."""
+        head = fresh_head(aux_head.in_features, aux_head.out_features, self.generator(data, 0))
+        if LOCAL_HEAD in state:
+            head.load_state_dict(state[LOCAL_HEAD].to_torch_state_dict())
+        return head.to(self.device)
+
+    def train(
+        self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData, state: RecordDict
+    ) -> TrainOutput:
+        model = self.load_model(arrays)
+        model.train()
+        aux_head = classifier_layer(model)
+        local_head = self.local_head(state, aux_head, data)
+        etf = self.sse_c(aux_head.in_features, aux_head.out_features)
+        x, y = data.x_train.to(self.device), data.y_train.to(self.device)
+        cross_entropy = nn.functional.cross_entropy
+
+        def loss_of(idx: torch.Tensor) -> torch.Tensor:
+            feats = features(model, x[idx])
+            detached = feats.detach()
+            return (
+                cross_entropy(feats @ etf, y[idx])  # backbone only: SSE-C is frozen
+                + cross_entropy(aux_head(detached), y[idx])
+                + cross_entropy(local_head(detached), y[idx])
+            )
+
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        parameters += list(local_head.parameters())
+        server_round = int(config.get("server-round", 0))
+        train_loss = self.sgd_epochs(parameters, data, server_round, loss_of)
+        new_state = RecordDict(dict(state.items()))
+        new_state[LOCAL_HEAD] = ArrayRecord(local_head.state_dict())
+        return TrainOutput(
+            arrays=ArrayRecord(model.state_dict()),
+            metrics={"train_loss": train_loss, NUM_EXAMPLES: data.num_train},
+            state=new_state,
+        )
+
+    def test_logits(
+        self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData, state: RecordDict
+    ) -> torch.Tensor:
+        """Personalized logits: the local head plus g_aux realigned to its row norms."""
+        model = self.load_model(arrays)
+        aux_head = classifier_layer(model)
+        local_head = self.local_head(state, aux_head, data)
+        feats = predict(model, data.x_test, self.eval_batch_size, lambda b: features(model, b))
+        present = (
+            classes_present(data.y_train, data.num_classes) if self.mask_absent_classes else None
+        )
+        return personalized_logits(feats, _cpu_tensors(local_head), _cpu_tensors(aux_head), present)
+
+
+def _cpu_tensors(head: nn.Linear) -> dict[str, torch.Tensor]:
+    return {"weight": head.weight.detach().cpu(), "bias": head.bias.detach().cpu()}

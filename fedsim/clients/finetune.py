@@ -1,0 +1,88 @@
+"""FedAvg + FT: the usual personalized baseline, a global model whose head each client fine-tunes.
+
+Training is plain SGD (`SGDTrainer`), so the global model is FedAvg's. At
+evaluation each client fine-tunes a copy of the classifier (the model's last
+linear layer) on its own training set, with the backbone frozen, and evaluates
+that: the "local accuracy" of FedAvg with fine-tuned local heads. The same
+evaluation also reports the global model as received (`global-*` metrics), so
+one run gives FedAvg's local accuracy with and without fine-tuning.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from torch import nn
+
+from fedsim.clients.base import predict
+from fedsim.clients.fedloge import classes_present
+from fedsim.clients.sgd import SGDTrainer
+from fedsim.datasets.federated import ClientData
+from fedsim.metrics import NUM_EXAMPLES, classification_metrics
+from fedsim.models import classifier_layer, features
+
+
+class FineTuneTrainer(SGDTrainer):
+    """`SGDTrainer` whose evaluation fine-tunes the head on the client's training data first.
+
+    Parameters beyond `SGDTrainer`'s:
+    - `finetune_epochs`: epochs of head-only SGD at evaluation (same lr, momentum,
+      batch size as training; 0 evaluates the global model as is).
+    - `mask_absent_classes`: rule out the classes absent from the client's training
+      set, as FedLoGe's local evaluation does, so the two compare like for like.
+    """
+
+    def __init__(
+        self,
+        model_fn: Callable[[], nn.Module],
+        finetune_epochs: int = 5,
+        mask_absent_classes: bool = True,
+        **kwargs,
+    ) -> None:
+        super().__init__(model_fn, **kwargs)
+        self.finetune_epochs = finetune_epochs
+        self.mask_absent_classes = mask_absent_classes
+
+    def evaluate(
+        self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData, state: RecordDict
+    ) -> dict[str, float | int]:
+        """The fine-tuned head's metrics, plus `global-loss` / `global-accuracy*` of the
+        received model (no fine-tuning, no class mask)."""
+        metrics = super().evaluate(arrays, config, data, state)
+        if len(data.y_test):
+            logits = predict(self.load_model(arrays), data.x_test, self.eval_batch_size)
+        else:
+            logits = torch.zeros(0, data.num_classes)
+        plain = classification_metrics(logits, data.y_test, data.class_groups)
+        for key, value in plain.items():
+            if not key.startswith(NUM_EXAMPLES):
+                metrics[f"global-{key}"] = value
+        return metrics
+
+    def test_logits(
+        self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData, state: RecordDict
+    ) -> torch.Tensor:
+        """Logits of the global backbone with a head fine-tuned on the client's training set."""
+        model = self.load_model(arrays)
+        head = copy.deepcopy(classifier_layer(model))
+        read_features = lambda batch: features(model, batch)  # noqa: E731
+        train_feats = predict(model, data.x_train, self.eval_batch_size, read_features)
+        train_feats = train_feats.to(self.device)
+        y = data.y_train.to(self.device)
+
+        def loss_of(idx: torch.Tensor) -> torch.Tensor:
+            return nn.functional.cross_entropy(head(train_feats[idx]), y[idx])
+
+        server_round = int(config.get("server-round", 0))
+        self.sgd_epochs(list(head.parameters()), data, server_round, loss_of,
+                        self.finetune_epochs)
+        test_feats = predict(model, data.x_test, self.eval_batch_size, read_features)
+        with torch.no_grad():
+            logits = head(test_feats.to(self.device)).cpu()
+        if self.mask_absent_classes:
+            present = classes_present(data.y_train, data.num_classes)
+            logits = logits.masked_fill(~present, float("-inf"))
+        return logits

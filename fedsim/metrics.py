@@ -1,0 +1,86 @@
+"""Classification metrics, split by class group, and their aggregation over clients.
+
+Under long-tailed data a single accuracy hides what happens to rare classes, so
+every evaluation also reports head / middle / tail accuracy (the groups come
+from `fedsim.datasets.partition.class_groups`). Client evaluations are combined
+two ways: sample-weighted, as Flower does (`accuracy`), and as a plain mean over
+clients (`mean-accuracy`), which is how personalized FL reports local accuracy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from flwr.app import MetricRecord, RecordDict
+from torch import nn
+
+#: The metric every reply carries, weighting it in aggregation (Flower's default key).
+NUM_EXAMPLES = "num-examples"
+
+#: Class groups by training frequency, in the order `class_groups` numbers them.
+GROUPS = ("head", "middle", "tail")
+
+
+def classification_metrics(
+    logits: torch.Tensor, labels: torch.Tensor, class_groups: np.ndarray | None = None
+) -> dict[str, float | int]:
+    """Loss, accuracy and sample count; per class group too when `class_groups` is given.
+
+    `class_groups[c]` is the group index of class c (0 head, 1 middle, 2 tail).
+    Every key is always present (an empty set or group reports 0 with count 0),
+    because Flower requires all replies of a round to carry the same keys.
+    """
+    n = len(labels)
+    metrics: dict[str, float | int] = {"loss": 0.0, "accuracy": 0.0, NUM_EXAMPLES: n}
+    correct = torch.zeros(0, dtype=torch.bool)
+    if n:
+        metrics["loss"] = nn.functional.cross_entropy(logits, labels).item()
+        correct = logits.argmax(1) == labels
+        metrics["accuracy"] = correct.float().mean().item()
+    if class_groups is not None:
+        label_groups = torch.as_tensor(class_groups)[labels] if n else torch.zeros(0)
+        for index, name in enumerate(GROUPS):
+            in_group = label_groups == index
+            count = int(in_group.sum())
+            metrics[f"accuracy-{name}"] = correct[in_group].float().mean().item() if count else 0.0
+            metrics[f"{NUM_EXAMPLES}-{name}"] = count
+    return metrics
+
+
+def _weight_key(key: str) -> str:
+    """The count that weights `key`: `num-examples-tail` for `accuracy-tail`, else the total."""
+    for name in GROUPS:
+        if key.endswith(f"-{name}"):
+            return f"{NUM_EXAMPLES}-{name}"
+    return NUM_EXAMPLES
+
+
+def aggregate_client_evaluations(records: list[RecordDict], weighting_key: str) -> MetricRecord:
+    """Combine client evaluation metrics (Flower's `evaluate_metrics_aggr_fn`).
+
+    - every metric: mean weighted by its count (`num-examples`, or the group's own
+      count for `*-head/-middle/-tail`), as Flower's FedAvg does, but a group only
+      counts the samples of that group;
+    - `mean-<key>` for every accuracy (`mean-accuracy`, `mean-accuracy-tail`, ...): the
+      unweighted mean over the clients that have test samples (of that group),
+      i.e. "local accuracy";
+    - `clients`: how many clients reported.
+
+    Counts themselves are not averaged. A key with no weight anywhere is left out.
+    """
+    metrics = [next(iter(record.metric_records.values())) for record in records]
+    out = MetricRecord({"clients": len(metrics)})
+    keys = [k for k in metrics[0] if not k.startswith(NUM_EXAMPLES) and k != weighting_key]
+    for key in keys:
+        count_key = weighting_key if _weight_key(key) == NUM_EXAMPLES else _weight_key(key)
+        weights = [float(m.get(count_key, 0)) for m in metrics]
+        total = sum(weights)
+        if total <= 0:
+            continue
+        out[key] = sum(float(m[key]) * w for m, w in zip(metrics, weights, strict=True)) / total
+        if "accuracy" in key:
+            present = [float(m[key]) for m, w in zip(metrics, weights, strict=True) if w > 0]
+            out[f"mean-{key}"] = math.fsum(present) / len(present)
+    return out

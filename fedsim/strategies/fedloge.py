@@ -1,0 +1,76 @@
+"""FedLoGe (Xiao et al., ICLR 2024): joint local and generic FL under long-tailed data.
+
+Clients (`fedsim.clients.fedloge`) train a shared backbone against a frozen
+sparse ETF classifier (SSE-C), an auxiliary global head `g_aux` and their own
+local heads on detached features, and upload backbone + `g_aux`. The server
+averages them as FedAvg does (weighted by sample counts). The generic model is
+the backbone with `g_aux` realigned (GLA-FR): every class row of its weight
+rescaled to one common norm, the bias kept, which removes the norm advantage
+that frequent classes gain under a long tail. Training continues from the raw
+`g_aux`; the realignment is applied to what the server evaluates and reports.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, MetricRecord
+from flwr.serverapp.strategy import FedAvg
+
+
+def classifier_keys(arrays: ArrayRecord) -> tuple[str, str | None]:
+    """The classifier's weight key (the last 2-D entry) and its bias key, if any.
+
+    Matches `fedsim.models.classifier_layer` (the model's last `nn.Linear`) for
+    models whose state lists that layer's weight after every other matrix.
+    """
+    matrices = [key for key, array in arrays.items() if len(array.shape) == 2]
+    if not matrices:
+        raise ValueError("FedLoGe needs a model whose last layer is linear (no 2-D entry found)")
+    weight = matrices[-1]
+    bias = weight[: -len("weight")] + "bias" if weight.endswith("weight") else None
+    return weight, bias if bias in arrays else None
+
+
+def realign_rows(weight: np.ndarray, norm: float) -> np.ndarray:
+    """Every row rescaled to L2 norm `norm` (an all-zero row stays zero)."""
+    norms = np.linalg.norm(weight, axis=1, keepdims=True)
+    scale = np.divide(norm, norms, out=np.zeros_like(norms), where=norms > 0)
+    return weight * scale
+
+
+class FedLoGe(FedAvg):
+    """FedAvg of backbone + g_aux; the server evaluates the GLA-FR realigned generic head.
+
+    Parameters
+    ----------
+    generic_norm : float
+        The common row norm of the generic head (reference: 1.7). Only the
+        relative size of the rows and the kept bias matter for the prediction.
+    **kwargs
+        Flower `FedAvg` arguments (fedsim fills in the cohort sizes).
+    """
+
+    def __init__(self, generic_norm: float = 1.7, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if not generic_norm > 0:
+            raise ValueError(f"strategy.generic_norm must be > 0, got {generic_norm}")
+        self.generic_norm = generic_norm
+
+    def evaluation_arrays(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The generic model: `arrays` with the classifier rows realigned to `generic_norm`."""
+        weight_key, _ = classifier_keys(arrays)
+        realigned = ArrayRecord({key: array for key, array in arrays.items()})
+        weight = arrays[weight_key].numpy()
+        realigned[weight_key] = Array(realign_rows(weight, self.generic_norm).astype(weight.dtype))
+        return realigned
+
+    def aggregate_train(self, server_round, replies):
+        """FedAvg, plus the spread of g_aux's row norms (what GLA-FR evens out)."""
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is not None and metrics is not None:
+            weight_key, _ = classifier_keys(arrays)
+            norms = np.linalg.norm(arrays[weight_key].numpy(), axis=1)
+            metrics = MetricRecord(dict(metrics))
+            metrics["aux-norm-max"] = float(norms.max())
+            metrics["aux-norm-min"] = float(norms.min())
+        return arrays, metrics
