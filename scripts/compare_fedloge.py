@@ -135,6 +135,7 @@ def write_report(args: argparse.Namespace, grid: Grid) -> None:
     if missing:
         raise SystemExit(f"runs lack metrics for {missing[:3]}: rerun them")
     delta = gains(stats)
+    settings = len({(d, v) for d, v, _ in stats})
     sections = [
         "# FedLoGe vs FedAvg and FedAvg + FT on long-tailed federated data\n",
         provenance("scripts/compare_fedloge.py", grid.cells(), args.workers) + "\n",
@@ -163,7 +164,7 @@ def write_report(args: argparse.Namespace, grid: Grid) -> None:
                      f"## {group.capitalize()} classes: local\n",
                      table(stats, "local", group) + "\n"]
     sections += [
-        f"## FedLoGe minus the best baseline, averaged over the {len(grid.cells()) // (2 * len(args.seeds))} settings (points)\n",
+        f"## FedLoGe minus the best baseline, averaged over the {settings} settings (points)\n",
         "| measure | all | head | middle | tail |", "|---|---:|---:|---:|---:|",
         *(f"| {kind} | {delta[f'{kind} all']:+.1f} | "
           + " | ".join(f"{delta[f'{kind} {g}']:+.1f}" for g in GROUPS) + " |"
