@@ -157,14 +157,17 @@ def _validate_client(cfg: DictConfig) -> None:
     for key in ("batch_size", "local_epochs"):
         if key in client:
             _require(_is_int(client[key]), f"client.{key}", "an integer > 0", client[key])
-    for key in ("momentum", "weight_decay", "proximal_mu", "lam", "etf_steps",
-                "finetune_epochs"):
+    for key in ("momentum", "weight_decay", "proximal_mu", "lam"):
         if key in client:
             _require(isinstance(client[key], int | float) and client[key] >= 0,
                      f"client.{key}", "a number >= 0", client[key])
     for key in ("etf_steps", "finetune_epochs"):
         if key in client:
-            _require(_is_int(client[key]), f"client.{key}", "an integer >= 0", client[key])
+            _require(_is_int(client[key]) and client[key] >= 0, f"client.{key}",
+                     "an integer >= 0", client[key])
+    if "mask_absent_classes" in client:
+        _require(isinstance(client.mask_absent_classes, bool), "client.mask_absent_classes",
+                 "true or false", client.mask_absent_classes)
     for key in ("etf_norm", "etf_lr"):
         if key in client:
             _require(isinstance(client[key], int | float) and client[key] > 0,

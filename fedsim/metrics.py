@@ -38,15 +38,25 @@ def classification_metrics(
     if n:
         metrics["loss"] = nn.functional.cross_entropy(logits, labels).item()
         correct = logits.argmax(1) == labels
-        metrics["accuracy"] = correct.float().mean().item()
+        metrics["accuracy"] = correct.sum().item() / n
     if class_groups is not None:
         label_groups = torch.as_tensor(class_groups)[labels] if n else torch.zeros(0)
         for index, name in enumerate(GROUPS):
             in_group = label_groups == index
             count = int(in_group.sum())
-            metrics[f"accuracy-{name}"] = correct[in_group].float().mean().item() if count else 0.0
+            metrics[f"accuracy-{name}"] = correct[in_group].sum().item() / count if count else 0.0
             metrics[f"{NUM_EXAMPLES}-{name}"] = count
     return metrics
+
+
+def mask_absent_classes(logits: torch.Tensor, train_labels: torch.Tensor) -> torch.Tensor:
+    """Logits with -inf for every class absent from `train_labels` (a client's training set).
+
+    A client knows which classes it holds; personalized evaluations use that, not
+    the labels of its test split.
+    """
+    present = torch.bincount(train_labels, minlength=logits.shape[1]) > 0
+    return logits.masked_fill(~present, float("-inf"))
 
 
 def _weight_key(key: str) -> str:

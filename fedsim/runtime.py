@@ -71,16 +71,27 @@ def _check_supermask_for_rankings(cfg: DictConfig, model: nn.Module) -> None:
 
 
 def _check_features_for_etf(cfg: DictConfig, model: nn.Module, num_classes: int) -> None:
-    """FedLoGe's SSE-C is an ETF: its classifier needs at least as many features as classes."""
-    if "etf_sparsity" not in cfg.client:
-        return
-    from fedsim.models import classifier_layer
+    """FedLoGe: an ETF needs features >= classes; client and server find the same head."""
+    from flwr.app import ArrayRecord
 
-    width = classifier_layer(model).in_features
-    if width < num_classes:
+    from fedsim.models import classifier_layer
+    from fedsim.strategies.fedloge import classifier_key
+
+    fedloge_client = "etf_sparsity" in cfg.client
+    if not fedloge_client and "generic_norm" not in cfg.strategy:
+        return
+    head = classifier_layer(model)
+    if fedloge_client and head.in_features < num_classes:
         raise ConfigError(
             f"model: FedLoGe's SSE-C needs the classifier's input width >= the {num_classes} "
-            f"classes (model {cfg.model._target_} has {width}); widen the layer before the head"
+            f"classes (model {cfg.model._target_} has {head.in_features}); widen the layer "
+            "before the head"
+        )
+    names = {module: name for name, module in model.named_modules()}
+    if classifier_key(ArrayRecord(model.state_dict())) != f"{names[head]}.weight":
+        raise ConfigError(
+            f"model: FedLoGe needs the last linear layer's weight to be the last matrix of "
+            f"the state (model {cfg.model._target_} registers another one after it)"
         )
 
 

@@ -65,9 +65,15 @@ def make_evaluator(model: nn.Module, data: FederatedData, strategy: Strategy | N
             arrays = transform(arrays)
         model.load_state_dict(arrays.to_torch_state_dict())
         metrics = classification_metrics(predict(model, x_test), y_test, data.class_groups)
-        return {k: v for k, v in metrics.items() if not k.startswith(NUM_EXAMPLES)}
+        return {k: v for k, v in metrics.items()
+                if not k.startswith(NUM_EXAMPLES) and metrics.get(_count_of(k), 1) > 0}
 
     return evaluate
+
+
+def _count_of(key: str) -> str:
+    """`num-examples-tail` for `accuracy-tail`: an empty group has no accuracy to report."""
+    return f"{NUM_EXAMPLES}-{key.rsplit('-', 1)[-1]}"
 
 
 def run_server(grid: Grid, cfg: DictConfig) -> dict[str, Any]:

@@ -24,9 +24,13 @@ from fedsim.datasets.federated import ClientData
 from fedsim.datasets.partition import class_groups, long_tail_counts
 from fedsim.errors import ConfigError
 from fedsim.experiment import run_experiment
-from fedsim.metrics import aggregate_client_evaluations, classification_metrics
+from fedsim.metrics import (
+    aggregate_client_evaluations,
+    classification_metrics,
+    mask_absent_classes,
+)
 from fedsim.models import MLP, classifier_layer, features
-from fedsim.strategies.fedloge import FedLoGe, classifier_keys, realign_rows
+from fedsim.strategies.fedloge import FedLoGe, classifier_key, realign_rows
 
 LONG_TAIL = ["data.imbalance_factor=0.1", "partition=dirichlet", "partition.alpha=1.0"]
 FEDLOGE = ["strategy=fedloge", "client=fedloge", "client.etf_steps=200", *LONG_TAIL]
@@ -109,7 +113,7 @@ def test_norm_transfer_and_personalized_logits_by_hand():
     f = torch.tensor([[1.0, 1.0]])
     # class 0: (3 + 4) + 5 + 0.5 = 12.5; class 1: 1 + 1 + 2 + 0 = 4
     assert torch.equal(personalized_logits(f, local, aux), torch.tensor([[12.5, 4.0]]))
-    masked = personalized_logits(f, local, aux, torch.tensor([False, True]))
+    masked = mask_absent_classes(torch.tensor([[12.5, 4.0]]), torch.tensor([1, 1]))
     assert masked[0, 0] == -math.inf and masked[0, 1] == 4.0
 
 
@@ -118,7 +122,7 @@ def test_generic_head_rows_get_one_norm_and_the_rest_is_untouched():
     assert np.allclose(realign_rows(weight, 1.7), [[1.02, 1.36], [0, 0], [0, 1.7]])
     arrays = ArrayRecord({"body.weight": Array(np.ones((4, 2), np.float32)),
                           "head.weight": Array(weight), "head.bias": Array(np.ones(3, np.float32))})
-    assert classifier_keys(arrays) == ("head.weight", "head.bias")
+    assert classifier_key(arrays) == "head.weight"
     generic = FedLoGe(generic_norm=1.7).evaluation_arrays(arrays)
     assert np.allclose(np.linalg.norm(generic["head.weight"].numpy()[[0, 2]], axis=1), 1.7)
     for key in ("body.weight", "head.bias"):
@@ -176,11 +180,24 @@ def test_local_evaluation_rules_out_classes_the_client_never_trained_on():
     trainer = _trainer()
     torch.manual_seed(0)
     arrays = ArrayRecord(trainer.model_fn().state_dict())
-    logits = trainer.test_logits(arrays, ConfigRecord({}), _client(), RecordDict())
+    data = _client()
+    trained = trainer.train(arrays, ConfigRecord({"server-round": 1}), data, RecordDict())
+    logits = trainer.test_logits(trained.arrays, ConfigRecord({}), data, trained.state)
     assert torch.isinf(logits[:, 3]).all() and torch.isfinite(logits[:, :3]).all()
     unmasked = _trainer(mask_absent_classes=False)
-    assert torch.isfinite(unmasked.test_logits(arrays, ConfigRecord({}), _client(),
-                                               RecordDict())).all()
+    assert torch.isfinite(unmasked.test_logits(trained.arrays, ConfigRecord({}), data,
+                                               trained.state)).all()
+
+
+def test_a_client_without_a_local_head_is_scored_by_the_global_model():
+    trainer = _trainer(mask_absent_classes=False)
+    torch.manual_seed(0)
+    arrays = ArrayRecord(trainer.model_fn().state_dict())
+    data = _client()
+    logits = trainer.test_logits(arrays, ConfigRecord({}), data, RecordDict())
+    with torch.no_grad():
+        expected = trainer.load_model(arrays)(data.x_test)
+    assert torch.allclose(logits, expected, atol=1e-6)
 
 
 def test_finetuning_changes_only_the_evaluated_head():
@@ -193,6 +210,7 @@ def test_finetuning_changes_only_the_evaluated_head():
     before = plain.evaluate(arrays, ConfigRecord({}), data, RecordDict())
     after = tuned.evaluate(arrays, ConfigRecord({}), data, RecordDict())
     assert after["loss"] < before["loss"]
+    assert after["global-loss"] != after["loss"]  # the received head, scored in the same pass
     model = tuned.load_model(arrays)  # the cached model still holds the global weights
     assert torch.equal(classifier_layer(model).weight, arrays.to_torch_state_dict()["net.3.weight"])
     f = features(model, data.x_test)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
@@ -27,7 +28,7 @@ from torch import nn
 from fedsim.clients.base import TrainOutput, predict
 from fedsim.clients.sgd import SGDTrainer
 from fedsim.datasets.federated import ClientData
-from fedsim.metrics import NUM_EXAMPLES
+from fedsim.metrics import NUM_EXAMPLES, mask_absent_classes
 from fedsim.models import classifier_layer, features
 
 LOCAL_HEAD = "fedloge-local-head"  # key of the local head in the client's state
@@ -109,35 +110,21 @@ def norm_transfer(local_weight: torch.Tensor, aux_weight: torch.Tensor) -> torch
 
 
 def personalized_logits(
-    feats: torch.Tensor,
-    local_head: dict[str, torch.Tensor],
-    aux_head: dict[str, torch.Tensor],
-    present: torch.Tensor | None = None,
+    feats: torch.Tensor, local_head: dict[str, torch.Tensor], aux_head: dict[str, torch.Tensor]
 ) -> torch.Tensor:
-    """l_k(f) + W_hat_k f + b_aux; classes outside `present` (bool per class) get -inf.
-
-    Heads are given as their `weight` (K, d) and `bias` (K,) tensors.
-    """
+    """l_k(f) + W_hat_k f + b_aux, heads given as `weight` (K, d) and `bias` (K,) tensors."""
     realigned = norm_transfer(local_head["weight"], aux_head["weight"])
-    logits = feats @ (local_head["weight"] + realigned).T + local_head["bias"] + aux_head["bias"]
-    if present is not None:
-        logits = logits.masked_fill(~present, float("-inf"))
-    return logits
+    return feats @ (local_head["weight"] + realigned).T + local_head["bias"] + aux_head["bias"]
 
 
 def fresh_head(in_features: int, out_features: int, generator: torch.Generator) -> nn.Linear:
     """A linear head with nn.Linear's default init range, drawn from `generator`."""
-    head = nn.Linear(in_features, out_features)
+    head = nn.utils.skip_init(nn.Linear, in_features, out_features)  # no global RNG draw
     bound = 1.0 / math.sqrt(in_features)
     with torch.no_grad():
         for tensor in (head.weight, head.bias):
             tensor.copy_(torch.empty_like(tensor).uniform_(-bound, bound, generator=generator))
     return head
-
-
-def classes_present(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Which classes occur in `labels` (the client's training set)."""
-    return torch.bincount(labels, minlength=num_classes) > 0
 
 
 class FedLoGeTrainer(SGDTrainer):
@@ -236,16 +223,23 @@ class FedLoGeTrainer(SGDTrainer):
     def test_logits(
         self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData, state: RecordDict
     ) -> torch.Tensor:
-        """Personalized logits: the local head plus g_aux realigned to its row norms."""
+        """Personalized logits: the local head plus g_aux realigned to its row norms.
+
+        A client that has not trained yet has no local head: it is scored with g_aux
+        alone (the global model), not with an untrained head.
+        """
         model = self.load_model(arrays)
         aux_head = classifier_layer(model)
-        local_head = self.local_head(state, aux_head, data)
-        feats = predict(model, data.x_test, self.eval_batch_size, lambda b: features(model, b))
-        present = (
-            classes_present(data.y_train, data.num_classes) if self.mask_absent_classes else None
-        )
-        return personalized_logits(feats, _cpu_tensors(local_head), _cpu_tensors(aux_head), present)
+        feats = predict(model, data.x_test, self.eval_batch_size, partial(features, model))
+        aux = _cpu_tensors(aux_head)
+        if LOCAL_HEAD in state:
+            local = _cpu_tensors(self.local_head(state, aux_head, data))
+            logits = personalized_logits(feats, local, aux)
+        else:
+            logits = feats @ aux["weight"].T + aux["bias"]
+        return mask_absent_classes(logits, data.y_train) if self.mask_absent_classes else logits
 
 
 def _cpu_tensors(head: nn.Linear) -> dict[str, torch.Tensor]:
+    """A linear layer's weight and bias, detached, on the CPU."""
     return {"weight": head.weight.detach().cpu(), "bias": head.bias.detach().cpu()}

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from torch import nn
 
 from fedsim.clients.base import predict
-from fedsim.clients.fedloge import classes_present
 from fedsim.clients.sgd import SGDTrainer
 from fedsim.datasets.federated import ClientData
-from fedsim.metrics import NUM_EXAMPLES, classification_metrics
+from fedsim.metrics import NUM_EXAMPLES, classification_metrics, mask_absent_classes
 from fedsim.models import classifier_layer, features
 
 
@@ -32,7 +32,8 @@ class FineTuneTrainer(SGDTrainer):
     - `finetune_epochs`: epochs of head-only SGD at evaluation (same lr, momentum,
       batch size as training; 0 evaluates the global model as is).
     - `mask_absent_classes`: rule out the classes absent from the client's training
-      set, as FedLoGe's local evaluation does, so the two compare like for like.
+      set, as FedLoGe's local evaluation does, so the two compare like for like
+      (both the fine-tuned and the `global-*` metrics).
     """
 
     def __init__(
@@ -45,18 +46,16 @@ class FineTuneTrainer(SGDTrainer):
         super().__init__(model_fn, **kwargs)
         self.finetune_epochs = finetune_epochs
         self.mask_absent_classes = mask_absent_classes
+        self._global_logits = torch.zeros(0)  # the received head's, from the last test_logits
 
     def evaluate(
         self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData, state: RecordDict
     ) -> dict[str, float | int]:
         """The fine-tuned head's metrics, plus `global-loss` / `global-accuracy*` of the
-        received model (no fine-tuning, no class mask)."""
+        received model (no fine-tuning; the same class mask)."""
+        self._global_logits = torch.zeros(0, data.num_classes)
         metrics = super().evaluate(arrays, config, data, state)
-        if len(data.y_test):
-            logits = predict(self.load_model(arrays), data.x_test, self.eval_batch_size)
-        else:
-            logits = torch.zeros(0, data.num_classes)
-        plain = classification_metrics(logits, data.y_test, data.class_groups)
+        plain = classification_metrics(self._global_logits, data.y_test, data.class_groups)
         for key, value in plain.items():
             if not key.startswith(NUM_EXAMPLES):
                 metrics[f"global-{key}"] = value
@@ -65,10 +64,16 @@ class FineTuneTrainer(SGDTrainer):
     def test_logits(
         self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData, state: RecordDict
     ) -> torch.Tensor:
-        """Logits of the global backbone with a head fine-tuned on the client's training set."""
+        """Logits of the global backbone with a head fine-tuned on the client's training set.
+
+        The received head's logits on the same features are kept for `evaluate`.
+        """
         model = self.load_model(arrays)
         head = copy.deepcopy(classifier_layer(model))
-        read_features = lambda batch: features(model, batch)  # noqa: E731
+        read_features = partial(features, model)
+        test_feats = predict(model, data.x_test, self.eval_batch_size, read_features)
+        with torch.no_grad():
+            self._global_logits = self._masked(head(test_feats.to(self.device)).cpu(), data)
         train_feats = predict(model, data.x_train, self.eval_batch_size, read_features)
         train_feats = train_feats.to(self.device)
         y = data.y_train.to(self.device)
@@ -79,10 +84,8 @@ class FineTuneTrainer(SGDTrainer):
         server_round = int(config.get("server-round", 0))
         self.sgd_epochs(list(head.parameters()), data, server_round, loss_of,
                         self.finetune_epochs)
-        test_feats = predict(model, data.x_test, self.eval_batch_size, read_features)
         with torch.no_grad():
-            logits = head(test_feats.to(self.device)).cpu()
-        if self.mask_absent_classes:
-            present = classes_present(data.y_train, data.num_classes)
-            logits = logits.masked_fill(~present, float("-inf"))
-        return logits
+            return self._masked(head(test_feats.to(self.device)).cpu(), data)
+
+    def _masked(self, logits: torch.Tensor, data: ClientData) -> torch.Tensor:
+        return mask_absent_classes(logits, data.y_train) if self.mask_absent_classes else logits

@@ -12,23 +12,23 @@ that frequent classes gain under a long tail. Training continues from the raw
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
-from flwr.app import Array, ArrayRecord, MetricRecord
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
 
-def classifier_keys(arrays: ArrayRecord) -> tuple[str, str | None]:
-    """The classifier's weight key (the last 2-D entry) and its bias key, if any.
+def classifier_key(arrays: ArrayRecord) -> str:
+    """The classifier's weight: the last 2-D entry of the state.
 
-    Matches `fedsim.models.classifier_layer` (the model's last `nn.Linear`) for
-    models whose state lists that layer's weight after every other matrix.
+    It is `fedsim.models.classifier_layer`'s weight (the model's last `nn.Linear`)
+    when no matrix is registered after that layer; preflight checks the pair.
     """
     matrices = [key for key, array in arrays.items() if len(array.shape) == 2]
     if not matrices:
         raise ValueError("FedLoGe needs a model whose last layer is linear (no 2-D entry found)")
-    weight = matrices[-1]
-    bias = weight[: -len("weight")] + "bias" if weight.endswith("weight") else None
-    return weight, bias if bias in arrays else None
+    return matrices[-1]
 
 
 def realign_rows(weight: np.ndarray, norm: float) -> np.ndarray:
@@ -58,18 +58,19 @@ class FedLoGe(FedAvg):
 
     def evaluation_arrays(self, arrays: ArrayRecord) -> ArrayRecord:
         """The generic model: `arrays` with the classifier rows realigned to `generic_norm`."""
-        weight_key, _ = classifier_keys(arrays)
+        weight_key = classifier_key(arrays)
         realigned = ArrayRecord({key: array for key, array in arrays.items()})
         weight = arrays[weight_key].numpy()
         realigned[weight_key] = Array(realign_rows(weight, self.generic_norm).astype(weight.dtype))
         return realigned
 
-    def aggregate_train(self, server_round, replies):
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """FedAvg, plus the spread of g_aux's row norms (what GLA-FR evens out)."""
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None and metrics is not None:
-            weight_key, _ = classifier_keys(arrays)
-            norms = np.linalg.norm(arrays[weight_key].numpy(), axis=1)
+            norms = np.linalg.norm(arrays[classifier_key(arrays)].numpy(), axis=1)
             metrics = MetricRecord(dict(metrics))
             metrics["aux-norm-max"] = float(norms.max())
             metrics["aux-norm-min"] = float(norms.min())
