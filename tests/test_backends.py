@@ -24,7 +24,9 @@ def ray_session():
     ["strategy=fedld", "client=fedld"],
     ["strategy=frl", "client=frl", "model=supermask_mlp", "attack=rank_reversal",
      "attack.fraction=0.25", "attack.colluders=2"],
-], ids=["fedavg", "fedld-deltas", "frl-rankings-under-attack"])
+    ["strategy=fedloge", "client=fedloge", "client.etf_steps=100",
+     "data.imbalance_factor=0.1"],
+], ids=["fedavg", "fedld-deltas", "frl-rankings-under-attack", "fedloge-local-heads"])
 def test_ray_backend_matches_inprocess_exactly(tiny_cfg, ray_session, method):
     overrides = ["partition=dirichlet", "num_rounds=3", "num_clients=8", "clients_per_round=3",
                  "evaluation.clients_per_round=3", *method]
