@@ -107,20 +107,23 @@ def measure_cells(grid: Grid, rounds: int) -> dict[tuple[str, float, str], list[
 
 
 def stats_of(values: dict[tuple[str, float, str], list[float]]) -> dict[Any, tuple]:
-    return {key: (*mean_std(v), len(v)) for key, v in values.items()}
+    return {key: ((*mean_std(v), len(v)) if all(map(math.isfinite, v))
+                  else (math.nan, math.nan, len(v)))
+            for key, v in values.items()}
 
 
 def table(stats: dict, kind: str, group: str = "") -> str:
     columns = [f"{kind} {c}" + (f" {group}" if group else "") for c in COLUMNS[kind]]
-    text = markdown_table(stats, columns, "IF")
+    text = markdown_table(stats, columns, "IF").replace("nan ± nan", "n/a")
     header = " | ".join(COLUMNS[kind])
     first, *rest = text.splitlines()
     first = first.split(" | ")[0] + " | IF | " + header + " |"
     return "\n".join([first, *rest])
 
 
-def gains(stats: dict) -> dict[str, float]:
-    """FedLoGe minus the best baseline, averaged over all settings, per measure (points)."""
+def gains(stats: dict) -> dict[str, tuple[float, int]]:
+    """FedLoGe minus the best baseline in points, averaged over the settings where both
+    are measured; with the number of those settings."""
     out = {}
     for kind, columns in COLUMNS.items():
         for group in ("", *GROUPS):
@@ -130,9 +133,15 @@ def gains(stats: dict) -> dict[str, float]:
                 ours = stats[(dataset, value, f"{kind} FedLoGe{sfx}")][0]
                 best = max(stats[(dataset, value, f"{kind} {c}{sfx}")][0]
                            for c in columns if not c.startswith("FedLoGe"))
-                diffs.append(100 * (ours - best))
-            out[f"{kind}{sfx or ' all'}"] = sum(diffs) / len(diffs)
+                if math.isfinite(ours - best):  # n/a: no client had test samples there
+                    diffs.append(100 * (ours - best))
+            out[f"{kind}{sfx or ' all'}"] = (sum(diffs) / len(diffs), len(diffs))
     return out
+
+
+def _gain(points: float, measured: int, settings: int) -> str:
+    text = f"{points:+.1f}"
+    return text if measured == settings else f"{text} ({measured} of {settings})"
 
 
 def write_report(args: argparse.Namespace, grid: Grid) -> None:
@@ -180,10 +189,13 @@ def write_report(args: argparse.Namespace, grid: Grid) -> None:
         f"## FedLoGe (norm 1.0) minus the best baseline, averaged over the {settings} "
         "settings (points)\n",
         "| measure | all | head | middle | tail |", "|---|---:|---:|---:|---:|",
-        *(f"| {kind} | {delta[f'{kind} all']:+.1f} | "
-          + " | ".join(f"{delta[f'{kind} {g}']:+.1f}" for g in GROUPS) + " |"
+        *(f"| {kind} | " + " | ".join(_gain(*delta[f"{kind} {g}"], settings)
+                                       for g in ("all", *GROUPS)) + " |"
           for kind in COLUMNS),
         "",
+        "n/a: no client had a test sample of that group in some seed (digits' tail "
+        "classes keep 1 to 4 training samples at these imbalance factors, and a client's "
+        "test split is half its training size).\n",
         "![generic and local accuracy](fedloge.png)\n",
     ]
     out = args.out
