@@ -59,12 +59,18 @@ def mask_absent_classes(logits: torch.Tensor, train_labels: torch.Tensor) -> tor
     return logits.masked_fill(~present, float("-inf"))
 
 
-def _weight_key(key: str) -> str:
-    """The count that weights `key`: `num-examples-tail` for `accuracy-tail`, else the total."""
+def count_key(key: str) -> str:
+    """The count behind metric `key`: `num-examples-tail` for `accuracy-tail`, else the total."""
     for name in GROUPS:
         if key.endswith(f"-{name}"):
             return f"{NUM_EXAMPLES}-{name}"
     return NUM_EXAMPLES
+
+
+def measured(metrics: dict[str, float | int]) -> dict[str, float | int]:
+    """The metrics without their counts, and without the groups that had no samples."""
+    return {key: value for key, value in metrics.items()
+            if not key.startswith(NUM_EXAMPLES) and metrics.get(count_key(key), 1) > 0}
 
 
 def aggregate_client_evaluations(records: list[RecordDict], weighting_key: str) -> MetricRecord:
@@ -84,8 +90,9 @@ def aggregate_client_evaluations(records: list[RecordDict], weighting_key: str) 
     out = MetricRecord({"clients": len(metrics)})
     keys = [k for k in metrics[0] if not k.startswith(NUM_EXAMPLES) and k != weighting_key]
     for key in keys:
-        count_key = weighting_key if _weight_key(key) == NUM_EXAMPLES else _weight_key(key)
-        weights = [float(m.get(count_key, 0)) for m in metrics]
+        weight_key = count_key(key)
+        weight_key = weighting_key if weight_key == NUM_EXAMPLES else weight_key
+        weights = [float(m.get(weight_key, 0)) for m in metrics]
         total = sum(weights)
         if total <= 0:
             continue

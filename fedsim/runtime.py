@@ -48,7 +48,7 @@ def check_model_fits(cfg: DictConfig, data: FederatedData) -> None:
             f"{data.input_shape}: {cause}; pick a model that fits (model=mlp fits any dataset)"
         ) from err
     _check_supermask_for_rankings(cfg, model)
-    _check_features_for_etf(cfg, model, data.num_classes)
+    _check_fedloge_model(cfg, model, data.num_classes)
     if tuple(logits.shape) != (2, data.num_classes):
         raise ConfigError(
             f"model ({cfg.model._target_}) returns shape {tuple(logits.shape)[1:]} per sample, "
@@ -70,7 +70,7 @@ def _check_supermask_for_rankings(cfg: DictConfig, model: nn.Module) -> None:
         )
 
 
-def _check_features_for_etf(cfg: DictConfig, model: nn.Module, num_classes: int) -> None:
+def _check_fedloge_model(cfg: DictConfig, model: nn.Module, num_classes: int) -> None:
     """FedLoGe: an ETF needs features >= classes; client and server find the same head."""
     from flwr.app import ArrayRecord
 

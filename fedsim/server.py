@@ -22,7 +22,7 @@ from fedsim.attacks.base import attach_attack
 from fedsim.backends.base import MeteredGrid
 from fedsim.clients.base import predict, resolve_device
 from fedsim.datasets.federated import FederatedData
-from fedsim.metrics import NUM_EXAMPLES, aggregate_client_evaluations, classification_metrics
+from fedsim.metrics import aggregate_client_evaluations, classification_metrics, measured
 from fedsim.recording import RunRecorder
 from fedsim.runtime import initial_model, preflight
 
@@ -64,16 +64,9 @@ def make_evaluator(model: nn.Module, data: FederatedData, strategy: Strategy | N
         if transform is not None:
             arrays = transform(arrays)
         model.load_state_dict(arrays.to_torch_state_dict())
-        metrics = classification_metrics(predict(model, x_test), y_test, data.class_groups)
-        return {k: v for k, v in metrics.items()
-                if not k.startswith(NUM_EXAMPLES) and metrics.get(_count_of(k), 1) > 0}
+        return measured(classification_metrics(predict(model, x_test), y_test, data.class_groups))
 
     return evaluate
-
-
-def _count_of(key: str) -> str:
-    """`num-examples-tail` for `accuracy-tail`: an empty group has no accuracy to report."""
-    return f"{NUM_EXAMPLES}-{key.rsplit('-', 1)[-1]}"
 
 
 def run_server(grid: Grid, cfg: DictConfig) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from fedsim.metrics import (
     aggregate_client_evaluations,
     classification_metrics,
     mask_absent_classes,
+    measured,
 )
 from fedsim.models import MLP, classifier_layer, features
 from fedsim.strategies.fedloge import FedLoGe, classifier_key, realign_rows
@@ -57,6 +58,12 @@ def test_classification_metrics_split_by_group_and_keep_every_key():
     assert (m["num-examples-head"], m["num-examples-tail"]) == (1, 2)
     empty = classification_metrics(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), groups)
     assert set(empty) == set(m) and empty["accuracy-tail"] == 0 and empty["num-examples"] == 0
+
+
+def test_measured_metrics_drop_counts_and_empty_groups():
+    m = {"loss": 1.0, "accuracy": 0.5, "num-examples": 4, "accuracy-head": 0.5,
+         "num-examples-head": 4, "accuracy-tail": 0.0, "num-examples-tail": 0}
+    assert measured(m) == {"loss": 1.0, "accuracy": 0.5, "accuracy-head": 0.5}
 
 
 def _reply(**metrics) -> RecordDict:

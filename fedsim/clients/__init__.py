@@ -1,5 +1,5 @@
 """Local trainers: what a client does with the arrays it receives."""
 
-from fedsim.clients.base import Trainer, TrainOutput, evaluate_model
+from fedsim.clients.base import Trainer, TrainOutput, predict
 
-__all__ = ["TrainOutput", "Trainer", "evaluate_model"]
+__all__ = ["TrainOutput", "Trainer", "predict"]

@@ -180,13 +180,3 @@ def predict(
         )
     finally:
         model.train(was_training)
-
-
-def evaluate_model(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024
-) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of `model` on (x, y); (nan, nan) when empty."""
-    if len(y) == 0:
-        return float("nan"), float("nan")
-    metrics = classification_metrics(predict(model, x, batch_size), y)
-    return metrics["loss"], metrics["accuracy"]

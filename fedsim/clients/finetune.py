@@ -46,16 +46,18 @@ class FineTuneTrainer(SGDTrainer):
         super().__init__(model_fn, **kwargs)
         self.finetune_epochs = finetune_epochs
         self.mask_absent_classes = mask_absent_classes
-        self._global_logits = torch.zeros(0)  # the received head's, from the last test_logits
 
     def evaluate(
         self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData, state: RecordDict
     ) -> dict[str, float | int]:
         """The fine-tuned head's metrics, plus `global-loss` / `global-accuracy*` of the
         received model (no fine-tuning; the same class mask)."""
-        self._global_logits = torch.zeros(0, data.num_classes)
-        metrics = super().evaluate(arrays, config, data, state)
-        plain = classification_metrics(self._global_logits, data.y_test, data.class_groups)
+        if len(data.y_test) == 0:
+            received = tuned = torch.zeros(0, data.num_classes)
+        else:
+            received, tuned = self.received_and_tuned_logits(arrays, config, data)
+        metrics = classification_metrics(tuned, data.y_test, data.class_groups)
+        plain = classification_metrics(received, data.y_test, data.class_groups)
         for key, value in plain.items():
             if not key.startswith(NUM_EXAMPLES):
                 metrics[f"global-{key}"] = value
@@ -64,16 +66,23 @@ class FineTuneTrainer(SGDTrainer):
     def test_logits(
         self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData, state: RecordDict
     ) -> torch.Tensor:
-        """Logits of the global backbone with a head fine-tuned on the client's training set.
+        """Logits of the global backbone with a head fine-tuned on the client's training set."""
+        return self.received_and_tuned_logits(arrays, config, data)[1]
 
-        The received head's logits on the same features are kept for `evaluate`.
+    def received_and_tuned_logits(
+        self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Test logits of the received head and of a copy fine-tuned on the training set.
+
+        Both read the same frozen backbone features, computed once.
         """
         model = self.load_model(arrays)
         head = copy.deepcopy(classifier_layer(model))
         read_features = partial(features, model)
         test_feats = predict(model, data.x_test, self.eval_batch_size, read_features)
+        test_feats = test_feats.to(self.device)
         with torch.no_grad():
-            self._global_logits = self._masked(head(test_feats.to(self.device)).cpu(), data)
+            received = self._masked(head(test_feats).cpu(), data)
         train_feats = predict(model, data.x_train, self.eval_batch_size, read_features)
         train_feats = train_feats.to(self.device)
         y = data.y_train.to(self.device)
@@ -85,7 +94,7 @@ class FineTuneTrainer(SGDTrainer):
         self.sgd_epochs(list(head.parameters()), data, server_round, loss_of,
                         self.finetune_epochs)
         with torch.no_grad():
-            return self._masked(head(test_feats.to(self.device)).cpu(), data)
+            return received, self._masked(head(test_feats).cpu(), data)
 
     def _masked(self, logits: torch.Tensor, data: ClientData) -> torch.Tensor:
         return mask_absent_classes(logits, data.y_train) if self.mask_absent_classes else logits

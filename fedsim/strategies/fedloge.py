@@ -52,8 +52,6 @@ class FedLoGe(FedAvg):
 
     def __init__(self, generic_norm: float = 1.7, **kwargs) -> None:
         super().__init__(**kwargs)
-        if not generic_norm > 0:
-            raise ValueError(f"strategy.generic_norm must be > 0, got {generic_norm}")
         self.generic_norm = generic_norm
 
     def evaluation_arrays(self, arrays: ArrayRecord) -> ArrayRecord:
