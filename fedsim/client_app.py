@@ -9,9 +9,12 @@ from flwr.clientapp import ClientApp
 from fedsim.clients.base import Trainer, round_seed
 from fedsim.config import from_run_config
 from fedsim.datasets.federated import ClientData
-from fedsim.runtime import client_runtime
+from fedsim.errors import ConfigError
+from fedsim.runtime import client_runtime, local_file_runtime
 
 PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+DATA_PATH = "data-path"  # a SuperNode's own .npz file instead of its share of the run's dataset
 
 
 def make_client_app(config_json: str | None = None) -> ClientApp:
@@ -19,8 +22,12 @@ def make_client_app(config_json: str | None = None) -> ClientApp:
     app = ClientApp()
 
     def node_inputs(context: Context) -> tuple[Trainer, ClientData]:
-        data, trainer = client_runtime(from_run_config(context.run_config, config_json))
-        return trainer, data.client(int(context.node_config[PARTITION_ID]))
+        cfg = from_run_config(context.run_config, config_json)
+        partition_id = node_partition(context.node_config, cfg.num_clients)
+        if DATA_PATH in context.node_config:
+            return local_file_runtime(cfg, str(context.node_config[DATA_PATH]), partition_id)
+        data, trainer = client_runtime(cfg)
+        return trainer, data.client(partition_id)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -47,6 +54,24 @@ def make_client_app(config_json: str | None = None) -> ClientApp:
         return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
     return app
+
+
+def node_partition(node_config: dict, num_clients: int) -> int:
+    """This node's partition id from its `--node-config`, checked against the run."""
+    partition = node_config.get(PARTITION_ID)
+    if not isinstance(partition, int) or isinstance(partition, bool) \
+            or not 0 <= partition < num_clients:
+        raise ConfigError(
+            f"node_config {PARTITION_ID} must be an integer in [0, {num_clients - 1}] for "
+            f"this run's num_clients={num_clients} (got {partition!r})"
+        )
+    partitions = node_config.get(NUM_PARTITIONS, num_clients)
+    if partitions != num_clients:
+        raise ConfigError(
+            f"node_config {NUM_PARTITIONS} must equal the run's num_clients={num_clients} "
+            f"(got {partitions!r})"
+        )
+    return partition
 
 
 def _config(msg: Message) -> ConfigRecord:

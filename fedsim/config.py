@@ -2,13 +2,15 @@
 
 The resolved Hydra config travels to the ServerApp and ClientApps as one JSON
 string in Flower's `run_config` (key `fedsim-config`), so simulation and
-deployment share a single configuration path.
+deployment share a single configuration path. A bare `flwr run` (no
+`fedsim-config`) composes the Hydra config from the `overrides` key instead.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import shlex
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedsim.errors import ConfigError
 
 RUN_CONFIG_KEY = "fedsim-config"
+OVERRIDES_KEY = "overrides"  # Hydra overrides, e.g. "strategy=fedld num_rounds=5"
 GROUPS = (
     "strategy", "client", "dataset", "partition", "model", "backend", "logger", "attack", "devices",
 )
@@ -35,15 +38,27 @@ def _parse(config_json: str) -> DictConfig:
     return cfg
 
 
+@lru_cache(maxsize=8)
+def _compose_overrides(overrides: str) -> DictConfig:
+    from hydra.errors import HydraException
+
+    try:
+        cfg = compose(shlex.split(overrides))
+    except (HydraException, ValueError) as err:
+        raise ConfigError(f"run_config {OVERRIDES_KEY}: {err}") from err
+    return _parse(to_run_config(cfg)[RUN_CONFIG_KEY])
+
+
 def from_run_config(run_config: dict[str, Any], default_json: str | None = None) -> DictConfig:
-    """The fedsim config from a Flower `run_config` (parsed once per distinct string)."""
+    """The fedsim config from a Flower `run_config` (parsed once per distinct string).
+
+    `fedsim-config` (what the `fedsim` CLI sends) wins; without it the config is
+    composed from `conf/` with the `overrides` string, as `flwr run` users pass it.
+    """
     config_json = run_config.get(RUN_CONFIG_KEY) or default_json
-    if not config_json:
-        raise ConfigError(
-            f"run_config has no '{RUN_CONFIG_KEY}': start runs with the `fedsim` CLI, or pass "
-            f"--run-config \"{RUN_CONFIG_KEY}='<json>'\" to `flwr run`"
-        )
-    return _parse(str(config_json))
+    if config_json:
+        return _parse(str(config_json))
+    return _compose_overrides(str(run_config.get(OVERRIDES_KEY, "")))
 
 
 def _require(ok: bool, field: str, allowed: str, value: Any) -> None:
@@ -308,7 +323,15 @@ def _validate_staleness(cfg: DictConfig) -> None:
 
 
 def _validate_backend_and_logger(cfg: DictConfig) -> None:
+    from hydra.utils import get_class
+
+    from fedsim.backends.deployment import DeploymentBackend, check_deployment_settings
+
     backend = cfg.backend
+    if issubclass(get_class(backend._target_), DeploymentBackend):
+        check_deployment_settings(backend.get("superlink"), backend.get("root_certificates"),
+                                  backend.get("insecure", False), backend.get("node_auth", True),
+                                  backend.get("timeout_s", 3600.0))
     if backend.get("num_actors") is not None:
         _require(_is_int(backend.num_actors) and backend.num_actors >= 1,
                  "backend.num_actors", "an integer >= 1 or null", backend.num_actors)

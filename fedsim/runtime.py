@@ -17,7 +17,7 @@ from torch import nn
 
 from fedsim.clients.base import Trainer
 from fedsim.config import client_uploads, validate
-from fedsim.datasets.federated import FederatedData, build_federated_data
+from fedsim.datasets.federated import ClientData, FederatedData, build_federated_data
 from fedsim.errors import ConfigError
 from fedsim.recording import prepare_run_dir
 
@@ -158,4 +158,38 @@ def client_runtime(cfg: DictConfig) -> tuple[FederatedData, Trainer]:
         if len(_RUNTIMES) >= 2:  # runs of a sweep replace each other
             _RUNTIMES.pop(next(iter(_RUNTIMES)))
         _RUNTIMES[id(cfg)] = entry
+    return entry[1], entry[2]
+
+
+_FILE_RUNTIMES: dict[tuple[int, str], tuple[DictConfig, Trainer, ClientData]] = {}
+
+
+def local_file_runtime(cfg: DictConfig, path: str, partition_id: int) -> tuple[Trainer, ClientData]:
+    """Trainer and data for a SuperNode that holds its own `.npz` file (`data-path`).
+
+    The node never builds the run's dataset: the model's input shape comes from the
+    file, and the class count from `dataset.num_classes` when the run sets it, else
+    from the file's `num_classes` entry, else from its largest label.
+    """
+    key = (id(cfg), path)
+    entry = _FILE_RUNTIMES.get(key)
+    if entry is None or entry[0] is not cfg:
+        from fedsim.datasets.npz import load
+
+        torch.set_num_threads(cfg.torch_threads)
+        splits = load(path, num_classes=cfg.dataset.get("num_classes"),
+                      test_fraction=cfg.data.client_test_ratio / (1 + cfg.data.client_test_ratio),
+                      split_seed=cfg.seed)
+        data = ClientData(
+            partition_id=partition_id,
+            x_train=torch.from_numpy(splits.x_train), y_train=torch.from_numpy(splits.y_train),
+            x_test=torch.from_numpy(splits.x_test), y_test=torch.from_numpy(splits.y_test),
+            num_classes=splits.num_classes,
+        )
+        model_fn = partial(instantiate, cfg.model, input_shape=list(splits.input_shape),
+                           num_classes=splits.num_classes)
+        trainer = instantiate(cfg.client, model_fn=model_fn, seed=cfg.seed, device=cfg.device)
+        entry = (cfg, trainer, data)
+        _FILE_RUNTIMES.clear()
+        _FILE_RUNTIMES[key] = entry
     return entry[1], entry[2]

@@ -98,10 +98,15 @@ def check_splits(splits: ArraySplits, source: str = "data") -> None:
 def stratified_split(
     x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Split arrays into train/test keeping the class proportions (sklearn)."""
+    """Split arrays into train/test keeping the class proportions (sklearn).
+
+    A class with a single sample cannot be split both ways; then the split is a
+    plain seeded shuffle (small per-node files hit this).
+    """
     from sklearn.model_selection import train_test_split
 
+    _, counts = np.unique(y, return_counts=True)
     x_tr, x_te, y_tr, y_te = train_test_split(
-        x, y, test_size=test_fraction, random_state=seed, stratify=y
+        x, y, test_size=test_fraction, random_state=seed, stratify=y if counts.min() > 1 else None
     )
     return x_tr, y_tr, x_te, y_te

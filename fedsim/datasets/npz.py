@@ -18,7 +18,8 @@ def load(
 ) -> ArraySplits:
     """Load `x_train, y_train, x_test, y_test` (or `x, y`, split here) from an .npz file.
 
-    An optional `ids` array (one per training sample) enables natural partitioning.
+    An optional `ids` array (one per training sample) enables natural partitioning; an
+    optional scalar `num_classes` gives the class count when `num_classes` is None.
     """
     file = Path(path).expanduser()
     if not file.is_file():
@@ -28,6 +29,8 @@ def load(
     except (OSError, ValueError) as err:
         raise DataError(f"dataset.path: '{file}' is not a readable .npz file ({err})") from err
     ids = arrays.get("ids")
+    if num_classes is None and "num_classes" in arrays:
+        num_classes = int(arrays["num_classes"])
     if {"x_train", "y_train", "x_test", "y_test"} <= arrays.keys():
         parts = (arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"])
     elif {"x", "y"} <= arrays.keys():

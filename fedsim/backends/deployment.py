@@ -1,0 +1,106 @@
+"""The same ServerApp and ClientApp on Flower's deployment runtime (SuperLink, SuperNodes, gRPC).
+
+With `superlink: null` the backend starts a federation on loopback: one SuperLink
+and `num_clients` SuperNodes (node i holds partition i), TLS and SuperNode
+authentication on unless asked otherwise. It submits the run with `flwr run`,
+waits for it to end, and stops every process it started, by pid. With
+`superlink: host:port` it submits to a SuperLink that is already running; the
+SuperNodes are started on their own machines (README, "Deployment").
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from fedsim.config import to_run_config
+from fedsim.deployment import (
+    DeploymentError,
+    LocalFederation,
+    RunResult,
+    submit_run,
+    write_connection,
+)
+from fedsim.errors import ConfigError
+
+log = logging.getLogger("fedsim")
+WORK_DIR = "deployment"  # inside the run's output_dir: certificates, keys, logs, FLWR_HOME
+ADDRESS = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):\d{1,5}$")
+
+
+def check_deployment_settings(superlink: str | None, root_certificates: str | None,
+                              insecure: bool, node_auth: bool, timeout_s: float) -> None:
+    """Raise a `ConfigError` naming the first backend field that is not allowed."""
+    if superlink is not None and not (isinstance(superlink, str) and ADDRESS.match(superlink)):
+        raise ConfigError(
+            "backend.superlink must be null (start a local federation) or the Control API "
+            f"address host:port of a running SuperLink (got {superlink!r})"
+        )
+    if root_certificates is not None:
+        if superlink is None:
+            raise ConfigError("backend.root_certificates is for backend.superlink; a local "
+                              "federation makes its own certificates (set it to null)")
+        if insecure:
+            raise ConfigError("backend.root_certificates and backend.insecure=true exclude each "
+                              "other: pick TLS with that CA, or no TLS")
+        if not Path(root_certificates).expanduser().is_file():
+            raise ConfigError(f"backend.root_certificates: no such file '{root_certificates}'")
+    for name, value in (("insecure", insecure), ("node_auth", node_auth)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"backend.{name} must be true or false (got {value!r})")
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or timeout_s <= 0:
+        raise ConfigError(f"backend.timeout_s must be a number of seconds > 0 (got {timeout_s!r})")
+
+
+class DeploymentBackend:
+    """Runs the fedsim apps through `flwr run` on a SuperLink: local (loopback) or remote.
+
+    Parameters
+    ----------
+    superlink : Control API address (host:port) of a running SuperLink; None starts a
+        local federation with `num_clients` SuperNodes.
+    root_certificates : CA certificate (PEM) that signed that SuperLink's TLS certificate;
+        None uses the system's trusted CAs.
+    insecure : plain gRPC without TLS, only when asked.
+    node_auth : local federation only: register each SuperNode's key and refuse others.
+    timeout_s : longest the run may take once submitted.
+    """
+
+    def __init__(self, superlink: str | None = None, root_certificates: str | None = None,
+                 insecure: bool = False, node_auth: bool = True,
+                 timeout_s: float = 3600.0) -> None:
+        check_deployment_settings(superlink, root_certificates, insecure, node_auth, timeout_s)
+        self.superlink = superlink
+        self.root_certificates = root_certificates
+        self.insecure = insecure
+        self.node_auth = node_auth
+        self.timeout_s = float(timeout_s)
+
+    def run(self, cfg: DictConfig) -> None:
+        work_dir = Path(cfg.output_dir) / WORK_DIR
+        run_config = to_run_config(cfg)
+        if self.superlink is None:
+            with LocalFederation(work_dir, cfg.num_clients, tls=not self.insecure,
+                                 node_auth=self.node_auth) as federation:
+                log.info("local federation: SuperLink %s, %d SuperNodes (TLS %s, node auth %s)",
+                         federation.fleet_address, cfg.num_clients,
+                         "on" if not self.insecure else "off",
+                         "on" if self.node_auth else "off")
+                result = submit_run(run_config, federation.flwr_home, work_dir, self.timeout_s)
+        else:
+            flwr_home = work_dir / "flwr-home"
+            certificates = self.root_certificates
+            write_connection(flwr_home, self.superlink,
+                             Path(certificates).expanduser() if certificates else None,
+                             self.insecure)
+            result = submit_run(run_config, flwr_home, work_dir, self.timeout_s)
+        _check_completed(result, work_dir)
+
+
+def _check_completed(result: RunResult, work_dir: Path) -> None:
+    if result.status != "finished:completed":
+        raise DeploymentError(f"run {result.run_id} ended as '{result.status}'; the ServerApp's "
+                              f"log is in {work_dir / 'run.log'}")

@@ -1,0 +1,243 @@
+"""Deployment on Flower's SuperLink/SuperNodes: TLS files, node keys, run config, and an
+end-to-end run on loopback (TLS and SuperNode authentication on) against a simulation."""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import ssl
+import stat
+import zipfile
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from fedsim.backends import deployment as deployment_backend
+from fedsim.backends.deployment import check_deployment_settings
+from fedsim.client_app import make_client_app, node_partition
+from fedsim.config import from_run_config, to_run_config
+from fedsim.deployment import (
+    APP_DIR,
+    LocalFederation,
+    make_node_key,
+    make_tls_files,
+    submit_run,
+    write_connection,
+)
+from fedsim.errors import ConfigError, DataError
+from fedsim.experiment import run_experiment
+from fedsim.runtime import initial_model, local_file_runtime, preflight
+from tests.conftest import read_metrics, without_timing
+
+# --------------------------------------------------------------------------- TLS and keys
+
+
+def test_the_ca_signs_a_server_certificate_for_the_loopback_names(tmp_path):
+    files = make_tls_files(tmp_path, hosts=["127.0.0.1", "localhost", "link.example.org"])
+    ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(files.server_cert.read_bytes())
+    server.verify_directly_issued_by(ca)  # raises if the CA did not sign it
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert names.get_values_for_type(x509.DNSName) == ["localhost", "link.example.org"]
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert stat.S_IMODE(files.server_key.stat().st_mode) == 0o600
+
+
+def test_node_keys_are_what_flower_registers_and_loads(tmp_path):
+    from flwr.cli.supernode.register import try_load_public_key
+
+    key = make_node_key(tmp_path, "node-0")
+    assert key.public.read_text().startswith("ecdsa-sha2-nistp384 ")
+    assert try_load_public_key(key.public).startswith(b"-----BEGIN PUBLIC KEY-----")
+    private = load_ssh_private_key(key.private.read_bytes(), password=None)
+    assert isinstance(private, ec.EllipticCurvePrivateKey)
+    assert stat.S_IMODE(key.private.stat().st_mode) == 0o600
+
+
+def test_flower_reads_the_connection_fedsim_writes(tmp_path, monkeypatch):
+    from flwr.cli.flower_config import read_superlink_connection
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    write_connection(tmp_path, "10.0.0.5:9093", tmp_path / "ca.crt", insecure=False)
+    connection = read_superlink_connection()
+    assert connection.address == "10.0.0.5:9093"
+    assert connection.root_certificates == str((tmp_path / "ca.crt").resolve())
+    assert not connection.insecure
+    write_connection(tmp_path, "127.0.0.1:9093", None, insecure=True)
+    assert read_superlink_connection().insecure
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"superlink": "no-port"}, "backend.superlink"),
+    ({"superlink": "host:9093; rm -rf /"}, "backend.superlink"),
+    ({"root_certificates": "ca.crt"}, "backend.root_certificates is for backend.superlink"),
+    ({"superlink": "h:1", "root_certificates": "/no/such.crt"}, "no such file"),
+    ({"superlink": "h:1", "root_certificates": __file__, "insecure": True}, "exclude each other"),
+    ({"insecure": "yes"}, "backend.insecure"),
+    ({"node_auth": 1}, "backend.node_auth"),
+    ({"timeout_s": 0}, "backend.timeout_s"),
+])
+def test_bad_deployment_settings_are_refused_by_name(kwargs, field):
+    settings = {"superlink": None, "root_certificates": None, "insecure": False,
+                "node_auth": True, "timeout_s": 60, **kwargs}
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        check_deployment_settings(**settings)
+
+
+def test_the_cli_refuses_bad_deployment_settings_before_any_work(tiny_cfg):
+    cfg = tiny_cfg("backend=deployment", "backend.superlink=nowhere")
+    with pytest.raises(ConfigError, match="backend.superlink"):
+        run_experiment(cfg)
+    assert not (Path(cfg.output_dir) / "deployment").exists()
+
+
+def test_attacks_and_delays_need_a_simulated_grid(tiny_cfg):
+    with pytest.raises(ConfigError, match="backend"):
+        preflight(tiny_cfg("backend=deployment", "strategy=fedbuff", "devices=fixed"))
+
+
+# --------------------------------------------------------------------------- run config
+
+
+def test_a_bare_flwr_run_composes_the_config_from_overrides():
+    cfg = from_run_config({"overrides": "strategy=fedprox num_rounds=3 'model=mlp'",
+                           "fedsim-config": ""})
+    assert (cfg.num_rounds, cfg.model._target_) == (3, "fedsim.models.MLP")
+    assert cfg.strategy._target_.endswith("FedProx")
+    assert from_run_config({}).num_rounds == from_run_config({"overrides": ""}).num_rounds
+    with pytest.raises(ConfigError, match="run_config overrides"):
+        from_run_config({"overrides": "strategy=no_such_strategy"})
+
+
+def test_the_fedsim_config_wins_over_overrides(tiny_cfg):
+    cfg = tiny_cfg("num_rounds=7")
+    run_config = {**to_run_config(cfg), "overrides": "num_rounds=3"}
+    assert from_run_config(run_config).num_rounds == 7
+
+
+def test_the_app_bundle_ships_the_package_and_the_configs():
+    from flwr.cli.build import build_fab_from_disk
+
+    names = zipfile.ZipFile(BytesIO(build_fab_from_disk(APP_DIR))).namelist()
+    for needed in ("fedsim/server_app.py", "fedsim/client_app.py", "fedsim/deployment.py",
+                   "conf/config.yaml", "conf/backend/deployment.yaml", "pyproject.toml"):
+        assert needed in names
+    assert not [name for name in names if name.startswith(("tests/", "docs/", "outputs/"))]
+
+
+# --------------------------------------------------------------------------- node config
+
+
+@pytest.mark.parametrize(("node_config", "message"), [
+    ({}, "partition-id must be an integer in \\[0, 3\\]"),
+    ({"partition-id": 4}, "partition-id"),
+    ({"partition-id": "1"}, "partition-id"),
+    ({"partition-id": 1, "num-partitions": 5}, "num-partitions must equal"),
+])
+def test_a_node_config_that_does_not_fit_the_run_is_refused(node_config, message):
+    with pytest.raises(ConfigError, match=message):
+        node_partition(node_config, 4)
+
+
+def _write_node_file(path, n=30, features=40, nan_label=False):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 10, n).astype(np.float64 if nan_label else np.int64)
+    if nan_label:
+        y[3] = np.nan
+    np.savez(path, x=rng.normal(size=(n, features)).astype(np.float32), y=y,
+             num_classes=np.array(10))
+
+
+def test_a_node_trains_on_its_own_data_file(tiny_cfg, tmp_path):
+    cfg = tiny_cfg()
+    _write_node_file(tmp_path / "site.npz")
+    run_config = to_run_config(cfg)
+    data, _ = preflight(cfg)
+    arrays = ArrayRecord(initial_model(cfg, data).state_dict())
+    message = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
+                      dst_node_id=1, message_type="train")
+    context = Context(run_id=1, node_id=1, state=RecordDict(), run_config=run_config,
+                      node_config={"partition-id": 2, "num-partitions": 6,
+                                   "data-path": str(tmp_path / "site.npz")})
+    reply = make_client_app()(message, context)
+    trained = reply.content["arrays"].to_torch_state_dict()
+    assert int(reply.content["metrics"]["num-examples"]) == len(local_file_runtime(
+        from_run_config(run_config), str(tmp_path / "site.npz"), 2)[1].y_train)
+    assert any(not torch.equal(trained[k], v) for k, v in arrays.to_torch_state_dict().items())
+
+
+def test_a_node_data_file_with_nan_labels_is_refused(tiny_cfg, tmp_path):
+    _write_node_file(tmp_path / "bad.npz", nan_label=True)
+    with pytest.raises(DataError, match="NaN"):
+        local_file_runtime(tiny_cfg(), str(tmp_path / "bad.npz"), 0)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_tls_deployment_with_node_auth_matches_the_simulation(tiny_cfg, monkeypatch):
+    """2 SuperNodes, 2 rounds, TLS on; an unregistered SuperNode is refused; every process
+    the backend started is gone afterwards; the metrics equal an in-process simulation's."""
+    overrides = ["num_clients=2", "clients_per_round=2", "evaluation.clients_per_round=2"]
+    simulated, deployed = tiny_cfg(*overrides), tiny_cfg(*overrides, "backend=deployment")
+    federations: list[LocalFederation] = []
+
+    def with_an_intruder(*args, **kwargs):
+        federation = LocalFederation(*args, **kwargs, unregistered_nodes=1)
+        federations.append(federation)
+        return federation
+
+    def check_tls_then_submit(*args, **kwargs):
+        federation = federations[0]
+        host, port = federation.fleet_address.rsplit(":", 1)
+        context = ssl.create_default_context(cafile=federation.tls_files.ca_cert)
+        context.set_alpn_protocols(["h2"])
+        with socket.create_connection((host, int(port))) as raw, \
+                context.wrap_socket(raw, server_hostname=host) as tls:
+            handshakes.append(tls.version())  # the Fleet API serves the CA's certificate
+        return submit_run(*args, **kwargs)
+
+    handshakes: list[str] = []
+    monkeypatch.setattr(deployment_backend, "LocalFederation",
+                        functools.wraps(LocalFederation)(with_an_intruder))
+    monkeypatch.setattr(deployment_backend, "submit_run", check_tls_then_submit)
+    run_experiment(deployed)
+    run_experiment(simulated)
+
+    federation = federations[0]
+    assert federation.tls and federation.node_auth
+    assert handshakes and handshakes[0].startswith("TLS")
+    work_dir = federation.directory
+    intruder_log = (work_dir / "logs" / "unregistered-0.log").read_text()
+    assert "Failed to activate SuperNode" in intruder_log
+    pids = [int(line.split()[0]) for line in (work_dir / "pids").read_text().splitlines()]
+    assert len(pids) == 4  # SuperLink, 2 registered SuperNodes, 1 intruder
+    assert not [pid for pid in pids if _alive(pid)]
+
+    rows_sim, rows_dep = read_metrics(simulated.output_dir), read_metrics(deployed.output_dir)
+    assert [r["round"] for r in rows_dep] == [0, 1, 2]
+    assert [r.get("client_eval/clients") for r in rows_dep] == [None, 2, 2]  # both nodes
+    for sim, dep in zip(without_timing(rows_sim), without_timing(rows_dep), strict=True):
+        assert dep.keys() == sim.keys()
+        for key, value in sim.items():
+            assert dep[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
