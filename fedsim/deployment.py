@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -342,24 +343,30 @@ class LocalFederation:
     started: list[Started] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.directory = Path(self.directory)
+        self.directory = Path(self.directory).resolve()  # processes run inside it
         self.flwr_home = self.directory / "flwr-home"
         fleet, control, runtime = free_ports(3)
         self.fleet_address = f"127.0.0.1:{fleet}"
         self.control_address = f"127.0.0.1:{control}"
         self._runtime_port = runtime
         self.tls_files: TlsFiles | None = None
+        self._previous_sigterm: signal.Handlers | None = None
 
     def __enter__(self) -> LocalFederation:
+        self._previous_sigterm = _exit_on_sigterm()
         try:
             self.start()
         except BaseException:
-            self.stop()
+            self.__exit__()
             raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        try:
+            self.stop()
+        finally:
+            if self._previous_sigterm is not None:
+                signal.signal(signal.SIGTERM, self._previous_sigterm)
 
     def start(self) -> None:
         """SuperLink first, then registered nodes, then any unregistered ones."""
@@ -492,7 +499,29 @@ class LocalFederation:
                 started.process.wait(timeout=max(0.0, deadline - time.monotonic()))
             _signal_group(started.process, signal.SIGKILL)  # children that ignored SIGTERM
             started.process.wait()
+            _wait_until_group_is_gone(started.process.pid)
         self.started.clear()
+
+
+def _exit_on_sigterm() -> signal.Handlers | None:
+    """Make SIGTERM raise SystemExit (so `stop` runs); return the handler it replaced.
+
+    Only the main thread may set handlers; elsewhere SIGTERM keeps its meaning.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+def _wait_until_group_is_gone(pgid: int, timeout: float = 5.0) -> None:
+    """Return once no process of group `pgid` is left (killed children are reaped by init)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
 
 
 def _signal_group(process: subprocess.Popen, sig: signal.Signals) -> None:

@@ -48,11 +48,6 @@ def test_run_config_round_trip_is_read_only(tiny_cfg):
         cfg.seed = 1
 
 
-def test_missing_run_config_explains_how_to_start(tiny_cfg):
-    with pytest.raises(ConfigError, match="fedsim-config"):
-        from_run_config({})
-
-
 def test_a_model_that_does_not_fit_the_dataset_is_a_config_error(tiny_cfg):
     from fedsim.experiment import run_experiment
 

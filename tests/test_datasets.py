@@ -92,3 +92,18 @@ def test_natural_partition_from_npz_ids(tmp_path, tiny_cfg):
     assert sorted(len(p) for p in data.train_parts) == [10, 20, 30]
     for part in data.train_parts:
         assert len(set(ids[part])) == 1
+
+
+def test_mnist1d_is_cached_on_disk_and_a_broken_cache_is_regenerated(tmp_path, monkeypatch):
+    from fedsim.datasets import mnist1d
+
+    monkeypatch.setenv("FEDSIM_CACHE", str(tmp_path))
+    fresh = mnist1d.load(num_samples=200)
+    (cached_file,) = tmp_path.glob("mnist1d-*-n200-*.npz")
+    cached = mnist1d.load(num_samples=200)
+    for part in ("x_train", "y_train", "x_test", "y_test"):
+        assert np.array_equal(getattr(fresh, part), getattr(cached, part))
+    cached_file.write_bytes(b"not an npz")
+    again = mnist1d.load(num_samples=200)
+    assert np.array_equal(again.x_train, fresh.x_train)
+    assert np.load(cached_file)["x"].shape == (160, 40)

@@ -139,7 +139,7 @@ def test_metered_grid_counts_payload_bytes_and_sorts_nodes(tiny_cfg):
 
     cfg = tiny_cfg()
     run_config = to_run_config(cfg)
-    grid = MeteredGrid(ShuffledGrid(app, 3, run_config))
+    grid = MeteredGrid(ShuffledGrid(app, cfg.num_clients, run_config))
     assert list(grid.get_node_ids()) == [1, 2, 3]
     data = build_federated_data(from_run_config(run_config))
     arrays = ArrayRecord(initial_model(cfg, data).state_dict())
@@ -158,7 +158,8 @@ def test_a_failing_client_becomes_an_error_reply(tiny_cfg):
     from fedsim.client_app import app
     from fedsim.config import to_run_config
 
-    grid = InProcessGrid(app, 2, to_run_config(tiny_cfg()))
+    cfg = tiny_cfg()
+    grid = InProcessGrid(app, cfg.num_clients, to_run_config(cfg))
     content = RecordDict({"arrays": ArrayRecord({"wrong": Array(np.zeros(3))}),
                           "config": ConfigRecord({"server-round": 1})})
     (reply,) = grid.send_and_receive([Message(content, dst_node_id=1, message_type="train")])
@@ -235,7 +236,7 @@ def test_global_torch_rng_draws_in_a_client_do_not_depend_on_the_process_state(t
     noise = []
     for outside_seed in (1, 2):
         torch.manual_seed(outside_seed)
-        grid = InProcessGrid(app, 3, run_config)
+        grid = InProcessGrid(app, cfg.num_clients, run_config)
         content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})})
         (reply,) = grid.send_and_receive([Message(content, dst_node_id=2, message_type="train")])
         noise.append(reply.content["metrics"]["noise"])

@@ -14,7 +14,7 @@ import logging
 import re
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fedsim.config import to_run_config
 from fedsim.deployment import (
@@ -80,7 +80,9 @@ class DeploymentBackend:
         self.timeout_s = float(timeout_s)
 
     def run(self, cfg: DictConfig) -> None:
-        work_dir = Path(cfg.output_dir) / WORK_DIR
+        work_dir = (Path(cfg.output_dir) / WORK_DIR).resolve()
+        if self.superlink is None:  # the ServerApp runs elsewhere: give it an absolute dir
+            cfg = OmegaConf.merge(cfg, {"output_dir": str(Path(cfg.output_dir).resolve())})
         run_config = to_run_config(cfg)
         if self.superlink is None:
             with LocalFederation(work_dir, cfg.num_clients, tls=not self.insecure,
