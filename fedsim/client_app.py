@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import NUM_PARTITIONS_KEY, PARTITION_ID_KEY
 
 from fedsim.clients.base import Trainer, round_seed
 from fedsim.config import from_run_config
 from fedsim.datasets.federated import ClientData
 from fedsim.errors import ConfigError
-from fedsim.runtime import client_runtime, local_file_runtime
+from fedsim.runtime import check_node_model, client_runtime, local_file_runtime
 
-PARTITION_ID = "partition-id"
-NUM_PARTITIONS = "num-partitions"
 DATA_PATH = "data-path"  # a SuperNode's own .npz file instead of its share of the run's dataset
 
 
@@ -21,17 +22,20 @@ def make_client_app(config_json: str | None = None) -> ClientApp:
     """A ClientApp reading the fedsim config from `run_config` (or `config_json`)."""
     app = ClientApp()
 
-    def node_inputs(context: Context) -> tuple[Trainer, ClientData]:
+    def node_inputs(msg: Message, context: Context) -> tuple[Trainer, ClientData]:
         cfg = from_run_config(context.run_config, config_json)
         partition_id = node_partition(context.node_config, cfg.num_clients)
         if DATA_PATH in context.node_config:
-            return local_file_runtime(cfg, str(context.node_config[DATA_PATH]), partition_id)
+            path = str(context.node_config[DATA_PATH])
+            runtime = local_file_runtime(cfg, path, partition_id)
+            check_node_model(runtime, msg.content["arrays"], path)
+            return runtime.trainer, runtime.data
         data, trainer = client_runtime(cfg)
         return trainer, data.client(partition_id)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        trainer, client_data = node_inputs(context)
+        trainer, client_data = node_inputs(msg, context)
         config = _config(msg)
         server_round = int(config.get("server-round", 0))
         seed = round_seed(trainer.seed, client_data.partition_id, server_round) + 1
@@ -49,26 +53,26 @@ def make_client_app(config_json: str | None = None) -> ClientApp:
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        trainer, client_data = node_inputs(context)
+        trainer, client_data = node_inputs(msg, context)
         metrics = trainer.evaluate(msg.content["arrays"], _config(msg), client_data, context.state)
         return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
     return app
 
 
-def node_partition(node_config: dict, num_clients: int) -> int:
+def node_partition(node_config: Mapping[str, object], num_clients: int) -> int:
     """This node's partition id from its `--node-config`, checked against the run."""
-    partition = node_config.get(PARTITION_ID)
+    partition = node_config.get(PARTITION_ID_KEY)
     if not isinstance(partition, int) or isinstance(partition, bool) \
             or not 0 <= partition < num_clients:
         raise ConfigError(
-            f"node_config {PARTITION_ID} must be an integer in [0, {num_clients - 1}] for "
+            f"node_config {PARTITION_ID_KEY} must be an integer in [0, {num_clients - 1}] for "
             f"this run's num_clients={num_clients} (got {partition!r})"
         )
-    partitions = node_config.get(NUM_PARTITIONS, num_clients)
+    partitions = node_config.get(NUM_PARTITIONS_KEY, num_clients)
     if partitions != num_clients:
         raise ConfigError(
-            f"node_config {NUM_PARTITIONS} must equal the run's num_clients={num_clients} "
+            f"node_config {NUM_PARTITIONS_KEY} must equal the run's num_clients={num_clients} "
             f"(got {partitions!r})"
         )
     return partition

@@ -21,6 +21,7 @@ from fedsim.errors import ConfigError
 
 RUN_CONFIG_KEY = "fedsim-config"
 OVERRIDES_KEY = "overrides"  # Hydra overrides, e.g. "strategy=fedld num_rounds=5"
+DEPLOYMENT_BACKEND = "fedsim.backends.deployment.DeploymentBackend"
 GROUPS = (
     "strategy", "client", "dataset", "partition", "model", "backend", "logger", "attack", "devices",
 )
@@ -40,12 +41,19 @@ def _parse(config_json: str) -> DictConfig:
 
 @lru_cache(maxsize=8)
 def _compose_overrides(overrides: str) -> DictConfig:
+    """The config a bare `flwr run` means: conf/ with `backend=deployment` and `overrides`.
+
+    The backend is fixed because these apps are already running on a SuperLink;
+    features that need simulation's node ids are then refused, as they must be.
+    """
     from hydra.errors import HydraException
 
     try:
-        cfg = compose(shlex.split(overrides))
+        cfg = compose(["backend=deployment", *shlex.split(overrides)])
     except (HydraException, ValueError) as err:
         raise ConfigError(f"run_config {OVERRIDES_KEY}: {err}") from err
+    _require(cfg.backend._target_ == DEPLOYMENT_BACKEND, f"run_config {OVERRIDES_KEY}",
+             "free of backend=... (a `flwr run` already runs on a SuperLink)", overrides)
     return _parse(to_run_config(cfg)[RUN_CONFIG_KEY])
 
 

@@ -3,8 +3,8 @@ federation on loopback, and run submission with `flwr run`.
 
 Everything here starts Flower's own executables (`flower-superlink`,
 `flower-supernode`, `flwr`) as subprocesses; fedsim adds no transport of its own.
-Each started process leads its own process group, so stopping it by pid also
-stops the SuperExec and app processes it spawned.
+Stopping a started process by pid also stops every process below it (the
+SuperExec, which Flower starts in a session of its own, and the app processes).
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import tomli_w
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -37,6 +38,7 @@ APP_DIR = Path(__file__).resolve().parent.parent  # pyproject.toml with [tool.fl
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 CONNECTION = "fedsim"  # the SuperLink connection fedsim writes into its FLWR_HOME
 STOP_GRACE_S = 10.0
+STOPPED_MARK = "# stopped"  # last line of the pids file once every process is gone
 
 
 class DeploymentError(FedsimError):
@@ -56,6 +58,7 @@ class TlsFiles:
 
 
 def _private_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """PKCS#8 PEM, unencrypted: the form `flower-superlink --ssl-keyfile` reads."""
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -147,6 +150,8 @@ def make_node_key(directory: Path, name: str) -> NodeKey:
     directory.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
     pair = NodeKey(directory / name, directory / f"{name}.pub")
+    if pair.public.exists():
+        raise DeploymentError(f"{pair.public} exists; fedsim never overwrites a key")
     _write_secret(
         pair.private,
         key.private_bytes(
@@ -165,18 +170,20 @@ def make_node_key(directory: Path, name: str) -> NodeKey:
 
 
 def _write_secret(path: Path, data: bytes) -> None:
-    """Write a private key readable by its owner only."""
-    path.touch(mode=0o600, exist_ok=True)
-    path.chmod(0o600)
-    path.write_bytes(data)
+    """Create a new file readable by its owner only; never follow a link or reuse a file."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError as err:
+        raise DeploymentError(f"{path} exists; fedsim never overwrites a key") from err
+    with os.fdopen(fd, "wb") as file:
+        file.write(data)
 
 
 # --------------------------------------------------------------------------- flwr CLI
 
 
-def write_connection(
-    flwr_home: Path, address: str, root_certificates: Path | None, insecure: bool
-) -> None:
+def write_connection(flwr_home: Path, address: str, root_certificates: Path | None,
+                     insecure: bool) -> None:
     """`FLWR_HOME/config.toml` naming one SuperLink connection (the default) for `flwr`."""
     connection: dict[str, object] = {"address": address}
     if insecure:
@@ -202,28 +209,16 @@ def flower_environment(flwr_home: Path) -> dict[str, str]:
     scripts first on PATH (the SuperLink and SuperNodes spawn `flower-superexec`,
     `flwr-serverapp` and `flwr-clientapp` by name)."""
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    return {
-        **os.environ,
-        "FLWR_HOME": str(flwr_home),
-        "PATH": path,
-        "NO_COLOR": "1",
-        "TERM": "dumb",
-    }
+    return {**os.environ, "FLWR_HOME": str(flwr_home), "PATH": path, "NO_COLOR": "1",
+            "TERM": "dumb"}
 
 
-def flwr_cli(
-    args: Sequence[str], flwr_home: Path, timeout: float = 120.0, log_file: Path | None = None
-) -> str:
-    """Run `flwr <args>` against `flwr_home`; return its output or raise naming the step."""
+def flwr_cli(args: Sequence[str], flwr_home: Path, timeout: float = 120.0,
+             log_file: Path | None = None) -> str:
+    """Run `flwr <args>` against `flwr_home`; return its stdout or raise naming the step."""
     try:
-        done = subprocess.run(
-            [_executable("flwr"), *args],
-            env=flower_environment(flwr_home),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
+        done = subprocess.run([_executable("flwr"), *args], env=flower_environment(flwr_home),
+                              capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired as err:
         raise DeploymentError(f"`flwr {args[0]}` did not finish within {timeout:.0f} s") from err
     output = done.stdout + done.stderr
@@ -231,22 +226,30 @@ def flwr_cli(
         with log_file.open("a") as log:
             log.write(f"$ flwr {' '.join(args)}\n{output}\n")
     if done.returncode != 0:
-        raise DeploymentError(
-            f"`flwr {' '.join(args)}` failed (exit {done.returncode}): {_tail(output)}"
-        )
+        raise DeploymentError(f"`flwr {' '.join(args)}` failed (exit {done.returncode}): "
+                              f"{_tail(output)}")
     return done.stdout
 
 
+def flwr_json(args: Sequence[str], flwr_home: Path, log_file: Path | None = None) -> dict:
+    """`flwr <args> --format json`: its JSON answer, or the error Flower reports in it.
+
+    With `--format json`, `flwr` exits 0 on failure too and says so in the JSON.
+    """
+    output = flwr_cli([*args, "--format", "json"], flwr_home, log_file=log_file)
+    try:
+        answer = json.loads(output[output.index("{"):])
+    except ValueError as err:  # no "{" at all, or not JSON after it
+        raise DeploymentError(f"`flwr {args[0]}` printed no JSON: {_tail(output)}") from err
+    if not answer.get("success", False):
+        raise DeploymentError(f"`flwr {' '.join(args)}` failed: "
+                              f"{answer.get('error-message', _tail(output))}")
+    return answer
+
+
 def _tail(text: str, lines: int = 8) -> str:
+    """The last lines of a process's output, on one line (for error messages)."""
     return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
-
-
-def _json_from(output: str) -> dict:
-    """The JSON object `flwr ... --format json` prints after any other text."""
-    start = output.find("{")
-    if start < 0:
-        raise DeploymentError(f"flwr printed no JSON: {_tail(output)}")
-    return json.loads(output[start:])
 
 
 @dataclass(frozen=True)
@@ -257,44 +260,36 @@ class RunResult:
     status: str  # e.g. "finished:completed", "finished:failed"
 
 
-def submit_run(
-    run_config: Mapping[str, str],
-    flwr_home: Path,
-    work_dir: Path,
-    timeout: float,
-    app_dir: Path = APP_DIR,
-) -> RunResult:
+def submit_run(run_config: Mapping[str, str], flwr_home: Path, work_dir: Path, timeout: float,
+               app_dir: Path = APP_DIR) -> RunResult:
     """Submit the fedsim app with `run_config` to the default connection; wait until it ends.
 
-    The logs of the ServerApp are streamed into `work_dir/run.log`.
+    The ServerApp's log streams into `work_dir/run.log`. A run still going after
+    `timeout` seconds is stopped on the SuperLink before the error is raised.
     """
     if not (app_dir / "pyproject.toml").is_file():
-        raise DeploymentError(
-            f"{app_dir} has no pyproject.toml: deploy from a fedsim checkout (pip install -e .)"
-        )
+        raise DeploymentError(f"{app_dir} has no pyproject.toml: deploy from a fedsim checkout "
+                              "(pip install -e .)")
+    work_dir.mkdir(parents=True, exist_ok=True)
     overrides = work_dir / "run_config.toml"
     overrides.write_text(tomli_w.dumps(dict(run_config)))
     log_file = work_dir / "run.log"
-    started = _json_from(
-        flwr_cli(
-            ["run", str(app_dir), CONNECTION, "--run-config", str(overrides), "--format", "json"],
-            flwr_home,
-            log_file=log_file,
-        )
-    )
+    started = flwr_json(["run", str(app_dir), CONNECTION, "--run-config", str(overrides)],
+                        flwr_home, log_file=log_file)
     run_id = int(started["run-id"])
-    flwr_cli(
-        ["log", str(run_id), CONNECTION, "--stream"], flwr_home, timeout=timeout, log_file=log_file
-    )
+    try:
+        flwr_cli(["log", str(run_id), CONNECTION, "--stream"], flwr_home, timeout=timeout,
+                 log_file=log_file)
+    except DeploymentError:
+        with contextlib.suppress(DeploymentError):
+            flwr_cli(["stop", str(run_id), CONNECTION], flwr_home, log_file=log_file)
+        raise
     return RunResult(run_id, run_status(run_id, flwr_home))
 
 
 def run_status(run_id: int, flwr_home: Path) -> str:
     """The SuperLink's status string for `run_id`."""
-    listed = _json_from(
-        flwr_cli(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], flwr_home)
-    )
-    runs = listed.get("runs", [])
+    runs = flwr_json(["ls", CONNECTION, "--run-id", str(run_id)], flwr_home).get("runs", [])
     if not runs:
         raise DeploymentError(f"the SuperLink does not list run {run_id}")
     return str(runs[0].get("status"))
@@ -328,10 +323,11 @@ class Started:
 class LocalFederation:
     """A SuperLink and `num_nodes` SuperNodes on loopback, stopped by pid on exit.
 
-    Node i gets `--node-config "partition-id=i num-partitions=num_nodes"` (plus
-    `node_config[i]` when given). With `node_auth`, each node's key is made and
-    registered before it starts; `unregistered_nodes` extra nodes start with
-    keys the SuperLink never saw (they must be refused).
+    Node i gets `--node-config "partition-id=i num-partitions=num_nodes"`. With
+    `node_auth`, each node's key is made and registered before it starts;
+    `unregistered_nodes` extra nodes start with keys the SuperLink never saw (they
+    must be refused). Processes run in the caller's working directory, so relative
+    paths in the run config mean what they meant to the caller.
     """
 
     directory: Path
@@ -339,21 +335,20 @@ class LocalFederation:
     tls: bool = True
     node_auth: bool = True
     unregistered_nodes: int = 0
-    node_config: Sequence[str] = ()
     started: list[Started] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.directory = Path(self.directory).resolve()  # processes run inside it
+        self.directory = Path(self.directory).resolve()
         self.flwr_home = self.directory / "flwr-home"
+        self.pids_file = self.directory / "pids"
         fleet, control, runtime = free_ports(3)
         self.fleet_address = f"127.0.0.1:{fleet}"
         self.control_address = f"127.0.0.1:{control}"
         self._runtime_port = runtime
         self.tls_files: TlsFiles | None = None
-        self._previous_sigterm: signal.Handlers | None = None
 
     def __enter__(self) -> LocalFederation:
-        self._previous_sigterm = _exit_on_sigterm()
+        self._saved_handlers = _exit_on_termination()
         try:
             self.start()
         except BaseException:
@@ -363,167 +358,158 @@ class LocalFederation:
 
     def __exit__(self, *exc: object) -> None:
         try:
-            self.stop()
+            with _termination_ignored():
+                self.stop()
         finally:
-            if self._previous_sigterm is not None:
-                signal.signal(signal.SIGTERM, self._previous_sigterm)
+            for sig, handler in self._saved_handlers.items():
+                signal.signal(sig, handler)
 
     def start(self) -> None:
         """SuperLink first, then registered nodes, then any unregistered ones."""
         self.directory.mkdir(parents=True, exist_ok=True)
         if self.tls:
             self.tls_files = make_tls_files(self.directory / "certificates")
-        write_connection(
-            self.flwr_home,
-            self.control_address,
-            self.tls_files.ca_cert if self.tls_files else None,
-            not self.tls,
-        )
+        write_connection(self.flwr_home, self.control_address,
+                         self.tls_files.ca_cert if self.tls_files else None, not self.tls)
         self._start_superlink()
         node_ports = free_ports(self.num_nodes + self.unregistered_nodes)
         for i in range(self.num_nodes):
-            key = None
-            if self.node_auth:
-                key = make_node_key(self.directory / "node-keys", f"node-{i}")
-                flwr_cli(
-                    ["supernode", "register", str(key.public), CONNECTION],
-                    self.flwr_home,
-                    log_file=self.directory / "register.log",
-                )
-            config = f"partition-id={i} num-partitions={self.num_nodes}"
-            if i < len(self.node_config) and self.node_config[i]:
-                config += f" {self.node_config[i]}"
-            self._start_supernode(f"supernode-{i}", node_ports[i], config, key)
+            key = make_node_key(self.directory / "node-keys", f"node-{i}") \
+                if self.node_auth else None
+            if key is not None:
+                flwr_json(["supernode", "register", str(key.public), CONNECTION],
+                          self.flwr_home, log_file=self.directory / "register.log")
+            self._start_supernode(f"supernode-{i}", node_ports[i], i, key)
         for j in range(self.unregistered_nodes):
             key = make_node_key(self.directory / "node-keys", f"unregistered-{j}")
-            self._start_supernode(
-                f"unregistered-{j}",
-                node_ports[self.num_nodes + j],
-                f"partition-id=0 num-partitions={self.num_nodes}",
-                key,
-            )
+            self._start_supernode(f"unregistered-{j}", node_ports[self.num_nodes + j], 0, key)
 
     def _security_args(self, server: bool) -> list[str]:
+        """TLS flags for the SuperLink (`server`) or a SuperNode; `--insecure` without TLS."""
         if not self.tls:
             return ["--insecure"]
         files = self.tls_files
         if server:
-            return [
-                "--ssl-ca-certfile",
-                str(files.ca_cert),
-                "--ssl-certfile",
-                str(files.server_cert),
-                "--ssl-keyfile",
-                str(files.server_key),
-            ]
+            return ["--ssl-ca-certfile", str(files.ca_cert), "--ssl-certfile",
+                    str(files.server_cert), "--ssl-keyfile", str(files.server_key)]
         return ["--root-certificates", str(files.ca_cert)]
 
     def _start_superlink(self) -> None:
-        args = [
-            _executable("flower-superlink"),
-            *self._security_args(server=True),
-            "--fleet-api-address",
-            self.fleet_address,
-            "--control-api-address",
-            self.control_address,
-            "--port",
-            str(self._runtime_port),
-            "--disable-runtime-dependency-installation",
-        ]  # the app's deps are installed here
+        """Start the SuperLink and wait until its Fleet and Control APIs accept connections."""
+        args = [_executable("flower-superlink"), *self._security_args(server=True),
+                "--fleet-api-address", self.fleet_address,
+                "--control-api-address", self.control_address,
+                "--port", str(self._runtime_port),
+                "--disable-runtime-dependency-installation"]  # the app's deps are installed here
         if self.node_auth:
             args.append("--enable-supernode-auth")
-        self._spawn("superlink", args)
+        superlink = self._spawn("superlink", args)
         for address in (self.fleet_address, self.control_address):
-            self._wait_for_port(address, self.started[-1])
+            _wait_for_port(address, superlink)
 
-    def _start_supernode(
-        self, name: str, runtime_port: int, node_config: str, key: NodeKey | None
-    ) -> None:
-        args = [
-            _executable("flower-supernode"),
-            *self._security_args(server=False),
-            "--superlink",
-            self.fleet_address,
-            "--port",
-            str(runtime_port),
-            "--node-config",
-            node_config,
-        ]
+    def _start_supernode(self, name: str, runtime_port: int, partition_id: int,
+                         key: NodeKey | None) -> None:
+        """Start a SuperNode holding `partition_id`, authenticated with `key` when given."""
+        args = [_executable("flower-supernode"), *self._security_args(server=False),
+                "--superlink", self.fleet_address, "--port", str(runtime_port),
+                "--node-config", f"partition-id={partition_id} num-partitions={self.num_nodes}"]
         if key is not None:
             args += ["--auth-supernode-private-key", str(key.private)]
         self._spawn(name, args)
 
-    def _spawn(self, name: str, args: list[str]) -> None:
+    def _spawn(self, name: str, args: list[str]) -> Started:
+        """Start a process logging to `logs/<name>.log`; record its pid before any signal."""
         log = self.directory / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("w") as out:
-            process = subprocess.Popen(
-                args,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=flower_environment(self.flwr_home),
-                cwd=self.directory,
-                start_new_session=True,
-            )
-        self.started.append(Started(name, process, log))
-        with (self.directory / "pids").open("a") as pids:
-            pids.write(f"{process.pid} {name}\n")
-
-    @staticmethod
-    def _wait_for_port(address: str, started: Started, timeout: float = 60.0) -> None:
-        host, port = address.rsplit(":", 1)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if started.process.poll() is not None:
-                raise DeploymentError(
-                    f"{started.name} exited with {started.process.returncode}:"
-                    f" {_tail(started.log.read_text())}"
-                )
-            with socket.socket() as sock:
-                if sock.connect_ex((host, int(port))) == 0:
-                    return
-            time.sleep(0.2)
-        raise DeploymentError(f"{started.name} did not open {address} within {timeout:.0f} s")
-
-    def exited(self, name: str) -> int | None:
-        """The exit code of the process called `name`, or None while it runs."""
-        return next(s.process.poll() for s in self.started if s.name == name)
+        with _signals_blocked(), log.open("w") as out:
+            process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
+                                       env=flower_environment(self.flwr_home),
+                                       start_new_session=True)
+            started = Started(name, process, log)
+            self.started.append(started)
+            with self.pids_file.open("a") as pids:
+                pids.write(f"{process.pid} {name}\n")
+        return started
 
     def stop(self) -> None:
-        """SIGTERM each started process group by pid, then SIGKILL what is left."""
-        for started in reversed(self.started):
-            _signal_group(started.process, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_S
-        for started in reversed(self.started):
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                started.process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            _signal_group(started.process, signal.SIGKILL)  # children that ignored SIGTERM
-            started.process.wait()
-            _wait_until_group_is_gone(started.process.pid)
+        """Stop every started process and everything below it: SIGTERM, then SIGKILL."""
+        family = [proc for started in self.started for proc in _with_descendants(started)]
+        for proc in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.terminate()
+        _, alive = psutil.wait_procs(family, timeout=STOP_GRACE_S)
+        for proc in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=STOP_GRACE_S)
+        for started in self.started:
+            started.process.wait()  # reap our own children
+        if self.started:
+            with self.pids_file.open("a") as pids:
+                pids.write(f"{STOPPED_MARK}\n")
         self.started.clear()
 
 
-def _exit_on_sigterm() -> signal.Handlers | None:
-    """Make SIGTERM raise SystemExit (so `stop` runs); return the handler it replaced.
-
-    Only the main thread may set handlers; elsewhere SIGTERM keeps its meaning.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-
-
-def _wait_until_group_is_gone(pgid: int, timeout: float = 5.0) -> None:
-    """Return once no process of group `pgid` is left (killed children are reaped by init)."""
+def _wait_for_port(address: str, started: Started, timeout: float = 60.0) -> None:
+    """Return once `address` accepts TCP connections; raise if the process dies first."""
+    host, port = address.rsplit(":", 1)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
+        if started.process.poll() is not None:
+            raise DeploymentError(f"{started.name} exited with {started.process.returncode}: "
+                                  f"{_tail(started.log.read_text())}")
+        with socket.socket() as sock:
+            if sock.connect_ex((host, int(port))) == 0:
+                return
+        time.sleep(0.2)
+    raise DeploymentError(f"{started.name} did not open {address} within {timeout:.0f} s")
 
 
-def _signal_group(process: subprocess.Popen, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, sig)
+def _with_descendants(started: Started) -> list[psutil.Process]:
+    """The started process and all processes below it, whatever session they moved to."""
+    try:
+        root = psutil.Process(started.process.pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+TERMINATION_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _exit_on_termination() -> dict[signal.Signals, object]:
+    """Make SIGTERM and SIGHUP raise SystemExit, so the federation is stopped on the way out.
+
+    Returns the handlers replaced. Only the main thread may set handlers; elsewhere
+    the signals keep their meaning (and the caller must stop the federation).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, lambda signum, frame: sys.exit(128 + signum))
+            for sig in TERMINATION_SIGNALS}
+
+
+@contextlib.contextmanager
+def _termination_ignored() -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP wait while the processes are being stopped."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = (signal.SIGINT, *TERMINATION_SIGNALS)
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _signals_blocked() -> Iterator[None]:
+    """Hold Ctrl-C, SIGTERM and SIGHUP between starting a process and recording its pid."""
+    signals = {signal.SIGINT, *TERMINATION_SIGNALS}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -7,10 +7,12 @@ clients builds the dataset once and every Ray worker builds it once.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
+from flwr.app import ArrayRecord
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
@@ -18,7 +20,7 @@ from torch import nn
 from fedsim.clients.base import Trainer
 from fedsim.config import client_uploads, validate
 from fedsim.datasets.federated import ClientData, FederatedData, build_federated_data
-from fedsim.errors import ConfigError
+from fedsim.errors import ConfigError, DataError
 from fedsim.recording import prepare_run_dir
 
 
@@ -161,15 +163,28 @@ def client_runtime(cfg: DictConfig) -> tuple[FederatedData, Trainer]:
     return entry[1], entry[2]
 
 
-_FILE_RUNTIMES: dict[tuple[int, str], tuple[DictConfig, Trainer, ClientData]] = {}
+NODE_DATA_FIELD = "node_config data-path"
 
 
-def local_file_runtime(cfg: DictConfig, path: str, partition_id: int) -> tuple[Trainer, ClientData]:
+@dataclass(frozen=True)
+class NodeFileRuntime:
+    """What a SuperNode with its own `.npz` file trains with, and its model's shapes."""
+
+    trainer: Trainer
+    data: ClientData
+    shapes: dict[str, tuple[int, ...]]
+
+
+_FILE_RUNTIMES: dict[tuple[int, str], tuple[DictConfig, NodeFileRuntime]] = {}
+
+
+def local_file_runtime(cfg: DictConfig, path: str, partition_id: int) -> NodeFileRuntime:
     """Trainer and data for a SuperNode that holds its own `.npz` file (`data-path`).
 
     The node never builds the run's dataset: the model's input shape comes from the
     file, and the class count from `dataset.num_classes` when the run sets it, else
-    from the file's `num_classes` entry, else from its largest label.
+    from the file's `num_classes` entry, else from its largest label
+    (`check_node_model` catches a count that differs from the server's model).
     """
     key = (id(cfg), path)
     entry = _FILE_RUNTIMES.get(key)
@@ -177,9 +192,10 @@ def local_file_runtime(cfg: DictConfig, path: str, partition_id: int) -> tuple[T
         from fedsim.datasets.npz import load
 
         torch.set_num_threads(cfg.torch_threads)
+        ratio = cfg.data.client_test_ratio
         splits = load(path, num_classes=cfg.dataset.get("num_classes"),
-                      test_fraction=cfg.data.client_test_ratio / (1 + cfg.data.client_test_ratio),
-                      split_seed=cfg.seed)
+                      test_fraction=ratio / (1 + ratio) if ratio > 0 else 0.2,
+                      split_seed=cfg.seed, field=NODE_DATA_FIELD)
         data = ClientData(
             partition_id=partition_id,
             x_train=torch.from_numpy(splits.x_train), y_train=torch.from_numpy(splits.y_train),
@@ -188,8 +204,22 @@ def local_file_runtime(cfg: DictConfig, path: str, partition_id: int) -> tuple[T
         )
         model_fn = partial(instantiate, cfg.model, input_shape=list(splits.input_shape),
                            num_classes=splits.num_classes)
+        shapes = {name: tuple(t.shape) for name, t in model_fn().state_dict().items()}
         trainer = instantiate(cfg.client, model_fn=model_fn, seed=cfg.seed, device=cfg.device)
-        entry = (cfg, trainer, data)
+        entry = (cfg, NodeFileRuntime(trainer, data, shapes))
         _FILE_RUNTIMES.clear()
         _FILE_RUNTIMES[key] = entry
-    return entry[1], entry[2]
+    return entry[1]
+
+
+def check_node_model(runtime: NodeFileRuntime, arrays: ArrayRecord, path: str) -> None:
+    """Raise a `DataError` when the server's arrays do not fit the model built for the file."""
+    for name, array in arrays.items():
+        expected = runtime.shapes.get(name)
+        if expected is not None and tuple(array.shape) != expected:
+            raise DataError(
+                f"{NODE_DATA_FIELD} '{path}': the server's '{name}' has shape "
+                f"{tuple(array.shape)} but this node's data gives {expected} "
+                f"({runtime.data.num_classes} classes); store the run's class count as "
+                "num_classes in the file"
+            )

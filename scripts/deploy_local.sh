@@ -17,12 +17,21 @@ fedsim_cmd=(fedsim)
 [[ -x .venv/bin/fedsim ]] && fedsim_cmd=(.venv/bin/fedsim)
 out="outputs/deploy/${preset}-$(date +%Y%m%d-%H%M%S)"
 pids="$out/deployment/pids"
+flwr_home="$(realpath -m "$out")/deployment/flwr-home"  # in the environment of each process
 
-# fedsim stops its processes itself (also on Ctrl-C and SIGTERM); this trap covers the case
-# where fedsim itself was killed outright: whatever is still listed in the pids file goes.
+# fedsim stops its processes itself (also on Ctrl-C, SIGTERM and SIGHUP) and then ends the
+# pids file with "# stopped". Only if fedsim was killed outright is that line missing: then
+# each listed pid that is still a Flower process of this run is stopped with its children.
 cleanup() {
   [[ -f "$pids" ]] || return 0
-  while read -r pid _; do kill -TERM -- "-$pid" 2>/dev/null || true; done < "$pids"
+  grep -qx "# stopped" "$pids" && return 0
+  while read -r pid name; do
+    [[ "$pid" =~ ^[0-9]+$ ]] || continue
+    grep -qsa "FLWR_HOME=$flwr_home" "/proc/$pid/environ" || continue
+    echo "stopping leftover $name (pid $pid)" >&2
+    pkill -TERM -P "$pid" 2>/dev/null || true
+    kill -TERM "$pid" 2>/dev/null || true
+  done < "$pids"
 }
 trap cleanup EXIT
 

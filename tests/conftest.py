@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from fedsim.config import compose
+
+# generated datasets are cached here, not in the user's ~/.cache (subprocesses inherit it)
+os.environ.setdefault("FEDSIM_CACHE", str(Path(tempfile.gettempdir()) / "fedsim-test-cache"))
 
 TINY = [
     "logger=none",

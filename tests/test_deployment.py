@@ -4,10 +4,11 @@ end-to-end run on loopback (TLS and SuperNode authentication on) against a simul
 from __future__ import annotations
 
 import functools
-import os
 import socket
 import ssl
 import stat
+import sys
+import time
 import zipfile
 from io import BytesIO
 from pathlib import Path
@@ -23,7 +24,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from fedsim.backends import deployment as deployment_backend
 from fedsim.backends.deployment import check_deployment_settings
 from fedsim.client_app import make_client_app, node_partition
-from fedsim.config import from_run_config, to_run_config
+from fedsim.config import from_run_config, to_run_config, validate
 from fedsim.deployment import (
     APP_DIR,
     LocalFederation,
@@ -34,7 +35,7 @@ from fedsim.deployment import (
 )
 from fedsim.errors import ConfigError, DataError
 from fedsim.experiment import run_experiment
-from fedsim.runtime import initial_model, local_file_runtime, preflight
+from fedsim.runtime import check_node_model, initial_model, local_file_runtime, preflight
 from tests.conftest import read_metrics, without_timing
 
 # --------------------------------------------------------------------------- TLS and keys
@@ -103,9 +104,39 @@ def test_the_cli_refuses_bad_deployment_settings_before_any_work(tiny_cfg):
     assert not (Path(cfg.output_dir) / "deployment").exists()
 
 
-def test_attacks_and_delays_need_a_simulated_grid(tiny_cfg):
-    with pytest.raises(ConfigError, match="backend"):
-        preflight(tiny_cfg("backend=deployment", "strategy=fedbuff", "devices=fixed"))
+@pytest.mark.parametrize("overrides", [
+    ("strategy=fedbuff", "devices=fixed"),
+    ("attack=scaling", "attack.fraction=0.2"),
+])
+def test_attacks_and_delays_need_a_simulated_grid(tiny_cfg, overrides):
+    with pytest.raises(ConfigError, match="backend must be inprocess or ray"):
+        preflight(tiny_cfg("backend=deployment", *overrides))
+
+
+def test_the_apps_receive_no_submitter_paths_and_an_absolute_output_dir(tiny_cfg, tmp_path):
+    from fedsim.backends.deployment import deployed_config
+
+    cfg = tiny_cfg("backend=deployment", "backend.superlink=10.0.0.5:9093",
+                   f"backend.root_certificates={__file__}", "output_dir=relative/run")
+    remote = deployed_config(cfg, local=False)
+    assert dict(remote.backend) == {"_target_": cfg.backend._target_,
+                                    "superlink": "10.0.0.5:9093"}
+    assert remote.output_dir == "relative/run"
+    local = deployed_config(tiny_cfg("backend=deployment", "output_dir=relative/run"), True)
+    assert local.output_dir == str(Path("relative/run").resolve())
+    validate(remote)  # what the ServerApp checks on the SuperLink's machine passes there
+
+
+def test_flwr_failures_reported_in_json_become_one_clear_error(monkeypatch, tmp_path):
+    from fedsim import deployment
+
+    monkeypatch.setattr(deployment, "flwr_cli", lambda *a, **k: (
+        'Loading...\n{"success": false, "error-message": "FAB too large"}'))
+    with pytest.raises(deployment.DeploymentError, match="FAB too large"):
+        deployment.flwr_json(["run", "."], tmp_path)
+    monkeypatch.setattr(deployment, "flwr_cli", lambda *a, **k: "no json here")
+    with pytest.raises(deployment.DeploymentError, match="printed no JSON"):
+        deployment.flwr_json(["ls"], tmp_path)
 
 
 # --------------------------------------------------------------------------- run config
@@ -116,9 +147,12 @@ def test_a_bare_flwr_run_composes_the_config_from_overrides():
                            "fedsim-config": ""})
     assert (cfg.num_rounds, cfg.model._target_) == (3, "fedsim.models.MLP")
     assert cfg.strategy._target_.endswith("FedProx")
+    assert cfg.backend._target_.endswith("DeploymentBackend")  # it runs on a SuperLink
     assert from_run_config({}).num_rounds == from_run_config({"overrides": ""}).num_rounds
     with pytest.raises(ConfigError, match="run_config overrides"):
         from_run_config({"overrides": "strategy=no_such_strategy"})
+    with pytest.raises(ConfigError, match="free of backend"):
+        from_run_config({"overrides": "backend=ray"})
 
 
 def test_the_fedsim_config_wins_over_overrides(tiny_cfg):
@@ -174,25 +208,65 @@ def test_a_node_trains_on_its_own_data_file(tiny_cfg, tmp_path):
     reply = make_client_app()(message, context)
     trained = reply.content["arrays"].to_torch_state_dict()
     assert int(reply.content["metrics"]["num-examples"]) == len(local_file_runtime(
-        from_run_config(run_config), str(tmp_path / "site.npz"), 2)[1].y_train)
+        from_run_config(run_config), str(tmp_path / "site.npz"), 2).data.y_train)
     assert any(not torch.equal(trained[k], v) for k, v in arrays.to_torch_state_dict().items())
 
 
 def test_a_node_data_file_with_nan_labels_is_refused(tiny_cfg, tmp_path):
     _write_node_file(tmp_path / "bad.npz", nan_label=True)
-    with pytest.raises(DataError, match="NaN"):
+    with pytest.raises(DataError, match="node_config data-path .*NaN"):
         local_file_runtime(tiny_cfg(), str(tmp_path / "bad.npz"), 0)
+    with pytest.raises(DataError, match="node_config data-path: no such file"):
+        local_file_runtime(tiny_cfg(), str(tmp_path / "missing.npz"), 0)
+
+
+def test_a_small_node_file_missing_classes_is_split_and_then_refused_by_shape(tiny_cfg,
+                                                                              tmp_path):
+    rng = np.random.default_rng(1)
+    y = np.arange(25) % 8  # 25 samples of 8 of the run's 10 classes, no num_classes entry
+    np.savez(tmp_path / "small.npz", x=rng.normal(size=(25, 40)).astype(np.float32), y=y)
+    cfg = tiny_cfg()
+    runtime = local_file_runtime(cfg, str(tmp_path / "small.npz"), 0)
+    assert len(runtime.data.y_train) + len(runtime.data.y_test) == 25
+    data, _ = preflight(tiny_cfg())
+    server_arrays = ArrayRecord(initial_model(cfg, data).state_dict())
+    with pytest.raises(DataError, match="store the run's class count as num_classes"):
+        check_node_model(runtime, server_arrays, str(tmp_path / "small.npz"))
 
 
 # --------------------------------------------------------------------------- end to end
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+def _processes_with(flwr_home: Path) -> list[int]:
+    """Pids of live processes whose environment names this FLWR_HOME."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE \
+                    and proc.environ().get("FLWR_HOME") == str(flwr_home):
+                found.append(proc.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def test_stop_ends_a_started_process_and_what_it_started_in_another_session(tmp_path):
+    child = "import time; time.sleep(120)"
+    parent = ("import subprocess, sys, time; "
+              f"subprocess.Popen([sys.executable, '-c', {child!r}], start_new_session=True); "
+              "time.sleep(120)")
+    federation = LocalFederation(tmp_path, num_nodes=1)
+    federation.directory.mkdir(parents=True, exist_ok=True)
+    federation._spawn("parent", [sys.executable, "-c", parent])
+    deadline = time.monotonic() + 30
+    while len(_processes_with(federation.flwr_home)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(_processes_with(federation.flwr_home)) == 2
+    federation.stop()
+    assert _processes_with(federation.flwr_home) == []
+    assert federation.pids_file.read_text().splitlines()[-1] == "# stopped"
 
 
 def test_a_tls_deployment_with_node_auth_matches_the_simulation(tiny_cfg, monkeypatch):
@@ -230,9 +304,9 @@ def test_a_tls_deployment_with_node_auth_matches_the_simulation(tiny_cfg, monkey
     work_dir = federation.directory
     intruder_log = (work_dir / "logs" / "unregistered-0.log").read_text()
     assert "Failed to activate SuperNode" in intruder_log
-    pids = [int(line.split()[0]) for line in (work_dir / "pids").read_text().splitlines()]
-    assert len(pids) == 4  # SuperLink, 2 registered SuperNodes, 1 intruder
-    assert not [pid for pid in pids if _alive(pid)]
+    pids = (work_dir / "pids").read_text().splitlines()
+    assert len(pids) == 5 and pids[-1] == "# stopped"  # SuperLink, 2 nodes, 1 intruder
+    assert _processes_with(federation.flwr_home) == []  # nor anything they started
 
     rows_sim, rows_dep = read_metrics(simulated.output_dir), read_metrics(deployed.output_dir)
     assert [r["round"] for r in rows_dep] == [0, 1, 2]

@@ -11,9 +11,9 @@ SuperNodes are started on their own machines (README, "Deployment").
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
+from flwr.supercore.address import parse_address
 from omegaconf import DictConfig, OmegaConf
 
 from fedsim.config import to_run_config
@@ -28,13 +28,17 @@ from fedsim.errors import ConfigError
 
 log = logging.getLogger("fedsim")
 WORK_DIR = "deployment"  # inside the run's output_dir: certificates, keys, logs, FLWR_HOME
-ADDRESS = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):\d{1,5}$")
 
 
 def check_deployment_settings(superlink: str | None, root_certificates: str | None,
                               insecure: bool, node_auth: bool, timeout_s: float) -> None:
-    """Raise a `ConfigError` naming the first backend field that is not allowed."""
-    if superlink is not None and not (isinstance(superlink, str) and ADDRESS.match(superlink)):
+    """Raise a `ConfigError` naming the first backend field that is not allowed.
+
+    Runs where the run is submitted (the CLI's preflight), never on the SuperLink's
+    machine: the ServerApp receives the backend without these local paths.
+    """
+    if superlink is not None and (not isinstance(superlink, str) or parse_address(superlink)
+                                  is None):
         raise ConfigError(
             "backend.superlink must be null (start a local federation) or the Control API "
             f"address host:port of a running SuperLink (got {superlink!r})"
@@ -55,6 +59,16 @@ def check_deployment_settings(superlink: str | None, root_certificates: str | No
         raise ConfigError(f"backend.timeout_s must be a number of seconds > 0 (got {timeout_s!r})")
 
 
+def deployed_config(cfg: DictConfig, local: bool) -> DictConfig:
+    """The config the apps receive: no submitter-side paths in `backend`, and for a local
+    federation an absolute `output_dir` (the ServerApp runs in another process)."""
+    deployed = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    deployed.backend = {"_target_": cfg.backend._target_, "superlink": cfg.backend.superlink}
+    if local:
+        deployed.output_dir = str(Path(cfg.output_dir).resolve())
+    return deployed
+
+
 class DeploymentBackend:
     """Runs the fedsim apps through `flwr run` on a SuperLink: local (loopback) or remote.
 
@@ -66,7 +80,7 @@ class DeploymentBackend:
         None uses the system's trusted CAs.
     insecure : plain gRPC without TLS, only when asked.
     node_auth : local federation only: register each SuperNode's key and refuse others.
-    timeout_s : longest the run may take once submitted.
+    timeout_s : longest the run may take once submitted; then it is stopped.
     """
 
     def __init__(self, superlink: str | None = None, root_certificates: str | None = None,
@@ -79,18 +93,21 @@ class DeploymentBackend:
         self.node_auth = node_auth
         self.timeout_s = float(timeout_s)
 
+    @property
+    def outputs_elsewhere(self) -> bool:
+        """A remote SuperLink's ServerApp writes the run's outputs on that machine."""
+        return self.superlink is not None
+
     def run(self, cfg: DictConfig) -> None:
+        """Submit the run (starting a local federation first when no SuperLink is given)."""
         work_dir = (Path(cfg.output_dir) / WORK_DIR).resolve()
-        if self.superlink is None:  # the ServerApp runs elsewhere: give it an absolute dir
-            cfg = OmegaConf.merge(cfg, {"output_dir": str(Path(cfg.output_dir).resolve())})
-        run_config = to_run_config(cfg)
+        run_config = to_run_config(deployed_config(cfg, local=self.superlink is None))
         if self.superlink is None:
             with LocalFederation(work_dir, cfg.num_clients, tls=not self.insecure,
                                  node_auth=self.node_auth) as federation:
                 log.info("local federation: SuperLink %s, %d SuperNodes (TLS %s, node auth %s)",
                          federation.fleet_address, cfg.num_clients,
-                         "on" if not self.insecure else "off",
-                         "on" if self.node_auth else "off")
+                         "off" if self.insecure else "on", "on" if self.node_auth else "off")
                 result = submit_run(run_config, federation.flwr_home, work_dir, self.timeout_s)
         else:
             flwr_home = work_dir / "flwr-home"
@@ -103,6 +120,7 @@ class DeploymentBackend:
 
 
 def _check_completed(result: RunResult, work_dir: Path) -> None:
+    """Raise unless the SuperLink reports the run as completed."""
     if result.status != "finished:completed":
         raise DeploymentError(f"run {result.run_id} ended as '{result.status}'; the ServerApp's "
                               f"log is in {work_dir / 'run.log'}")

@@ -100,13 +100,16 @@ def stratified_split(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Split arrays into train/test keeping the class proportions (sklearn).
 
-    A class with a single sample cannot be split both ways; then the split is a
-    plain seeded shuffle (small per-node files hit this).
+    A class with a single sample, or a side smaller than the number of classes,
+    cannot be stratified; then the split is a plain seeded shuffle (small per-node
+    files hit this).
     """
     from sklearn.model_selection import train_test_split
 
     _, counts = np.unique(y, return_counts=True)
+    n_test = int(np.ceil(test_fraction * len(y)))  # as sklearn rounds a fractional test size
+    stratifiable = counts.min() > 1 and min(n_test, len(y) - n_test) >= len(counts)
     x_tr, x_te, y_tr, y_te = train_test_split(
-        x, y, test_size=test_fraction, random_state=seed, stratify=y if counts.min() > 1 else None
+        x, y, test_size=test_fraction, random_state=seed, stratify=y if stratifiable else None
     )
     return x_tr, y_tr, x_te, y_te

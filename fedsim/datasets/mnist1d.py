@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from importlib.metadata import version
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def load(data_seed: int = 42, num_samples: int = 5000, train_split: float = 0.8)
     reads it instead of generating it again (~1.3 s).
     """
     name = f"mnist1d-{version('mnist1d')}-seed{data_seed}-n{num_samples}-split{train_split}.npz"
-    data = _read(cache_dir() / name)
+    data = _read(cache_dir() / name, num_samples)
     if data is None:
         data = _generate(data_seed, num_samples, train_split)
         _write(cache_dir() / name, data)
@@ -51,13 +52,17 @@ def _generate(data_seed: int, num_samples: int, train_split: float) -> dict[str,
     return {key: np.asarray(data[key]) for key in KEYS}
 
 
-def _read(file: Path) -> dict[str, np.ndarray] | None:
-    """The cached arrays, or None when the file is missing or unreadable."""
+def _read(file: Path, num_samples: int) -> dict[str, np.ndarray] | None:
+    """The cached arrays, or None when the file is missing, damaged or of another size."""
     try:
         with np.load(file, allow_pickle=False) as cached:
-            return {key: cached[key] for key in KEYS}
-    except (OSError, KeyError, ValueError):
+            data = {key: cached[key] for key in KEYS}
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
         return None
+    sizes_agree = len(data["x"]) == len(data["y"]) and len(data["x_test"]) == len(data["y_test"])
+    if not sizes_agree or len(data["y"]) + len(data["y_test"]) != num_samples:
+        return None
+    return data
 
 
 def _write(file: Path, data: dict[str, np.ndarray]) -> None:

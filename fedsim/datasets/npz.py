@@ -15,19 +15,21 @@ def load(
     num_classes: int | None = None,
     test_fraction: float = 0.2,
     split_seed: int = 0,
+    field: str = "dataset.path",
 ) -> ArraySplits:
     """Load `x_train, y_train, x_test, y_test` (or `x, y`, split here) from an .npz file.
 
     An optional `ids` array (one per training sample) enables natural partitioning; an
     optional scalar `num_classes` gives the class count when `num_classes` is None.
+    `field` names the setting the path came from, in error messages.
     """
     file = Path(path).expanduser()
     if not file.is_file():
-        raise DataError(f"dataset.path: no such file '{file}'")
+        raise DataError(f"{field}: no such file '{file}'")
     try:
         arrays = dict(np.load(file, allow_pickle=False))
     except (OSError, ValueError) as err:
-        raise DataError(f"dataset.path: '{file}' is not a readable .npz file ({err})") from err
+        raise DataError(f"{field}: '{file}' is not a readable .npz file ({err})") from err
     ids = arrays.get("ids")
     if num_classes is None and "num_classes" in arrays:
         num_classes = int(arrays["num_classes"])
@@ -36,14 +38,16 @@ def load(
     elif {"x", "y"} <= arrays.keys():
         x, y = arrays["x"], arrays["y"]
         if len(x) != len(y):
-            raise DataError(f"{file}: x has {len(x)} samples but y has {len(y)}")
+            raise DataError(f"{field} {file}: x has {len(x)} samples but y has {len(y)}")
         if ids is not None:
-            raise DataError(f"{file}: 'ids' needs explicit x_train/y_train/x_test/y_test arrays")
+            raise DataError(
+                f"{field} {file}: 'ids' needs explicit x_train/y_train/x_test/y_test arrays"
+            )
         parts = stratified_split(x, y, test_fraction, split_seed)
         parts = (parts[0], parts[1], parts[2], parts[3])
     else:
         raise DataError(
-            f"{file}: expected arrays x_train, y_train, x_test, y_test (or x, y); "
+            f"{field} {file}: expected arrays x_train, y_train, x_test, y_test (or x, y); "
             f"found {sorted(arrays)}"
         )
-    return as_splits(*parts, num_classes=num_classes, train_ids=ids, source=str(file))
+    return as_splits(*parts, num_classes=num_classes, train_ids=ids, source=f"{field} {file}")
