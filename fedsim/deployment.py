@@ -418,10 +418,14 @@ class LocalFederation:
         self._spawn(name, args)
 
     def _spawn(self, name: str, args: list[str]) -> Started:
-        """Start a process logging to `logs/<name>.log`; record its pid before any signal."""
+        """Start a process logging to `logs/<name>.log` and record its pid at once.
+
+        (Blocking signals around the start would be inherited: the process could
+        then not be stopped gracefully.)
+        """
         log = self.directory / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        with _signals_blocked(), log.open("w") as out:
+        with log.open("w") as out:
             process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
                                        env=flower_environment(self.flwr_home),
                                        start_new_session=True)
@@ -437,11 +441,11 @@ class LocalFederation:
         for proc in family:
             with contextlib.suppress(psutil.NoSuchProcess):
                 proc.terminate()
-        _, alive = psutil.wait_procs(family, timeout=STOP_GRACE_S)
+        alive = _still_running(family, timeout=STOP_GRACE_S)
         for proc in alive:
             with contextlib.suppress(psutil.NoSuchProcess):
                 proc.kill()
-        psutil.wait_procs(alive, timeout=STOP_GRACE_S)
+        _still_running(alive, timeout=STOP_GRACE_S)
         for started in self.started:
             started.process.wait()  # reap our own children
         if self.started:
@@ -474,6 +478,28 @@ def _with_descendants(started: Started) -> list[psutil.Process]:
         return []
 
 
+def _still_running(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait up to `timeout` s for `procs` to end; return those still running.
+
+    A zombie counts as ended: it runs nothing, and where no init reaps orphans (some
+    containers) it would otherwise be waited on for the whole timeout.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        running = [proc for proc in procs if _is_running(proc)]
+        if not running or time.monotonic() >= deadline:
+            return running
+        time.sleep(0.05)
+
+
+def _is_running(proc: psutil.Process) -> bool:
+    """Alive and not a zombie (`is_running` also guards against a reused pid)."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 TERMINATION_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
@@ -502,14 +528,3 @@ def _termination_ignored() -> Iterator[None]:
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
-
-
-@contextlib.contextmanager
-def _signals_blocked() -> Iterator[None]:
-    """Hold Ctrl-C, SIGTERM and SIGHUP between starting a process and recording its pid."""
-    signals = {signal.SIGINT, *TERMINATION_SIGNALS}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
