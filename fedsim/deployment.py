@@ -335,6 +335,7 @@ class LocalFederation:
     tls: bool = True
     node_auth: bool = True
     unregistered_nodes: int = 0
+    node_timeout_s: float = 120.0  # how long SuperNodes may take to come online
     started: list[Started] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -383,6 +384,26 @@ class LocalFederation:
         for j in range(self.unregistered_nodes):
             key = make_node_key(self.directory / "node-keys", f"unregistered-{j}")
             self._start_supernode(f"unregistered-{j}", node_ports[self.num_nodes + j], 0, key)
+        self._wait_for_nodes()
+
+    def _wait_for_nodes(self) -> None:
+        """Return once `num_nodes` SuperNodes are online; raise naming the cause otherwise
+        (the ServerApp would wait for missing nodes without end)."""
+        nodes = [s for s in self.started if s.name.startswith("supernode-")]
+        timeout = self.node_timeout_s
+        deadline, online = time.monotonic() + timeout, 0
+        while time.monotonic() < deadline:
+            for node in nodes:
+                if node.process.poll() is not None:
+                    raise DeploymentError(f"{node.name} exited with {node.process.returncode}: "
+                                          f"{_tail(node.log.read_text())}")
+            listed = flwr_json(["supernode", "ls", CONNECTION], self.flwr_home).get("nodes", [])
+            online = sum(node.get("status") == "online" for node in listed)
+            if online >= self.num_nodes:
+                return
+            time.sleep(0.5)
+        raise DeploymentError(f"{online} of {self.num_nodes} SuperNodes came online within "
+                              f"{timeout:.0f} s; their logs are in {self.directory / 'logs'}")
 
     def _security_args(self, server: bool) -> list[str]:
         """TLS flags for the SuperLink (`server`) or a SuperNode; `--insecure` without TLS."""

@@ -269,11 +269,31 @@ def test_stop_ends_a_started_process_and_what_it_started_in_another_session(tmp_
     assert federation.pids_file.read_text().splitlines()[-1] == "# stopped"
 
 
+def test_nodes_that_never_come_online_end_the_start_with_a_clear_error(tmp_path, monkeypatch):
+    """Keys that were never registered: the start fails after the node timeout, it does
+    not hang, and nothing it started is left."""
+    from fedsim import deployment
+
+    real_flwr_json = deployment.flwr_json
+
+    def skip_registration(args, *rest, **kwargs):
+        return {} if args[:2] == ["supernode", "register"] else real_flwr_json(args, *rest,
+                                                                                **kwargs)
+
+    monkeypatch.setattr(deployment, "flwr_json", skip_registration)
+    federation = LocalFederation(tmp_path / "fed", num_nodes=1, node_timeout_s=5)
+    with pytest.raises(deployment.DeploymentError, match="0 of 1 SuperNodes came online"), \
+            federation:
+        pass
+    assert _processes_with(federation.flwr_home) == []
+
+
 def test_a_tls_deployment_with_node_auth_matches_the_simulation(tiny_cfg, monkeypatch):
     """2 SuperNodes, 2 rounds, TLS on; an unregistered SuperNode is refused; every process
     the backend started is gone afterwards; the metrics equal an in-process simulation's."""
     overrides = ["num_clients=2", "clients_per_round=2", "evaluation.clients_per_round=2"]
-    simulated, deployed = tiny_cfg(*overrides), tiny_cfg(*overrides, "backend=deployment")
+    simulated = tiny_cfg(*overrides)
+    deployed = tiny_cfg(*overrides, "backend=deployment", "backend.timeout_s=600")
     federations: list[LocalFederation] = []
 
     def with_an_intruder(*args, **kwargs):
