@@ -38,6 +38,7 @@ APP_DIR = Path(__file__).resolve().parent.parent  # pyproject.toml with [tool.fl
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 CONNECTION = "fedsim"  # the SuperLink connection fedsim writes into its FLWR_HOME
 STOP_GRACE_S = 10.0
+REFUSED = "Failed to activate SuperNode"  # what a SuperNode logs when the SuperLink refuses it
 STOPPED_MARK = "# stopped"  # last line of the pids file once every process is gone
 
 
@@ -347,9 +348,10 @@ class LocalFederation:
         self.control_address = f"127.0.0.1:{control}"
         self._runtime_port = runtime
         self.tls_files: TlsFiles | None = None
+        self._guard = TerminationGuard()
 
     def __enter__(self) -> LocalFederation:
-        self._saved_handlers = _exit_on_termination()
+        self._guard.install()
         try:
             self.start()
         except BaseException:
@@ -359,14 +361,19 @@ class LocalFederation:
 
     def __exit__(self, *exc: object) -> None:
         try:
-            with _termination_ignored():
+            with self._guard.deferred():
                 self.stop()
         finally:
-            for sig, handler in self._saved_handlers.items():
-                signal.signal(sig, handler)
+            self._guard.restore()
 
     def start(self) -> None:
-        """SuperLink first, then registered nodes, then any unregistered ones."""
+        """SuperLink first, then registered nodes, then any unregistered ones.
+
+        What an earlier, failed start left in `directory` is kept aside as
+        `<directory>.<n>` (keys are never overwritten, logs never lost).
+        """
+        if self.directory.exists() and any(self.directory.iterdir()):
+            self.directory.rename(_unused_sibling(self.directory))
         self.directory.mkdir(parents=True, exist_ok=True)
         if self.tls:
             self.tls_files = make_tls_files(self.directory / "certificates")
@@ -397,6 +404,9 @@ class LocalFederation:
                 if node.process.poll() is not None:
                     raise DeploymentError(f"{node.name} exited with {node.process.returncode}: "
                                           f"{_tail(node.log.read_text())}")
+                if REFUSED in node.log.read_text():  # the process lingers after a refusal
+                    raise DeploymentError(f"the SuperLink refused {node.name} ('{REFUSED}'); "
+                                          f"is its key registered? Log: {node.log}")
             listed = flwr_json(["supernode", "ls", CONNECTION], self.flwr_home).get("nodes", [])
             online = sum(node.get("status") == "online" for node in listed)
             if online >= self.num_nodes:
@@ -441,12 +451,12 @@ class LocalFederation:
     def _spawn(self, name: str, args: list[str]) -> Started:
         """Start a process logging to `logs/<name>.log` and record its pid at once.
 
-        (Blocking signals around the start would be inherited: the process could
-        then not be stopped gracefully.)
+        Signals are held, not blocked, meanwhile: a blocked mask would be inherited
+        and the process could not be stopped gracefully.
         """
         log = self.directory / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("w") as out:
+        with self._guard.deferred(), log.open("w") as out:
             process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
                                        env=flower_environment(self.flwr_home),
                                        start_new_session=True)
@@ -457,22 +467,46 @@ class LocalFederation:
         return started
 
     def stop(self) -> None:
-        """Stop every started process and everything below it: SIGTERM, then SIGKILL."""
-        family = [proc for started in self.started for proc in _with_descendants(started)]
-        for proc in family:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.terminate()
-        alive = _still_running(family, timeout=STOP_GRACE_S)
-        for proc in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
-        _still_running(alive, timeout=STOP_GRACE_S)
+        """Stop every started process and everything below it: SIGTERM, then SIGKILL.
+
+        The processes are looked up again before the SIGKILL pass (an app process may
+        have started meanwhile), by ancestry and by this federation's `FLWR_HOME`.
+        """
+        for sig_name in ("terminate", "kill"):
+            members = self._members()
+            for proc in members:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    getattr(proc, sig_name)()
+            if not _still_running(members, timeout=STOP_GRACE_S):
+                break
         for started in self.started:
-            started.process.wait()  # reap our own children
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                started.process.wait(timeout=STOP_GRACE_S)  # reap our own children
         if self.started:
             with self.pids_file.open("a") as pids:
                 pids.write(f"{STOPPED_MARK}\n")
         self.started.clear()
+
+    def _members(self) -> list[psutil.Process]:
+        """Running processes of this federation: the started ones not yet reaped (a reaped
+        pid may belong to another process by now), their descendants, and any process
+        whose environment names this `FLWR_HOME`."""
+        members = {proc.pid: proc for started in self.started
+                   if started.process.poll() is None for proc in _with_descendants(started)}
+        for proc in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                if proc.pid not in members and \
+                        proc.environ().get("FLWR_HOME") == str(self.flwr_home):
+                    members[proc.pid] = proc
+        return [proc for proc in members.values() if _is_running(proc)]
+
+
+def _unused_sibling(path: Path) -> Path:
+    """`path.1`, `path.2`, ...: the first that does not exist."""
+    n = 1
+    while path.with_name(f"{path.name}.{n}").exists():
+        n += 1
+    return path.with_name(f"{path.name}.{n}")
 
 
 def _wait_for_port(address: str, started: Started, timeout: float = 60.0) -> None:
@@ -521,31 +555,55 @@ def _is_running(proc: psutil.Process) -> bool:
         return False
 
 
-TERMINATION_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+TERMINATION_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def _exit_on_termination() -> dict[signal.Signals, object]:
-    """Make SIGTERM and SIGHUP raise SystemExit, so the federation is stopped on the way out.
+class TerminationGuard:
+    """Turns Ctrl-C, SIGTERM and SIGHUP into an exception, except inside `deferred()`.
 
-    Returns the handlers replaced. Only the main thread may set handlers; elsewhere
-    the signals keep their meaning (and the caller must stop the federation).
+    A signal that arrives while processes are being started or stopped is held and
+    raised when that section ends, so a started process is always recorded and a
+    stop always completes. Handlers can only be set in the main thread; elsewhere
+    the guard does nothing and the caller must stop the federation itself.
     """
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    return {sig: signal.signal(sig, lambda signum, frame: sys.exit(128 + signum))
-            for sig in TERMINATION_SIGNALS}
+
+    def __init__(self) -> None:
+        self._saved: dict[int, object] = {}
+        self._deferring = 0
+        self._pending: int | None = None
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._saved = {sig: signal.signal(sig, self._handle) for sig in TERMINATION_SIGNALS}
+
+    def restore(self) -> None:
+        for sig, handler in self._saved.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        self._saved = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self._deferring:
+            self._pending = signum
+        else:
+            _raise_for(signum)
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Hold the signals until the block ends, then raise the last one that came."""
+        self._deferring += 1
+        try:
+            yield
+        finally:
+            self._deferring -= 1
+            pending, self._pending = self._pending, None
+            if pending is not None and not self._deferring:
+                _raise_for(pending)
 
 
-@contextlib.contextmanager
-def _termination_ignored() -> Iterator[None]:
-    """Ctrl-C, SIGTERM and SIGHUP wait while the processes are being stopped."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    signals = (signal.SIGINT, *TERMINATION_SIGNALS)
-    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
-    try:
-        yield
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
+def _raise_for(signum: int) -> None:
+    """KeyboardInterrupt for Ctrl-C (as Python does), SystemExit(128 + n) otherwise."""
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    sys.exit(128 + signum)
+
+

@@ -25,13 +25,15 @@ BACKENDS = {"deployed": ["backend=deployment"], "in-process": ["backend=inproces
 TIMING = ("wall_time_s", "round_time_s")
 
 
-def largest_difference(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> float:
-    """The largest |a - b| over every metric both runs logged, in every round."""
+def largest_difference(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> tuple[float, str]:
+    """The largest |a - b| over every metric both runs logged in every round, and where
+    ("<metric>, round <r>")."""
     if [r["round"] for r in a] != [r["round"] for r in b]:
         raise ValueError("the two runs logged different rounds")
-    return max((abs(float(x[key]) - float(y[key])) for x, y in zip(a, b, strict=True)
-                for key in x.keys() & y.keys() if key not in TIMING and key != "round"),
-               default=0.0)
+    gaps = [(abs(float(x[key]) - float(y[key])), f"{key}, round {x['round']}")
+            for x, y in zip(a, b, strict=True)
+            for key in sorted(x.keys() & y.keys()) if key not in TIMING and key != "round"]
+    return max(gaps, default=(0.0, "-"))
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -60,14 +62,15 @@ def main() -> None:
                 "preset": preset, "seed": seed,
                 "deployed_accuracy": deployed[-1]["server/accuracy"],
                 "inprocess_accuracy": local[-1]["server/accuracy"],
-                "largest_metric_difference": largest_difference(deployed, local),
+                "largest_metric_difference": largest_difference(deployed, local)[0],
+                "where": largest_difference(deployed, local)[1],
                 "deployed_s": deployed[-1]["wall_time_s"], "inprocess_s": local[-1]["wall_time_s"],
             }
             raw.append(record)
             per_round = record["deployed_s"] / args.rounds
             rows.append([preset, str(seed), f"{record['deployed_accuracy']:.3f}",
                          f"{record['inprocess_accuracy']:.3f}",
-                         f"{record['largest_metric_difference']:.1e}",
+                         f"{record['largest_metric_difference']:.1e} ({record['where']})",
                          f"{record['deployed_s']:.0f} s ({per_round:.1f} s)",
                          f"{record['inprocess_s']:.1f} s"])
     header = ["preset", "seed", "accuracy deployed", "accuracy in-process",

@@ -6,7 +6,7 @@
 #   scripts/deploy_local.sh deploy_fedld num_rounds=10
 #   scripts/deploy_local.sh deploy_fedavg backend.insecure=true   # no TLS, only when asked
 # Certificates, node keys, logs and the processes' pids go to <output_dir>/deployment/.
-set -euo pipefail
+set -uo pipefail
 if [[ $# -lt 1 || "$1" == -* ]]; then
   echo "usage: $0 <preset in conf/experiment> [hydra overrides...]" >&2
   exit 2
@@ -19,20 +19,28 @@ out="outputs/deploy/${preset}-$(date +%Y%m%d-%H%M%S)"
 pids="$out/deployment/pids"
 flwr_home="$(realpath -m "$out")/deployment/flwr-home"  # in the environment of each process
 
-# fedsim stops its processes itself (also on Ctrl-C, SIGTERM and SIGHUP) and then ends the
-# pids file with "# stopped". Only if fedsim was killed outright is that line missing: then
-# each listed pid that is still a Flower process of this run is stopped with its children.
-cleanup() {
+# fedsim stops its processes itself (also on Ctrl-C, SIGTERM and SIGHUP, which this script
+# forwards to it) and then ends the pids file with "# stopped". Only if fedsim was killed
+# outright is that line missing: then every process whose environment names this run's
+# FLWR_HOME exactly is stopped.
+stop_leftovers() {
   [[ -f "$pids" ]] || return 0
-  grep -qx "# stopped" "$pids" && return 0
-  while read -r pid name; do
-    [[ "$pid" =~ ^[0-9]+$ ]] || continue
-    grep -qsa "FLWR_HOME=$flwr_home" "/proc/$pid/environ" || continue
-    echo "stopping leftover $name (pid $pid)" >&2
-    pkill -TERM -P "$pid" 2>/dev/null || true
+  [[ "$(tail -n 1 "$pids")" == "# stopped" ]] && return 0
+  for environ in /proc/[0-9]*/environ; do
+    grep -qzxF "FLWR_HOME=$flwr_home" "$environ" 2>/dev/null || continue
+    pid="${environ#/proc/}"; pid="${pid%/environ}"
+    echo "stopping leftover process $pid" >&2
     kill -TERM "$pid" 2>/dev/null || true
-  done < "$pids"
+  done
 }
-trap cleanup EXIT
+trap stop_leftovers EXIT
 
-"${fedsim_cmd[@]}" "+experiment=$preset" backend=deployment "output_dir=$out" "$@"
+"${fedsim_cmd[@]}" "+experiment=$preset" backend=deployment "output_dir=$out" "$@" &
+fedsim_pid=$!
+trap 'kill -TERM "$fedsim_pid" 2>/dev/null' INT TERM HUP
+status=0
+while kill -0 "$fedsim_pid" 2>/dev/null; do  # `wait` returns early when a signal arrives
+  wait "$fedsim_pid"
+  status=$?
+done
+exit "$status"

@@ -259,19 +259,21 @@ def test_stop_ends_a_started_process_and_what_it_started_in_another_session(tmp_
               "time.sleep(120)")
     federation = LocalFederation(tmp_path, num_nodes=1)
     federation.directory.mkdir(parents=True, exist_ok=True)
-    federation._spawn("parent", [sys.executable, "-c", parent])
-    deadline = time.monotonic() + 30
-    while len(_processes_with(federation.flwr_home)) < 2 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert len(_processes_with(federation.flwr_home)) == 2
-    federation.stop()
+    try:
+        federation._spawn("parent", [sys.executable, "-c", parent])
+        deadline = time.monotonic() + 30
+        while len(_processes_with(federation.flwr_home)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(_processes_with(federation.flwr_home)) == 2
+    finally:
+        federation.stop()
     assert _processes_with(federation.flwr_home) == []
     assert federation.pids_file.read_text().splitlines()[-1] == "# stopped"
 
 
 def test_nodes_that_never_come_online_end_the_start_with_a_clear_error(tmp_path, monkeypatch):
-    """Keys that were never registered: the start fails after the node timeout, it does
-    not hang, and nothing it started is left."""
+    """Keys that were never registered: the start fails with the cause (the refusal, or at
+    the latest the node timeout), it does not hang, and nothing it started is left."""
     from fedsim import deployment
 
     real_flwr_json = deployment.flwr_json
@@ -282,10 +284,32 @@ def test_nodes_that_never_come_online_end_the_start_with_a_clear_error(tmp_path,
 
     monkeypatch.setattr(deployment, "flwr_json", skip_registration)
     federation = LocalFederation(tmp_path / "fed", num_nodes=1, node_timeout_s=5)
-    with pytest.raises(deployment.DeploymentError, match="0 of 1 SuperNodes came online"), \
-            federation:
-        pass
+    try:
+        with pytest.raises(deployment.DeploymentError,
+                           match="refused supernode-0|0 of 1 SuperNodes came online"), federation:
+            pass
+    finally:
+        federation.stop()
     assert _processes_with(federation.flwr_home) == []
+
+
+def test_an_earlier_failed_start_is_kept_aside_not_overwritten(tmp_path, monkeypatch):
+    from fedsim import deployment
+
+    directory = tmp_path / "deployment"
+    (directory / "certificates").mkdir(parents=True)
+    (directory / "certificates" / "server.key").write_text("earlier key")
+
+    def no_superlink(self):
+        raise deployment.DeploymentError("superlink failed")
+
+    monkeypatch.setattr(LocalFederation, "_start_superlink", no_superlink)
+    with pytest.raises(deployment.DeploymentError, match="superlink failed"), \
+            LocalFederation(directory, num_nodes=1):
+        pass
+    assert (tmp_path / "deployment.1" / "certificates" / "server.key").read_text() == \
+        "earlier key"
+    assert (directory / "certificates" / "server.key").read_text() != "earlier key"
 
 
 def test_a_tls_deployment_with_node_auth_matches_the_simulation(tiny_cfg, monkeypatch):
