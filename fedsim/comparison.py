@@ -20,7 +20,6 @@ import os
 import platform
 import re
 import shlex
-import shutil
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedsim.recording import code_fingerprint
+from fedsim.recording import code_fingerprint, set_aside
 from fedsim.report import mean_std
 
 
@@ -143,7 +142,7 @@ def run_missing(cells: Sequence[Cell], workers: int, log: Callable[[str], None] 
     todo = [cell for cell in cells if not cell.finished]
     for cell in todo:
         if cell.run_dir.exists():
-            shutil.move(cell.run_dir, _unused_name(cell.run_dir))
+            set_aside(cell.run_dir, "old")
     log(f"{len(cells) - len(todo)} of {len(cells)} runs already finished; running {len(todo)}")
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
@@ -151,14 +150,6 @@ def run_missing(cells: Sequence[Cell], workers: int, log: Callable[[str], None] 
         for done, (future, cell) in enumerate(futures.items(), start=1):
             future.result()
             log(f"[{done}/{len(todo)}] {cell.dataset} {cell.method} {cell.value} seed {cell.seed}")
-
-
-def _unused_name(path: Path) -> Path:
-    for n in range(1, 10_000):
-        candidate = path.with_name(f"{path.name}.old{n}")
-        if not candidate.exists():
-            return candidate
-    raise RuntimeError(f"too many old copies of {path}")
 
 
 def read_rows(run_dir: Path) -> list[dict[str, Any]]:

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedsim.errors import FedsimError
+from fedsim.recording import set_aside
 
 APP_DIR = Path(__file__).resolve().parent.parent  # pyproject.toml with [tool.flwr.app]
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
@@ -369,11 +370,11 @@ class LocalFederation:
     def start(self) -> None:
         """SuperLink first, then registered nodes, then any unregistered ones.
 
-        What an earlier, failed start left in `directory` is kept aside as
-        `<directory>.<n>` (keys are never overwritten, logs never lost).
+        What an earlier, failed start left in `directory` is set aside as
+        `<directory>.failed<n>` (keys are never overwritten, logs never lost).
         """
         if self.directory.exists() and any(self.directory.iterdir()):
-            self.directory.rename(_unused_sibling(self.directory))
+            set_aside(self.directory, "failed")
         self.directory.mkdir(parents=True, exist_ok=True)
         if self.tls:
             self.tls_files = make_tls_files(self.directory / "certificates")
@@ -501,14 +502,6 @@ class LocalFederation:
         return [proc for proc in members.values() if _is_running(proc)]
 
 
-def _unused_sibling(path: Path) -> Path:
-    """`path.1`, `path.2`, ...: the first that does not exist."""
-    n = 1
-    while path.with_name(f"{path.name}.{n}").exists():
-        n += 1
-    return path.with_name(f"{path.name}.{n}")
-
-
 def _wait_for_port(address: str, started: Started, timeout: float = 60.0) -> None:
     """Return once `address` accepts TCP connections; raise if the process dies first."""
     host, port = address.rsplit(":", 1)
@@ -573,10 +566,12 @@ class TerminationGuard:
         self._pending: int | None = None
 
     def install(self) -> None:
+        """Take over the signals (main thread only), remembering the handlers replaced."""
         if threading.current_thread() is threading.main_thread():
             self._saved = {sig: signal.signal(sig, self._handle) for sig in TERMINATION_SIGNALS}
 
     def restore(self) -> None:
+        """Give the signals back to the handlers they had before `install`."""
         for sig, handler in self._saved.items():
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
         self._saved = {}

@@ -51,6 +51,16 @@ def default_run_dir() -> Path:
     return Path("outputs") / datetime.now().strftime("run-%Y%m%d-%H%M%S-%f")
 
 
+def set_aside(path: Path, tag: str) -> Path:
+    """Rename `path` to the first free `<name>.<tag><n>` beside it, so nothing is
+    overwritten or lost; return the new path."""
+    for n in range(1, 10_000):
+        candidate = path.with_name(f"{path.name}.{tag}{n}")
+        if not candidate.exists():
+            return path.rename(candidate)
+    raise RuntimeError(f"too many set-aside copies of {path}")
+
+
 def prepare_run_dir(output_dir: str | None) -> Path:
     """Create the run directory; refuse one that already holds a run's metrics."""
     run_dir = Path(output_dir) if output_dir else default_run_dir()

@@ -307,7 +307,7 @@ def test_an_earlier_failed_start_is_kept_aside_not_overwritten(tmp_path, monkeyp
     with pytest.raises(deployment.DeploymentError, match="superlink failed"), \
             LocalFederation(directory, num_nodes=1):
         pass
-    assert (tmp_path / "deployment.1" / "certificates" / "server.key").read_text() == \
+    assert (tmp_path / "deployment.failed1" / "certificates" / "server.key").read_text() == \
         "earlier key"
     assert (directory / "certificates" / "server.key").read_text() != "earlier key"
 
