@@ -280,20 +280,17 @@ def _validate_attack(cfg: DictConfig) -> None:
 
 def _validate_staleness(cfg: DictConfig) -> None:
     """Delays need a stale-aware strategy on a simulated grid; inversion needs plain SGD."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import get_class, instantiate
+    from hydra.utils import get_class
 
     from fedsim.clock import NoDelay
+    from fedsim.datasets.federated import instantiate_input
     from fedsim.strategies.stale import StaleFedAvg, check_stale_settings
     from fedsim.strategies.staleness_inversion import StalenessInversion, check_inversion_settings
 
     classes = cfg.evaluation.get("classes", [])
     _require(OmegaConf.is_list(classes) and all(_is_int(c) and c >= 0 for c in classes),
              "evaluation.classes", "a list of class indices >= 0", classes)
-    try:  # the device model's own checks, before any data is built
-        devices = instantiate(cfg.devices)
-    except InstantiationException as err:
-        raise (err.__cause__ if isinstance(err.__cause__, ConfigError) else err) from None
+    devices = instantiate_input(cfg.devices)  # the device model's own checks, before any data
     strategy_cls = get_class(cfg.strategy._target_)
     stale_aware = issubclass(strategy_cls, StaleFedAvg)
     delayed = not isinstance(devices, NoDelay)
@@ -331,15 +328,10 @@ def _validate_staleness(cfg: DictConfig) -> None:
 
 
 def _validate_backend_and_logger(cfg: DictConfig) -> None:
-    from hydra.utils import get_class
-
-    from fedsim.backends.deployment import DeploymentBackend, check_deployment_settings
+    from fedsim.datasets.federated import instantiate_input
 
     backend = cfg.backend
-    if issubclass(get_class(backend._target_), DeploymentBackend):
-        check_deployment_settings(backend.get("superlink"), backend.get("root_certificates"),
-                                  backend.get("insecure", False), backend.get("node_auth", True),
-                                  backend.get("timeout_s", 3600.0))
+    instantiate_input(backend)  # a backend checks its own settings on construction (no I/O)
     if backend.get("num_actors") is not None:
         _require(_is_int(backend.num_actors) and backend.num_actors >= 1,
                  "backend.num_actors", "an integer >= 1 or null", backend.num_actors)

@@ -58,12 +58,12 @@ def main() -> None:
     for preset in PRESETS:
         for seed in args.seeds:
             deployed, local = runs[(preset, "deployed", seed)], runs[(preset, "in-process", seed)]
+            difference, where = largest_difference(deployed, local)
             record = {
                 "preset": preset, "seed": seed,
                 "deployed_accuracy": deployed[-1]["server/accuracy"],
                 "inprocess_accuracy": local[-1]["server/accuracy"],
-                "largest_metric_difference": largest_difference(deployed, local)[0],
-                "where": largest_difference(deployed, local)[1],
+                "largest_metric_difference": difference, "where": where,
                 "deployed_s": deployed[-1]["wall_time_s"], "inprocess_s": local[-1]["wall_time_s"],
             }
             raw.append(record)
