@@ -175,6 +175,7 @@ def validate(cfg: DictConfig) -> None:
     _validate_backend_and_logger(cfg)
     _validate_attack(cfg)
     _validate_staleness(cfg)
+    _validate_faults(cfg)
 
 
 def _validate_partition(cfg: DictConfig) -> None:
@@ -352,6 +353,57 @@ def _validate_staleness(cfg: DictConfig) -> None:
                  "optimizer", "plain sgd with client.momentum for staleness_inversion (the "
                  "server unrolls lr, momentum and weight decay only)",
                  f"extra keys {extra}, momentum {cfg.optimizer.get('momentum')}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _validate_faults(cfg: DictConfig) -> None:
+    """The round's tolerance (min replies, deadline, example bound), injected faults and
+    checkpoints; what needs simulated nodes is refused on other backends."""
+    from hydra.utils import get_class
+
+    faults, k = cfg.faults, cfg.clients_per_round
+    _require(_is_int(faults.min_replies) and 1 <= faults.min_replies <= k, "faults.min_replies",
+             f"an integer in [1, clients_per_round={k}]", faults.min_replies)
+    if faults.min_replies > 1 and cfg.strategy.get("mode") == "async":
+        _require(False, "faults.min_replies", "1 with strategy.mode=async (an asynchronous "
+                 "server applies updates one buffer at a time; strategy.buffer_size sets how "
+                 "many)", faults.min_replies)
+    _require(_is_int(faults.max_skipped_rounds) and faults.max_skipped_rounds >= 1,
+             "faults.max_skipped_rounds", "an integer >= 1", faults.max_skipped_rounds)
+    _require(faults.timeout_s is None or (_is_number(faults.timeout_s) and faults.timeout_s > 0),
+             "faults.timeout_s", "a number of seconds > 0, or null (wait for every reply)",
+             faults.timeout_s)
+    _require(faults.max_num_examples is None
+             or (_is_int(faults.max_num_examples) and faults.max_num_examples >= 1),
+             "faults.max_num_examples", "an integer >= 1, or null (the federation's size)",
+             faults.max_num_examples)
+    for key in ("crash_prob", "nan_prob", "hang_prob"):
+        _require(_is_number(faults[key]) and 0 <= faults[key] <= 1, f"faults.{key}",
+                 "a probability in [0, 1]", faults[key])
+    _require(faults.crash_prob + faults.nan_prob <= 1, "faults.nan_prob",
+             f"at most 1 - faults.crash_prob = {1 - faults.crash_prob:g} (one fault per message)",
+             faults.nan_prob)
+    _require(_is_number(faults.hang_s) and faults.hang_s >= 0, "faults.hang_s",
+             "a number of seconds >= 0", faults.hang_s)
+    kill = faults.kill_worker_round
+    if kill is not None:
+        _require(_is_int(kill) and 1 <= kill <= cfg.num_rounds, "faults.kill_worker_round",
+                 f"a round in [1, num_rounds={cfg.num_rounds}], or null", kill)
+        _require(str(cfg.backend._target_) == "fedsim.backends.ray.RayBackend", "backend",
+                 "ray with faults.kill_worker_round (only the ray backend has worker processes)",
+                 str(cfg.backend._target_))
+    every = cfg.checkpoint.every
+    _require(_is_int(every) and every >= 0, "checkpoint.every", "an integer >= 0 (0 = never)",
+             every)
+    if cfg.resume is not None:
+        _require(isinstance(cfg.resume, str) and cfg.resume != "", "resume",
+                 "the path of a run directory, or null", cfg.resume)
+        _require(getattr(get_class(cfg.backend._target_), "partition_node_ids", False),
+                 "backend", "inprocess or ray to resume a run (fedsim holds the clients' state "
+                 "only for simulated nodes)", str(cfg.backend._target_))
 
 
 def _validate_backend_and_logger(cfg: DictConfig) -> None:
