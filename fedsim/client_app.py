@@ -13,6 +13,7 @@ from fedsim.clients.base import Trainer, round_seed
 from fedsim.config import from_run_config
 from fedsim.datasets.federated import ClientData
 from fedsim.errors import ConfigError
+from fedsim.faults import inject_faults, poisoned
 from fedsim.runtime import check_node_model, client_runtime, local_file_runtime
 
 DATA_PATH = "data-path"  # a SuperNode's own .npz file instead of its share of the run's dataset
@@ -39,6 +40,8 @@ def make_client_app(config_json: str | None = None) -> ClientApp:
         config = _config(msg)
         server_round = int(config.get("server-round", 0))
         seed = round_seed(trainer.seed, client_data.partition_id, server_round) + 1
+        faults = from_run_config(context.run_config, config_json).faults
+        fault = inject_faults(faults, trainer.seed, client_data.partition_id, server_round)
         with torch.random.fork_rng(devices=[]):  # dropout, augmentation: same on any backend
             # not torch.manual_seed: it also re-seeds every accelerator (~1 ms a call)
             torch.default_generator.manual_seed(seed)
@@ -46,7 +49,8 @@ def make_client_app(config_json: str | None = None) -> ClientApp:
                 torch.cuda.manual_seed(seed)
             out = trainer.train(msg.content["arrays"], config, client_data, context.state)
         context.state = out.state
-        content = RecordDict({"arrays": out.arrays, "metrics": MetricRecord(out.metrics)})
+        arrays = poisoned(out.arrays) if fault.nan else out.arrays
+        content = RecordDict({"arrays": arrays, "metrics": MetricRecord(out.metrics)})
         for name, record in out.records.items():
             content[name] = record
         return Message(content=content, reply_to=msg)

@@ -23,7 +23,13 @@ from fedsim.attacks.base import attach_attack
 from fedsim.backends.base import MeteredGrid
 from fedsim.clients.base import predict, resolve_device
 from fedsim.datasets.federated import FederatedData
-from fedsim.metrics import aggregate_client_evaluations, classification_metrics, measured
+from fedsim.faults import ReplyGuard, same_arrays_problem
+from fedsim.metrics import (
+    NUM_EXAMPLES,
+    aggregate_client_evaluations,
+    classification_metrics,
+    measured,
+)
 from fedsim.recording import RunRecorder
 from fedsim.runtime import initial_model, preflight
 
@@ -48,6 +54,19 @@ def build_strategy(cfg: DictConfig) -> Strategy:
         min_evaluate_nodes=k_eval,
         min_available_nodes=n,
         evaluate_metrics_aggr_fn=aggregate_client_evaluations,
+    )
+
+
+def guarded(cfg: DictConfig, strategy: Strategy, grid: Grid, data: FederatedData) -> ReplyGuard:
+    """`grid` behind a `ReplyGuard` with the strategy's weight key and upload check."""
+    splits = data.splits
+    return ReplyGuard(
+        grid,
+        weight_key=getattr(strategy, "weighted_by_key", NUM_EXAMPLES),
+        max_examples=cfg.faults.max_num_examples or len(splits.y_train) + len(splits.y_test),
+        check_upload=getattr(strategy, "upload_problem", same_arrays_problem),
+        min_replies=cfg.faults.min_replies,
+        max_skipped_rounds=cfg.faults.max_skipped_rounds,
     )
 
 
@@ -93,7 +112,7 @@ def run_server(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
     strategy = build_strategy(cfg)
     if hasattr(strategy, "bind_run"):  # simulated device delays and what else the rule reads
         strategy.bind_run(cfg, data)
-    metered = MeteredGrid(attach_attack(cfg, strategy, grid))
+    metered = MeteredGrid(guarded(cfg, strategy, attach_attack(cfg, strategy, grid), data))
     evaluate = make_evaluator(model.to(resolve_device(cfg.device)), data, strategy,
                               reported_classes(cfg, strategy))
     recorder = RunRecorder(cfg, metered, evaluate, instantiate(cfg.logger), run_dir)
@@ -104,7 +123,7 @@ def run_server(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
             grid=metered,
             initial_arrays=initial,
             num_rounds=cfg.num_rounds,
-            timeout=NO_TIMEOUT,
+            timeout=cfg.faults.timeout_s or NO_TIMEOUT,
             train_config=ConfigRecord(),
             evaluate_config=ConfigRecord(),
             evaluate_fn=recorder.end_of_round,

@@ -114,21 +114,25 @@ class SimulationGrid(Grid):
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        wanted = list(message_ids)
+        return self._pull(list(message_ids), timeout=None)
+
+    def _pull(self, wanted: list[str], timeout: float | None) -> list[Message]:
         todo = [self._pending.pop(i) for i in wanted if i in self._pending]
         if todo:
-            for reply in self.execute(todo):
+            for reply in self.execute(todo, timeout):
                 self._replies[reply.metadata.reply_to_message_id] = reply
         return [self._replies.pop(i) for i in wanted if i in self._replies]
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        return self.pull_messages(self.push_messages(messages))
+        """Run the messages now; with `timeout`, late replies are lost (see `execute`)."""
+        return self._pull(list(self.push_messages(messages)), timeout)
 
     @abstractmethod
-    def execute(self, messages: list[Message]) -> list[Message]:
-        """Run the ClientApp for each message on its node; return the replies."""
+    def execute(self, messages: list[Message], timeout: float | None = None) -> list[Message]:
+        """Run the ClientApp for each message on its node; return the replies that came
+        within `timeout` seconds (None waits for all)."""
 
 
 class GridWrapper(Grid):
@@ -198,10 +202,12 @@ class MeteredGrid(GridWrapper):
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         self._count_replies(replies)
         kind = messages[0].metadata.message_type.split(".")[0]
-        missing = len(messages) - len(replies)
-        if missing > 0:
-            self.counts[f"{kind}_failures"] += missing
-            log.warning("%d %s message(s) got no reply before the timeout", missing, kind)
+        answered = {reply.metadata.src_node_id for reply in replies}
+        silent = sorted({m.metadata.dst_node_id for m in messages} - answered)
+        if silent:
+            self.counts[f"{kind}_failures"] += len(silent)
+            log.warning("client node(s) %s sent no %s reply before the round's deadline "
+                        "(faults.timeout_s)", silent, kind)
         return replies
 
     def _count_replies(self, replies: list[Message]) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from flwr.app import Message
 from flwr.clientapp import ClientApp
 from omegaconf import DictConfig
@@ -17,11 +19,20 @@ class InProcessGrid(SimulationGrid):
         super().__init__(num_nodes, run_config)
         self.client_app = client_app
 
-    def execute(self, messages: list[Message]) -> list[Message]:
-        return [
-            run_client_app(self.client_app, msg, self.context(msg.metadata.dst_node_id))
-            for msg in messages
-        ]
+    def execute(self, messages: list[Message], timeout: float | None = None) -> list[Message]:
+        """One message after another. Simulated clients run side by side, so `timeout`
+        bounds each call: a reply that took longer is lost, with its client's state
+        update, as if it never arrived."""
+        replies = []
+        for msg in messages:
+            context = self.context(msg.metadata.dst_node_id)
+            state, start = context.state, time.perf_counter()
+            reply = run_client_app(self.client_app, msg, context)
+            if timeout is not None and time.perf_counter() - start > timeout:
+                context.state = state
+                continue
+            replies.append(reply)
+        return replies
 
 
 class InProcessBackend:

@@ -1,9 +1,10 @@
 """Clients on a pool of persistent Ray actors.
 
 Each actor builds the ClientApp and receives the federated data once (through
-Ray's object store), then serves a batch of messages per round. Node contexts
+Ray's object store), then serves messages one remote call each. Node contexts
 stay with the grid in the driver and travel with their messages, so any actor
-can serve any node and a lost actor loses no client state.
+can serve any node, and a lost actor (restarted by Ray) loses no client state:
+only the replies it owed that round.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 import ray
 from flwr.app import Context, Error, Message
+from flwr.common import MessageType
 from flwr.common.constant import ErrorCode
 from omegaconf import DictConfig
 
@@ -23,10 +25,12 @@ from fedsim.backends.base import SimulationGrid, server_context
 from fedsim.config import to_run_config
 from fedsim.errors import ConfigError
 
+MAX_RESTARTS = 10  # per actor: a lost worker is started again, a crashing one gives up
+
 
 @ray.remote
 class ClientWorker:
-    """Runs the fedsim ClientApp for batches of (message, context) pairs."""
+    """Runs the fedsim ClientApp for (message, context) pairs."""
 
     def __init__(self, run_config: dict, data: Any) -> None:
         from fedsim.config import from_run_config
@@ -36,42 +40,65 @@ class ClientWorker:
             os.environ["CUDA_VISIBLE_DEVICES"] = ""
         prime_cache(from_run_config(run_config), data)
 
-    def execute(
-        self, messages: list[Message], contexts: list[Context]
-    ) -> list[tuple[Message, Context]]:
+    def execute(self, message: Message, context: Context, die: bool = False
+                ) -> tuple[Message, Context]:
+        """The ClientApp's reply and the node's context after it. `die` ends this worker
+        process first (`faults.kill_worker_round`): Ray restarts the actor, the call fails."""
         from fedsim.backends.base import run_client_app
         from fedsim.client_app import app
 
-        return [(run_client_app(app, m, c), c) for m, c in zip(messages, contexts, strict=True)]
+        if die:
+            os._exit(1)
+        return run_client_app(app, message, context), context
 
 
 class RayGrid(SimulationGrid):
-    """Spreads each round's messages evenly over the actors, one remote call per actor."""
+    """Hands each message to the actors in turn (one remote call per message).
 
-    def __init__(self, workers: list, num_nodes: int, run_config: dict) -> None:
+    With `timeout`, the replies not back by then are lost and the actors still
+    busy are restarted. `kill_round`: the worker serving the round's lowest node
+    dies (`faults.kill_worker_round`), as a worker lost to the OS would.
+    """
+
+    def __init__(self, workers: list, num_nodes: int, run_config: dict,
+                 kill_round: int | None = None) -> None:
         super().__init__(num_nodes, run_config)
         self.workers = workers
+        self.kill_round = kill_round
 
-    def execute(self, messages: list[Message]) -> list[Message]:
-        chunks = [messages[i :: len(self.workers)] for i in range(len(self.workers))]
-        calls = [
-            (chunk, worker.execute.remote(
-                chunk, [self.context(m.metadata.dst_node_id) for m in chunk]
-            ))
-            for worker, chunk in zip(self.workers, chunks, strict=True)
-            if chunk
-        ]
+    def execute(self, messages: list[Message], timeout: float | None = None) -> list[Message]:
+        victim = self._victim(messages)
+        calls = {}
+        for i, msg in enumerate(messages):
+            worker = self.workers[i % len(self.workers)]
+            node_id = msg.metadata.dst_node_id
+            ref = worker.execute.remote(msg, self.context(node_id), die=node_id == victim)
+            calls[ref] = (msg, worker)
+        done, late = ray.wait(list(calls), num_returns=len(calls), timeout=timeout)
+        for worker in {id(calls[ref][1]): calls[ref][1] for ref in late}.values():
+            ray.kill(worker, no_restart=False)  # stuck on a late client: start it afresh
         replies = []
-        for chunk, call in calls:
+        for ref in (r for r in calls if r in set(done)):
+            msg = calls[ref][0]
             try:
-                results = ray.get(call)
+                reply, context = ray.get(ref)
             except ray.exceptions.RayError as err:
-                replies += [_worker_failed(m, err) for m in chunk]
+                replies.append(_worker_failed(msg, err))
                 continue
-            for reply, context in results:
-                self.contexts[context.node_id] = context
-                replies.append(reply)
+            self.contexts[context.node_id] = context
+            replies.append(reply)
         return replies
+
+    def _victim(self, messages: list[Message]) -> int | None:
+        """The node whose worker dies now, if this is the train round `kill_round`."""
+        train = [m for m in messages if m.metadata.message_type == MessageType.TRAIN]
+        if self.kill_round is None or not train:
+            return None
+        config = train[0].content.config_records.get("config", {})
+        if config.get("server-round") != self.kill_round:
+            return None
+        self.kill_round = None  # once
+        return min(m.metadata.dst_node_id for m in train)
 
 
 def _worker_failed(message: Message, err: Exception) -> Message:
@@ -120,13 +147,14 @@ class RayBackend:
         data = build_federated_data(cfg)
         shared = ray.put(dataclasses.replace(data, partitioner=None))
         workers = [
-            ClientWorker.options(num_cpus=self.num_cpus, num_gpus=self.num_gpus).remote(
-                run_config, shared
-            )
+            ClientWorker.options(
+                num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_restarts=MAX_RESTARTS
+            ).remote(run_config, shared)
             for _ in range(pool_size)
         ]
         try:
-            server_app(RayGrid(workers, cfg.num_clients, run_config), server_context(run_config))
+            grid = RayGrid(workers, cfg.num_clients, run_config, cfg.faults.kill_worker_round)
+            server_app(grid, server_context(run_config))
         finally:
             for worker in workers:
                 ray.kill(worker)

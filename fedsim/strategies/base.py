@@ -21,6 +21,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedsim.clients.base import UPLOADS_DELTAS, UPLOADS_WEIGHTS
 from fedsim.errors import MessageError
+from fedsim.faults import same_array_problem
 
 
 class UploadStrategy(FedAvg):
@@ -136,18 +137,10 @@ def stack_deltas(
                 f"(missing {missing[:5]}, unexpected {extra[:5]})"
             )
         for key, ref in reference.items():
-            _check_upload(node_id, key, record[key].numpy(), ref)
+            problem = same_array_problem(key, record[key].numpy(), ref)
+            if problem:
+                raise MessageError(f"reply from node {node_id}: {problem}")
     return {key: _stack([record[key].numpy() for _, record in uploads]) for key in reference}
-
-
-def _check_upload(node_id: int, key: str, upload: np.ndarray, reference: np.ndarray) -> None:
-    where = f"reply from node {node_id}: arrays['{key}']"
-    if upload.shape != reference.shape:
-        raise MessageError(f"{where} must have shape {reference.shape} (got {upload.shape})")
-    if upload.dtype != reference.dtype:
-        raise MessageError(f"{where} must have dtype {reference.dtype} (got {upload.dtype})")
-    if np.issubdtype(upload.dtype, np.floating) and not np.isfinite(upload).all():
-        raise MessageError(f"{where} must be finite (got NaN or inf: did local training diverge?)")
 
 
 def _stack(arrays: list[np.ndarray]) -> np.ndarray:

@@ -19,6 +19,7 @@ from flwr.serverapp import Grid
 
 from fedsim.clients.base import UPLOADS_RANKINGS
 from fedsim.errors import MessageError
+from fedsim.faults import keys_problem
 from fedsim.strategies.base import UploadStrategy
 from fedsim.supermask import MASK_MODES
 
@@ -55,20 +56,26 @@ def vote(rankings: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return new.reshape(scores.shape)
 
 
-def check_ranking(node_id: int, key: str, upload: np.ndarray, num_edges: int) -> None:
-    """Reject an upload that is not a permutation of the layer's edge ids as integers."""
-    where = f"reply from node {node_id}: arrays['{key}']"
+def ranking_problem(key: str, upload: np.ndarray, num_edges: int) -> str | None:
+    """What keeps `upload` from being a permutation of the layer's edge ids, or None."""
+    where = f"arrays['{key}']"
     if not np.issubdtype(upload.dtype, np.integer):
-        raise MessageError(f"{where} must be an integer ranking of edge ids (got {upload.dtype})")
+        return f"{where} must be an integer ranking of edge ids (got {upload.dtype})"
     if upload.shape != (num_edges,):
-        raise MessageError(f"{where} must have shape ({num_edges},) (got {upload.shape})")
+        return f"{where} must have shape ({num_edges},) (got {upload.shape})"
     seen = np.zeros(num_edges, dtype=bool)
     in_range = (upload >= 0) & (upload < num_edges)
     seen[upload[in_range].astype(np.int64)] = True
     if not (in_range.all() and seen.all()):
-        raise MessageError(
-            f"{where} must list every edge id 0..{num_edges - 1} exactly once"
-        )
+        return f"{where} must list every edge id 0..{num_edges - 1} exactly once"
+    return None
+
+
+def check_ranking(node_id: int, key: str, upload: np.ndarray, num_edges: int) -> None:
+    """Reject an upload that is not a permutation of the layer's edge ids as integers."""
+    problem = ranking_problem(key, upload, num_edges)
+    if problem:
+        raise MessageError(f"reply from node {node_id}: {problem}")
 
 
 class FRL(UploadStrategy):
@@ -92,6 +99,13 @@ class FRL(UploadStrategy):
             raise ValueError(f"strategy.mask_mode must be one of {MASK_MODES} (got {mask_mode!r})")
         super().__init__(**kwargs)
         self.mask_mode = mask_mode
+
+    def upload_problem(self, upload: ArrayRecord, sent: dict[str, np.ndarray]) -> str | None:
+        """What is wrong with a client's rankings (for `fedsim.faults.ReplyGuard`), or None."""
+        problem = keys_problem(upload, sent)
+        for key in sent.keys():
+            problem = problem or ranking_problem(key, upload[key].numpy(), sent[key].size)
+        return problem
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

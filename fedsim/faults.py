@@ -1,0 +1,278 @@
+"""What a round tolerates from its clients, and faults injected to exercise it.
+
+`ReplyGuard` wraps the run's grid. It reads every reply against the message it
+answers before any strategy sees it: a reply with missing or extra records,
+arrays of the wrong keys, shapes or dtypes, NaN/Inf values, or an absurd
+`num-examples` becomes an error reply (dropped, logged with the node id,
+counted as a failure), so no strategy, Flower's included, aggregates it or
+crashes on it. A round with fewer valid train replies than `faults.min_replies`
+is skipped: every reply is dropped and the global model is kept; after
+`faults.max_skipped_rounds` skipped rounds in a row the run stops.
+
+`inject_faults` is the client side of `faults.crash_prob`, `nan_prob`,
+`hang_prob`: drawn from (seed, partition, round), so the same clients fail on
+every backend and on every rerun.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Error, Message, RecordDict
+from flwr.common import MessageType
+from flwr.common.constant import ErrorCode
+from flwr.serverapp import Grid
+
+from fedsim.backends.base import GridWrapper
+from fedsim.errors import FedsimError
+from fedsim.metrics import NUM_EXAMPLES
+
+log = logging.getLogger("fedsim")
+
+REJECTED = "reply rejected by the server"
+FAULT_STREAM = 0xFA017  # keeps fault draws apart from the training seeds
+Arrays = dict[str, np.ndarray]
+#: (upload, arrays sent) -> what is wrong with an uploaded ArrayRecord, or None
+UploadCheck = Callable[[ArrayRecord, Arrays], "str | None"]
+
+
+class RunFailed(FedsimError):
+    """The run cannot go on (too many rounds without enough valid replies)."""
+
+
+class InjectedFault(RuntimeError):
+    """A client failure injected by `faults.crash_prob`."""
+
+
+def keys_problem(upload: ArrayRecord, sent: Arrays) -> str | None:
+    """An upload must carry exactly the sent record's keys."""
+    keys, expected = set(upload.keys()), set(sent.keys())
+    if keys == expected:
+        return None
+    return (f"arrays must have the global model's keys (missing {sorted(expected - keys)[:5]}, "
+            f"unexpected {sorted(keys - expected)[:5]})")
+
+
+def same_arrays_problem(upload: ArrayRecord, sent: Arrays) -> str | None:
+    """Weights or deltas: the sent keys, each array as `same_array_problem` wants it."""
+    problem = keys_problem(upload, sent)
+    for key in sent.keys():
+        problem = problem or same_array_problem(key, upload[key].numpy(), sent[key])
+    return problem
+
+
+def same_array_problem(key: str, upload: np.ndarray, sent: np.ndarray) -> str | None:
+    """An upload of weights or deltas must match the sent array's shape and dtype, finite."""
+    where = f"arrays['{key}']"
+    if upload.shape != sent.shape:
+        return f"{where} must have shape {sent.shape} (got {upload.shape})"
+    if upload.dtype != sent.dtype:
+        return f"{where} must have dtype {sent.dtype} (got {upload.dtype})"
+    if np.issubdtype(upload.dtype, np.floating) and not np.isfinite(upload).all():
+        return f"{where} must be finite (got NaN or inf: did local training diverge?)"
+    return None
+
+
+def examples_problem(value: object, max_examples: int, minimum: int) -> str | None:
+    """`num-examples` must be a whole number in [minimum, max_examples]."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value != int(value) or not minimum <= value <= max_examples:
+        return (f"metrics['{NUM_EXAMPLES}'] must be a whole number in [{minimum}, "
+                f"{max_examples}] (got {value!r})")
+    return None
+
+
+def reply_problem(
+    reply: RecordDict,
+    sent: Arrays | None,
+    weight_key: str,
+    max_examples: int,
+    check_upload: UploadCheck,
+) -> str | None:
+    """What makes a reply unusable, or None.
+
+    Train replies (`sent`: the arrays sent) carry exactly one ArrayRecord
+    that passes `check_upload`, and at least one example;
+    evaluate replies (`sent` None) carry no arrays to check and may report zero
+    examples. Both carry exactly one MetricRecord with a valid `weight_key`
+    and finite metrics (Flower's strategies aggregate these).
+    """
+    metrics = list(reply.metric_records.values())
+    if len(metrics) != 1:
+        return f"must carry exactly one MetricRecord (got {len(metrics)})"
+    record = metrics[0]
+    if weight_key not in record:
+        return f"metrics must include '{weight_key}'"
+    problem = examples_problem(record[weight_key], max_examples, 1 if sent is not None else 0)
+    if problem:
+        return problem
+    if record[weight_key] > 0:
+        for key, value in record.items():
+            values = value if isinstance(value, list) else [value]
+            if not all(math.isfinite(v) for v in values):
+                return f"metrics['{key}'] must be finite (got {value!r})"
+    if sent is None:
+        return None
+    arrays = list(reply.array_records.values())
+    if len(arrays) != 1:
+        return f"must carry exactly one ArrayRecord (got {len(arrays)})"
+    try:
+        return check_upload(arrays[0], sent)
+    except Exception as err:  # noqa: BLE001 - undecodable bytes from a peer
+        return f"arrays cannot be decoded ({err!r})"
+
+
+def rejected(reply: Message, reason: str) -> Message:
+    """An error reply in place of `reply`, which the strategies then drop."""
+    error = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                          reason=f"{REJECTED}: {reason}"), reply_to=_original(reply))
+    error.metadata.__dict__["_src_node_id"] = reply.metadata.src_node_id
+    error.metadata.__dict__["_message_id"] = reply.metadata.message_id
+    return error
+
+
+def _original(reply: Message) -> Message:
+    """A stand-in for the message `reply` answers (what `Message(reply_to=...)` reads)."""
+    stub = Message(RecordDict(), dst_node_id=reply.metadata.src_node_id,
+                   message_type=reply.metadata.message_type)
+    stub.metadata.__dict__["_message_id"] = reply.metadata.reply_to_message_id
+    stub.metadata.__dict__["_src_node_id"] = reply.metadata.dst_node_id
+    stub.metadata.__dict__["_run_id"] = reply.metadata.run_id
+    stub.metadata.__dict__["_group_id"] = reply.metadata.group_id
+    return stub
+
+
+class ReplyGuard(GridWrapper):
+    """Checks every reply against what was sent; enforces the minimum-replies rule.
+
+    Parameters
+    ----------
+    grid : the grid to wrap.
+    weight_key : the metric the strategy weights by (`num-examples`).
+    max_examples : the most examples a reply may claim.
+    check_upload : the check of a train upload against the arrays sent (the strategy's
+        `upload_problem`, else `same_arrays_problem`).
+    min_replies, max_skipped_rounds : `faults.*`.
+    """
+
+    def __init__(
+        self,
+        grid: Grid,
+        weight_key: str,
+        max_examples: int,
+        check_upload: UploadCheck = same_arrays_problem,
+        min_replies: int = 1,
+        max_skipped_rounds: int = 3,
+    ) -> None:
+        super().__init__(grid)
+        self.weight_key = weight_key
+        self.max_examples = max_examples
+        self.check_upload = check_upload
+        self.min_replies = min_replies
+        self.max_skipped_rounds = max_skipped_rounds
+        self.skipped_in_a_row = 0
+        self.skipped_rounds = 0
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """The inner grid's replies, each checked against the message sent to its node."""
+        messages = list(messages)
+        sent = {msg.metadata.dst_node_id: msg for msg in messages}
+        decoded: dict[int, Arrays] = {}  # each distinct ArrayRecord sent, decoded once
+        replies = [self._checked(reply, sent.get(reply.metadata.src_node_id), decoded)
+                   for reply in self.grid.send_and_receive(messages, timeout=timeout)]
+        if messages and messages[0].metadata.message_type == MessageType.TRAIN:
+            replies = self._apply_min_replies(replies)
+        return replies
+
+    def _checked(self, reply: Message, sent: Message | None, decoded: dict[int, Arrays]
+                 ) -> Message:
+        if reply.has_error():
+            return reply
+        if sent is None:
+            return rejected(reply, "no message was sent to this node")
+        if not reply.has_content():
+            return rejected(reply, "no content")
+        arrays = None
+        if sent.metadata.message_type == MessageType.TRAIN:
+            record = next(iter(sent.content.array_records.values()), ArrayRecord())
+            if id(record) not in decoded:
+                decoded[id(record)] = {key: array.numpy() for key, array in record.items()}
+            arrays = decoded[id(record)]
+        problem = reply_problem(reply.content, arrays, self.weight_key, self.max_examples,
+                                self.check_upload)
+        return reply if problem is None else rejected(reply, problem)
+
+    def _apply_min_replies(self, replies: list[Message]) -> list[Message]:
+        """Drop a train round's replies when fewer than `min_replies` are valid."""
+        valid = sum(not reply.has_error() for reply in replies)
+        if valid >= self.min_replies:
+            self.skipped_in_a_row = 0
+            return replies
+        self.skipped_rounds += 1
+        self.skipped_in_a_row += 1
+        log.warning("only %d valid train replies, fewer than faults.min_replies=%d: the round "
+                    "is skipped and the global model kept", valid, self.min_replies)
+        if self.skipped_in_a_row >= self.max_skipped_rounds:
+            raise RunFailed(
+                f"{self.skipped_in_a_row} rounds in a row had fewer than faults.min_replies="
+                f"{self.min_replies} valid train replies (faults.max_skipped_rounds="
+                f"{self.max_skipped_rounds}); see the client failures logged above. Once they "
+                "are fixed, `fedsim resume=<run dir>` continues from the last checkpoint"
+            )
+        reason = f"round skipped: {valid} valid replies < faults.min_replies={self.min_replies}"
+        return [reply if reply.has_error() else rejected(reply, reason) for reply in replies]
+
+
+# ---- the client side: injected faults -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FaultDraw:
+    """What happens to one train message: crash, upload NaN, sleep first."""
+
+    crash: bool
+    nan: bool
+    hang_s: float
+
+
+def draw_faults(faults, seed: int, partition_id: int, server_round: int) -> FaultDraw:
+    """The faults of this client in this round, drawn from (seed, partition, round) only."""
+    crash_prob, nan_prob = float(faults.crash_prob), float(faults.nan_prob)
+    hang_prob = float(faults.hang_prob)
+    if crash_prob == nan_prob == hang_prob == 0:
+        return FaultDraw(False, False, 0.0)
+    rng = np.random.default_rng([FAULT_STREAM, seed, partition_id, server_round])
+    kind, hang = rng.random(2)
+    return FaultDraw(
+        crash=kind < crash_prob,
+        nan=crash_prob <= kind < crash_prob + nan_prob,
+        hang_s=float(faults.hang_s) if hang < hang_prob else 0.0,
+    )
+
+
+def inject_faults(faults, seed: int, partition_id: int, server_round: int) -> FaultDraw:
+    """Sleep or raise as drawn for this train message; the caller poisons the upload."""
+    fault = draw_faults(faults, seed, partition_id, server_round)
+    if fault.hang_s:
+        time.sleep(fault.hang_s)
+    if fault.crash:
+        raise InjectedFault(f"injected crash (faults.crash_prob) in round {server_round}")
+    return fault
+
+
+def poisoned(arrays: ArrayRecord) -> ArrayRecord:
+    """`arrays` with every floating entry set to NaN (what a diverged client uploads)."""
+    out = {}
+    for key, array in arrays.items():
+        values = array.numpy()
+        if np.issubdtype(values.dtype, np.floating):
+            values = np.full_like(values, np.nan)
+        out[key] = Array(values)
+    return ArrayRecord(out)
