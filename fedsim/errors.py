@@ -15,3 +15,7 @@ class DataError(FedsimError):
 
 class MessageError(FedsimError):
     """A peer's message does not match what the run expects (keys, shapes, dtypes, values)."""
+
+
+class RunFailedError(FedsimError):
+    """The run cannot go on (e.g. too many rounds in a row without enough valid replies)."""

@@ -29,7 +29,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fedsim.backends.base import GridWrapper
-from fedsim.errors import FedsimError
+from fedsim.errors import RunFailedError
 from fedsim.metrics import NUM_EXAMPLES
 
 log = logging.getLogger("fedsim")
@@ -41,11 +41,7 @@ Arrays = dict[str, np.ndarray]
 UploadCheck = Callable[[ArrayRecord, Arrays], "str | None"]
 
 
-class RunFailed(FedsimError):
-    """The run cannot go on (too many rounds without enough valid replies)."""
-
-
-class InjectedFault(RuntimeError):
+class InjectedFaultError(RuntimeError):
     """A client failure injected by `faults.crash_prob`."""
 
 
@@ -61,7 +57,7 @@ def keys_problem(upload: ArrayRecord, sent: Arrays) -> str | None:
 def same_arrays_problem(upload: ArrayRecord, sent: Arrays) -> str | None:
     """Weights or deltas: the sent keys, each array as `same_array_problem` wants it."""
     problem = keys_problem(upload, sent)
-    for key in sent.keys():
+    for key in sent:
         problem = problem or same_array_problem(key, upload[key].numpy(), sent[key])
     return problem
 
@@ -220,7 +216,7 @@ class ReplyGuard(GridWrapper):
         log.warning("only %d valid train replies, fewer than faults.min_replies=%d: the round "
                     "is skipped and the global model kept", valid, self.min_replies)
         if self.skipped_in_a_row >= self.max_skipped_rounds:
-            raise RunFailed(
+            raise RunFailedError(
                 f"{self.skipped_in_a_row} rounds in a row had fewer than faults.min_replies="
                 f"{self.min_replies} valid train replies (faults.max_skipped_rounds="
                 f"{self.max_skipped_rounds}); see the client failures logged above. Once they "
@@ -263,7 +259,7 @@ def inject_faults(faults, seed: int, partition_id: int, server_round: int) -> Fa
     if fault.hang_s:
         time.sleep(fault.hang_s)
     if fault.crash:
-        raise InjectedFault(f"injected crash (faults.crash_prob) in round {server_round}")
+        raise InjectedFaultError(f"injected crash (faults.crash_prob) in round {server_round}")
     return fault
 
 

@@ -103,7 +103,7 @@ class FRL(UploadStrategy):
     def upload_problem(self, upload: ArrayRecord, sent: dict[str, np.ndarray]) -> str | None:
         """What is wrong with a client's rankings (for `fedsim.faults.ReplyGuard`), or None."""
         problem = keys_problem(upload, sent)
-        for key in sent.keys():
+        for key in sent:
             problem = problem or ranking_problem(key, upload[key].numpy(), sent[key].size)
         return problem
 
