@@ -20,7 +20,7 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
     """Check `cfg`, run it on `cfg.backend`, and return the run's summary."""
     if cfg.output_dir is None:
         with open_dict(cfg):
-            cfg.output_dir = str(default_run_dir())
+            cfg.output_dir = cfg.resume or str(default_run_dir())
     preflight(cfg)  # before a backend starts anything (Ray, workers)
     backend = instantiate(cfg.backend)
     backend.run(cfg)

@@ -63,12 +63,14 @@ def same_arrays_problem(upload: ArrayRecord, sent: Arrays) -> str | None:
 
 
 def same_array_problem(key: str, upload: np.ndarray, sent: np.ndarray) -> str | None:
-    """An upload of weights or deltas must match the sent array's shape and dtype, finite."""
+    """An upload of weights or deltas must match the sent array's shape and kind of dtype
+    (floating, integer...), with finite values."""
     where = f"arrays['{key}']"
     if upload.shape != sent.shape:
         return f"{where} must have shape {sent.shape} (got {upload.shape})"
-    if upload.dtype != sent.dtype:
-        return f"{where} must have dtype {sent.dtype} (got {upload.dtype})"
+    if upload.dtype.kind != sent.dtype.kind:  # float32 for float64 is fine (FedAdam's globals)
+        return f"{where} must have a {sent.dtype.kind!r}-kind dtype like the sent {sent.dtype} " \
+               f"(got {upload.dtype})"
     if np.issubdtype(upload.dtype, np.floating) and not np.isfinite(upload).all():
         return f"{where} must be finite (got NaN or inf: did local training diverge?)"
     return None
@@ -172,7 +174,7 @@ class ReplyGuard(GridWrapper):
         self.min_replies = min_replies
         self.max_skipped_rounds = max_skipped_rounds
         self.skipped_in_a_row = 0
-        self.skipped_rounds = 0
+        self.skipped_rounds = 0  # since the last `take_counts`
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -205,6 +207,12 @@ class ReplyGuard(GridWrapper):
                                 self.check_upload)
         return reply if problem is None else rejected(reply, problem)
 
+    def take_counts(self) -> dict[str, int]:
+        """skipped_rounds since the last call."""
+        counts = {"skipped_rounds": self.skipped_rounds}
+        self.skipped_rounds = 0
+        return counts
+
     def _apply_min_replies(self, replies: list[Message]) -> list[Message]:
         """Drop a train round's replies when fewer than `min_replies` are valid."""
         valid = sum(not reply.has_error() for reply in replies)
@@ -220,7 +228,8 @@ class ReplyGuard(GridWrapper):
                 f"{self.skipped_in_a_row} rounds in a row had fewer than faults.min_replies="
                 f"{self.min_replies} valid train replies (faults.max_skipped_rounds="
                 f"{self.max_skipped_rounds}); see the client failures logged above. Once they "
-                "are fixed, `fedsim resume=<run dir>` continues from the last checkpoint"
+                "are fixed, `fedsim resume=<run dir>` goes on from the run's last checkpoint "
+                "(written every checkpoint.every rounds)"
             )
         reason = f"round skipped: {valid} valid replies < faults.min_replies={self.min_replies}"
         return [reply if reply.has_error() else rejected(reply, reason) for reply in replies]

@@ -95,6 +95,25 @@ def _examples(reply: Message) -> float:
     return sum(float(r.get(NUM_EXAMPLES, 0)) for r in reply.content.metric_records.values())
 
 
+def _kept_lines(path: Path, done: int) -> list[dict[str, Any]]:
+    """Set `path` (JSON lines with a "round") aside and write back its rows up to round
+    `done`; return them ([] and nothing written when there is no such file)."""
+    if not path.exists():
+        return []
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # the line a killed run was writing (kept aside)
+            continue
+        if row["round"] <= done:
+            kept.append(row)
+    set_aside(path, "resumed")
+    with open(path, "w", encoding="utf-8") as out:
+        out.writelines(json.dumps(row) + "\n" for row in kept)
+    return kept
+
+
 class RunRecorder:
     """Collects each round's metrics from the strategy, the grid and the server evaluation.
 
@@ -143,14 +162,43 @@ class RunRecorder:
                 self.run_dir / "plots" / "label_distribution.png",
                 self.cfg.num_clients,
             )
+        self._begin(done=0, elapsed_s=0.0)
+
+    def resume(self, done: int, elapsed_s: float, updates_written: int) -> None:
+        """Go on with a run stopped after its checkpoint at round `done`.
+
+        Its metrics.jsonl (and updates.jsonl) are set aside whole as `*.resumed<n>`
+        and rewritten with the rows up to `done`: rows a killed run wrote after its
+        last checkpoint are redone, and nothing written before is lost.
+        """
+        self.class_groups = json.loads((self.run_dir / CLASS_GROUPS_FILE).read_text()) \
+            if (self.run_dir / CLASS_GROUPS_FILE).exists() else {}
+        self._metrics_file.close()
+        self.rows = _kept_lines(self.run_dir / METRICS_FILE, done)
+        _kept_lines(self.run_dir / UPDATES_FILE, done)
+        self._metrics_file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
+        self._updates_written = updates_written
+        self._begin(done, elapsed_s)
+
+    def _begin(self, done: int, elapsed_s: float) -> None:
+        """Start the tracker and the progress bar; the clock goes on from `elapsed_s`."""
         self.logger.start(
             OmegaConf.to_container(self.cfg, resolve=True), str(self.run_dir), self.run_dir.name
         )
         self._bar = tqdm(
-            total=self.cfg.num_rounds, desc="rounds", unit="rnd", disable=not self.cfg.progress,
-            dynamic_ncols=True,
+            total=self.cfg.num_rounds, initial=done, desc="rounds", unit="rnd",
+            disable=not self.cfg.progress, dynamic_ncols=True,
         )
-        self._start = self._round_start = time.perf_counter()
+        self._round_start = time.perf_counter()
+        self._start = self._round_start - elapsed_s
+
+    def elapsed_s(self) -> float:
+        """Wall time of the run so far (across resumes)."""
+        return time.perf_counter() - self._start
+
+    def updates_written(self) -> int:
+        """Entries of the strategy's update log already in updates.jsonl."""
+        return self._updates_written
 
     def attach(self, strategy: Strategy) -> None:
         """Capture aggregated train and client-eval metrics as the strategy produces them."""
@@ -255,7 +303,8 @@ class RunRecorder:
             "wall_time_s": time.perf_counter() - self._start,
             **{
                 key: sum(r.get(key, 0) for r in self.rows)
-                for key in ("bytes_down", "bytes_up", "train_failures", "evaluate_failures")
+                for key in ("bytes_down", "bytes_up", "train_failures", "evaluate_failures",
+                            "skipped_rounds")
             },
             "strategy": str(self.cfg.strategy._target_).rsplit(".", 1)[-1],
             "client": str(self.cfg.client._target_).rsplit(".", 1)[-1],

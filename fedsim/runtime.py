@@ -142,13 +142,18 @@ def preflight(cfg: DictConfig) -> tuple[FederatedData, Path]:
     """Every check that can fail on the user's input, before any work starts.
 
     Config fields, data (samples >= clients, partitions), model-dataset fit and
-    the run directory (never an existing run's). Returns the data and the run dir.
+    the run directory (never an existing run's, unless resuming an unfinished one
+    from its checkpoint). Returns the data and the run dir.
     """
     validate(cfg)
     data = build_federated_data(cfg)
     check_trainer(cfg, data)  # before the model: a trainer may extend it from its settings
     check_model_fits(cfg, data)
     _check_reported_classes(cfg, data.num_classes)
+    if cfg.resume is not None:
+        from fedsim.checkpoint import resumable_run_dir
+
+        return data, resumable_run_dir(cfg.resume)
     return data, prepare_run_dir(cfg.output_dir)
 
 

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
+from fedsim import checkpoint
 from fedsim.attacks.base import attach_attack
 from fedsim.backends.base import MeteredGrid
 from fedsim.clients.base import predict, resolve_device
@@ -30,10 +31,11 @@ from fedsim.metrics import (
     classification_metrics,
     measured,
 )
-from fedsim.recording import RunRecorder
+from fedsim.recording import RunRecorder, code_fingerprint
 from fedsim.runtime import initial_model, preflight
 
 NO_TIMEOUT = 7 * 24 * 3600.0
+log = logging.getLogger("fedsim")
 
 
 def build_strategy(cfg: DictConfig) -> Strategy:
@@ -108,27 +110,84 @@ def run_server(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
     torch.set_num_threads(cfg.torch_threads)
     random.seed(cfg.seed)  # Flower's sample_nodes draws from the global `random`
     model = initial_model(cfg, data)
-    initial = ArrayRecord(model.state_dict())
     strategy = build_strategy(cfg)
     if hasattr(strategy, "bind_run"):  # simulated device delays and what else the rule reads
         strategy.bind_run(cfg, data)
-    metered = MeteredGrid(guarded(cfg, strategy, attach_attack(cfg, strategy, grid), data))
+    guard = guarded(cfg, strategy, attach_attack(cfg, strategy, grid), data)
+    metered = MeteredGrid(guard)
     evaluate = make_evaluator(model.to(resolve_device(cfg.device)), data, strategy,
                               reported_classes(cfg, strategy))
     recorder = RunRecorder(cfg, metered, evaluate, instantiate(cfg.logger), run_dir)
+    resumed = checkpoint.load(run_dir) if cfg.resume else None
     try:
-        recorder.write_inputs(data)
+        if resumed is None:
+            recorder.write_inputs(data)
+        else:
+            recorder.resume(resumed.server_round, **resumed.counters["recorder"])
         recorder.attach(strategy)
+        after_round = checkpointing(cfg, recorder, strategy, grid, guard)
+        arrays, done = ArrayRecord(model.state_dict()), 0
+        if resumed is not None:
+            arrays, done = resumed.arrays, resumed.server_round
+            continue_from(resumed, strategy, grid, guard)
+            after_round = checkpoint.shifted_evaluate(after_round, done)
         strategy.start(
             grid=metered,
-            initial_arrays=initial,
-            num_rounds=cfg.num_rounds,
+            initial_arrays=arrays,
+            num_rounds=cfg.num_rounds - done,
             timeout=cfg.faults.timeout_s or NO_TIMEOUT,
             train_config=ConfigRecord(),
             evaluate_config=ConfigRecord(),
-            evaluate_fn=recorder.end_of_round,
+            evaluate_fn=after_round,
         )
     except BaseException:
         recorder.abort()
         raise
-    return recorder.finish()
+    summary = recorder.finish()
+    (run_dir / checkpoint.CHECKPOINT_FILE).unlink(missing_ok=True)  # finished: never resumed
+    return summary
+
+
+def checkpointing(
+    cfg: DictConfig, recorder: RunRecorder, strategy: Strategy, grid: Grid, guard: ReplyGuard
+) -> Callable[[int, ArrayRecord], MetricRecord | None]:
+    """The `evaluate_fn` of the round loop: record the round, then write a checkpoint
+    every `checkpoint.every` rounds (not after the last: the run is finished then)."""
+    every = cfg.checkpoint.every
+
+    def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        metrics = recorder.end_of_round(server_round, arrays)
+        if every and server_round % every == 0 and 0 < server_round < cfg.num_rounds:
+            checkpoint.save(recorder.run_dir, checkpoint.Checkpoint(
+                server_round=server_round,
+                arrays=arrays,
+                strategy=checkpoint.strategy_state(strategy),
+                clients=checkpoint.client_states(grid),
+                rng=checkpoint.rng_state(),
+                counters={
+                    "recorder": {"elapsed_s": recorder.elapsed_s(),
+                                 "updates_written": recorder.updates_written()},
+                    "skipped_in_a_row": guard.skipped_in_a_row,
+                },
+                code=code_fingerprint(),
+            ))
+        return metrics
+
+    return after_round
+
+
+def continue_from(
+    resumed: checkpoint.Checkpoint, strategy: Strategy, grid: Grid, guard: ReplyGuard
+) -> None:
+    """Put the strategy, the nodes, the guard and the random generators back as they were
+    after round `resumed.server_round`; the strategy then counts rounds from there."""
+    if resumed.code != code_fingerprint():
+        log.warning("resuming with other code than the checkpoint's (%s, now %s): the rest "
+                    "of the run may differ from an uninterrupted one", resumed.code,
+                    code_fingerprint())
+    checkpoint.restore_strategy(strategy, resumed.strategy)
+    checkpoint.restore_clients(grid, resumed.clients)
+    guard.skipped_in_a_row = resumed.counters["skipped_in_a_row"]
+    checkpoint.shift_rounds(strategy, resumed.server_round)
+    checkpoint.restore_rng(resumed.rng)
+    log.info("resuming after round %d", resumed.server_round)

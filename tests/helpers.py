@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 from fedsim.clients.sgd import SGDTrainer
@@ -74,3 +74,51 @@ class NoisyTrainer(SGDTrainer):
         out = super().train(arrays, config, data, state)
         out.metrics["noise"] = float(torch.rand(()))
         return out
+
+
+#: node id -> how HostileTrainer breaks that node's upload (other nodes train honestly)
+HOSTILE = {
+    1: "nan", 2: "inf", 3: "shape", 4: "dtype", 5: "missing-key", 6: "negative-examples",
+    7: "huge-examples", 8: "two-arrayrecords", 9: "two-metricrecords", 10: "fractional-examples",
+}
+
+
+class HostileTrainer(SGDTrainer):
+    """Trains honestly, then breaks the reply of the node listed in `HOSTILE`."""
+
+    def train(self, arrays, config, data, state):
+        out = super().train(arrays, config, data, state)
+        kind = HOSTILE.get(data.partition_id + 1)
+        first = next(iter(out.arrays.keys()))
+        values = {key: array.numpy() for key, array in out.arrays.items()}
+        if kind == "nan":
+            values[first] = np.full_like(values[first], np.nan)
+        elif kind == "inf":
+            values[first] = np.full_like(values[first], np.inf)
+        elif kind == "shape":
+            values[first] = values[first].ravel()[:-1]
+        elif kind == "dtype":
+            values[first] = values[first].astype(np.int32)
+        elif kind == "missing-key":
+            del values[first]
+        elif kind == "negative-examples":
+            out.metrics["num-examples"] = -5
+        elif kind == "huge-examples":
+            out.metrics["num-examples"] = 10**12
+        elif kind == "fractional-examples":
+            out.metrics["num-examples"] = 2.5
+        elif kind == "two-arrayrecords":
+            out.records["extra"] = ArrayRecord({"x": Array(np.zeros(2))})
+        elif kind == "two-metricrecords":
+            out.records["extra"] = MetricRecord({"num-examples": 1})
+        out.arrays = ArrayRecord({key: Array(value) for key, value in values.items()})
+        return out
+
+
+class CrashingNodesTrainer(SGDTrainer):
+    """Raises on the nodes listed in `HOSTILE` (what a dropped hostile reply should equal)."""
+
+    def train(self, arrays, config, data, state):
+        if data.partition_id + 1 in HOSTILE:
+            raise RuntimeError("this node fails")
+        return super().train(arrays, config, data, state)

@@ -226,8 +226,10 @@ class MeteredGrid(GridWrapper):
             self.counts[f"{msg.metadata.message_type.split('.')[0]}_failures"] += 1
 
     def take_counts(self) -> dict[str, int]:
-        """bytes_down, bytes_up, train_failures, evaluate_failures since the last call."""
+        """bytes_down, bytes_up, train_failures, evaluate_failures since the last call, and
+        the wrapped grid's own counts (if it keeps any)."""
         keys = ("bytes_down", "bytes_up", "train_failures", "evaluate_failures")
         counts = {k: int(self.counts[k]) for k in keys}
         self.counts.clear()
-        return counts
+        inner = getattr(self.grid, "take_counts", None)
+        return {**counts, **(inner() if inner else {})}

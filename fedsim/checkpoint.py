@@ -1,0 +1,206 @@
+"""Checkpoints of a run's state, and resuming a run from one.
+
+Every `checkpoint.every` rounds the server writes `checkpoint.pkl` into the run
+directory: the global arrays, the strategy's state (every plain-data attribute
+of the strategy object: FedLD's history, FedAdam's moments, the virtual clock,
+in-flight clients and stored model versions of the stale strategies...), each
+simulated node's persistent state, the random generators of the server
+process, and the recorder's counters. It is written to a temporary file and
+renamed over the last one, so a run killed at any moment leaves a whole
+checkpoint behind.
+
+`fedsim resume=<run dir>` rebuilds the run from its stored `config.yaml`,
+restores that state, and runs the remaining rounds. Flower's round loop
+(`Strategy.start`) runs them, its round numbers shifted by the rounds already
+done, so the strategy and the clients see the same round numbers, and draw the
+same random numbers, as in an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from fedsim.errors import ConfigError
+
+CHECKPOINT_FILE = "checkpoint.pkl"
+CONFIG_FILE = "config.yaml"
+#: keys that may change when a run resumes (how it runs, not what it computes)
+RESUMABLE_OVERRIDES = ("progress", "device", "torch_threads", "flwr_log_level", "backend",
+                       "logger")
+#: strategy methods whose first argument is the server round
+ROUND_METHODS = ("configure_train", "aggregate_train", "configure_evaluate", "aggregate_evaluate")
+log = logging.getLogger("fedsim")
+
+
+@dataclass
+class Checkpoint:
+    """Everything a run needs to go on after round `server_round`."""
+
+    server_round: int
+    arrays: ArrayRecord
+    strategy: dict[str, Any]
+    clients: dict[int, RecordDict]
+    rng: dict[str, Any]
+    counters: dict[str, Any] = field(default_factory=dict)
+    code: str = ""
+
+
+# ---- state in and out -----------------------------------------------------------------
+
+
+def strategy_state(strategy: Strategy) -> dict[str, Any]:
+    """The strategy object's plain-data attributes.
+
+    Functions (metric aggregators, wrappers set on the instance), grids and the
+    names in the class's `not_checkpointed` (objects rebuilt from the config,
+    such as a model or a dataset) are left out.
+    """
+    skip = set(getattr(strategy, "not_checkpointed", ()))
+    return {
+        name: value for name, value in vars(strategy).items()
+        if name not in skip and not callable(value) and not isinstance(value, Grid)
+    }
+
+
+def restore_strategy(strategy: Strategy, state: dict[str, Any]) -> None:
+    vars(strategy).update(state)
+
+
+def rng_state() -> dict[str, Any]:
+    """The server process's generators: Python's (Flower samples clients with it), numpy's
+    and torch's."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state()}
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def client_states(grid: Grid) -> dict[int, RecordDict]:
+    """Each simulated node's persistent state (none for a grid of real nodes)."""
+    return {node: context.state for node, context in getattr(grid, "contexts", {}).items()}
+
+
+def restore_clients(grid: Grid, states: dict[int, RecordDict]) -> None:
+    for node, state in states.items():
+        grid.context(node).state = state
+
+
+def save(run_dir: Path, checkpoint: Checkpoint) -> None:
+    """Write `checkpoint.pkl` atomically: a whole new one or the old one, never a part."""
+    path = Path(run_dir) / CHECKPOINT_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as out:
+        pickle.dump(checkpoint, out, protocol=pickle.HIGHEST_PROTOCOL)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+
+
+def load(run_dir: Path) -> Checkpoint:
+    path = Path(run_dir) / CHECKPOINT_FILE
+    try:
+        with open(path, "rb") as source:
+            checkpoint = pickle.load(source)  # noqa: S301 - the user's own run directory
+    except FileNotFoundError:
+        raise ConfigError(
+            f"resume: '{run_dir}' has no {CHECKPOINT_FILE} (a run writes one every "
+            "checkpoint.every rounds; this one stopped before its first)"
+        ) from None
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError) as err:
+        raise ConfigError(f"resume: '{path}' cannot be read ({err!r})") from None
+    if not isinstance(checkpoint, Checkpoint):
+        raise ConfigError(f"resume: '{path}' is not a fedsim checkpoint")
+    return checkpoint
+
+
+# ---- resuming -----------------------------------------------------------------------
+
+
+def resumable_run_dir(run_dir: str) -> Path:
+    """`run_dir` if a run can go on there: unfinished, with a checkpoint."""
+    from fedsim.recording import SUMMARY_FILE
+
+    path = Path(run_dir)
+    if (path / SUMMARY_FILE).exists():
+        raise ConfigError(f"resume: the run in '{path}' is finished ({SUMMARY_FILE} exists); "
+                          "fedsim never overwrites a finished run's outputs")
+    if not (path / CHECKPOINT_FILE).is_file():
+        raise ConfigError(
+            f"resume: '{path}' has no {CHECKPOINT_FILE} (a run writes one every "
+            "checkpoint.every rounds; this one stopped before its first, or is not a run)"
+        )
+    return path
+
+
+def resumed_config(
+    run_dir: str, overrides: Sequence[str] = (), composed: DictConfig | None = None
+) -> DictConfig:
+    """The stored config of the run in `run_dir`, set to resume there.
+
+    Only how the run executes may change (`RESUMABLE_OVERRIDES`); anything else
+    would make it another experiment, and is refused. `composed`: the config
+    Hydra already composed with `overrides` (the CLI's), else they are composed here.
+    """
+    from fedsim.config import compose
+
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"resume must be a fedsim run directory (no {path})")
+    changed = [o for o in overrides if not o.startswith("resume=")]
+    refused = [o for o in changed if o.lstrip("+~").split("=")[0].split(".")[0]
+               not in RESUMABLE_OVERRIDES]
+    if refused:
+        raise ConfigError(
+            f"resume continues a run with its stored config; only {', '.join(RESUMABLE_OVERRIDES)} "
+            f"may be changed (got {refused})"
+        )
+    cfg = OmegaConf.load(path)
+    if changed and composed is None:
+        composed = compose(changed)  # Hydra parses the values and groups
+    with open_dict(cfg):
+        for name in {o.lstrip("+~").split("=")[0].split(".")[0] for o in changed}:
+            cfg[name] = composed[name]
+        cfg.resume = str(run_dir)
+        cfg.output_dir = str(run_dir)
+    return cfg
+
+
+def shift_rounds(strategy: Strategy, done: int) -> None:
+    """Make `Strategy.start`'s round r reach the strategy as round `done + r`."""
+    for name in ROUND_METHODS:
+        setattr(strategy, name, partial(_shifted, getattr(strategy, name), done))
+
+
+def _shifted(method: Callable, done: int, server_round: int, *args: Any) -> Any:
+    return method(server_round + done, *args)
+
+
+def shifted_evaluate(evaluate: Callable, done: int) -> Callable:
+    """`evaluate_fn` for the resumed loop: round 0 (the checkpoint's model, already
+    evaluated and recorded) is skipped; round r is `done + r`."""
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord):
+        if server_round == 0:
+            return None
+        return evaluate(server_round + done, arrays)
+
+    return evaluate_fn

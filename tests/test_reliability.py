@@ -1,0 +1,355 @@
+"""Runs survive bad replies, client faults and interruptions, and stay deterministic."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import read_metrics, without_timing
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
+from fedsim import checkpoint
+from fedsim.errors import ConfigError, RunFailedError
+from fedsim.experiment import run_experiment
+from fedsim.faults import draw_faults, reply_problem, same_arrays_problem
+from fedsim.recording import SUMMARY_FILE
+
+FEDSIM = [sys.executable, "-c", "from fedsim.cli import main; main()"]
+SENT = {"w": np.zeros((2, 3), np.float32), "steps": np.zeros((), np.int64)}
+
+
+def _reply(arrays=None, metrics=None, extra=None) -> RecordDict:
+    arrays = {"w": np.ones((2, 3), np.float32), "steps": np.ones((), np.int64)} \
+        if arrays is None else arrays
+    content = RecordDict({
+        "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+        "metrics": MetricRecord({"num-examples": 10, "train_loss": 0.5}
+                                if metrics is None else metrics),
+    })
+    for name, record in (extra or {}).items():
+        content[name] = record
+    return content
+
+
+def _problem(reply: RecordDict, sent=SENT) -> str | None:
+    return reply_problem(reply, sent, "num-examples", 1000, same_arrays_problem)
+
+
+# ---- hostile replies, one rule at a time ------------------------------------------------
+
+
+def test_a_well_formed_reply_passes():
+    assert _problem(_reply()) is None
+
+
+@pytest.mark.parametrize(("reply", "says"), [
+    (_reply(arrays={"w": np.full((2, 3), np.nan, np.float32), "steps": np.ones((), np.int64)}),
+     "arrays['w'] must be finite"),
+    (_reply(arrays={"w": np.full((2, 3), -np.inf, np.float32), "steps": np.ones((), np.int64)}),
+     "arrays['w'] must be finite"),
+    (_reply(arrays={"w": np.ones(6, np.float32), "steps": np.ones((), np.int64)}),
+     "arrays['w'] must have shape (2, 3)"),
+    (_reply(arrays={"w": np.ones((2, 3), np.int32), "steps": np.ones((), np.int64)}),
+     "arrays['w'] must have a 'f'-kind dtype like the sent float32 (got int32)"),
+    (_reply(arrays={"w": np.ones((2, 3), np.float32), "steps": np.ones((), np.float32)}),
+     "arrays['steps'] must have a 'i'-kind dtype"),
+    (_reply(arrays={"w": np.ones((2, 3), np.float32)}), "missing ['steps']"),
+    (_reply(arrays={**{"w": np.ones((2, 3), np.float32), "steps": np.ones((), np.int64)},
+                    "evil": np.ones(1)}), "unexpected ['evil']"),
+    (_reply(metrics={"num-examples": -1}), "must be a whole number in [1, 1000]"),
+    (_reply(metrics={"num-examples": 0}), "must be a whole number in [1, 1000]"),
+    (_reply(metrics={"num-examples": 10**9}), "must be a whole number in [1, 1000]"),
+    (_reply(metrics={"num-examples": 3.5}), "must be a whole number"),
+    (_reply(metrics={"num-examples": float("nan")}), "must be a whole number"),
+    (_reply(metrics={"loss": 1.0}), "metrics must include 'num-examples'"),
+    (_reply(metrics={"num-examples": 5, "train_loss": float("inf")}),
+     "metrics['train_loss'] must be finite"),
+    (_reply(extra={"more": ArrayRecord()}), "exactly one ArrayRecord (got 2)"),
+    (_reply(extra={"more": MetricRecord({"a": 1})}), "exactly one MetricRecord (got 2)"),
+    (RecordDict({"arrays": ArrayRecord({"w": Array(np.ones((2, 3), np.float32))})}),
+     "exactly one MetricRecord (got 0)"),
+    (RecordDict({"metrics": MetricRecord({"num-examples": 3})}),
+     "exactly one ArrayRecord (got 0)"),
+], ids=["nan", "inf", "shape", "dtype", "integer-dtype", "missing-key", "extra-key",
+        "negative-examples", "zero-examples", "absurd-examples", "fractional-examples",
+        "nan-examples", "no-examples", "inf-metric", "two-arrayrecords", "two-metricrecords",
+        "no-metrics", "no-arrays"])
+def test_a_malformed_train_reply_is_named(reply, says):
+    assert says in _problem(reply)
+
+
+def test_undecodable_array_bytes_are_a_problem_not_a_crash():
+    reply = _reply()
+    reply["arrays"]["w"] = Array(dtype="float32", shape=(2, 3), stype="numpy.ndarray",
+                                 data=b"garbage")
+    assert "cannot be decoded" in _problem(reply)
+
+
+def test_an_evaluate_reply_may_report_no_examples_and_nan_metrics():
+    reply = RecordDict({"metrics": MetricRecord({"num-examples": 0, "accuracy": float("nan")})})
+    assert reply_problem(reply, None, "num-examples", 1000, same_arrays_problem) is None
+    reply = RecordDict({"metrics": MetricRecord({"num-examples": 4, "accuracy": float("nan")})})
+    assert "must be finite" in reply_problem(reply, None, "num-examples", 1000,
+                                             same_arrays_problem)
+
+
+def test_frl_checks_rankings_not_weights():
+    from fedsim.strategies.frl import FRL
+
+    sent = {"scores": np.zeros(4, np.float32)}
+    ok = ArrayRecord({"scores": Array(np.array([3, 1, 0, 2], np.int64))})
+    repeated = ArrayRecord({"scores": Array(np.array([3, 3, 0, 2], np.int64))})
+    assert FRL().upload_problem(ok, sent) is None
+    assert "every edge id 0..3 exactly once" in FRL().upload_problem(repeated, sent)
+
+
+# ---- hostile and failing clients in whole runs ------------------------------------------
+
+HOSTILE_RUN = ["num_clients=12", "clients_per_round=12", "num_rounds=3",
+               "evaluation.clients_per_round=3", "partition=iid"]
+SERVER_KEYS = ("server/accuracy", "server/loss", "train/train_loss")
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedadam", "fedmedian", "stale", "krum"])
+def test_hostile_replies_are_dropped_like_failed_clients(tiny_cfg, strategy, caplog):
+    """Nodes 1-10 each break their reply another way; the run equals one where they crash."""
+    extra = ["strategy.num_malicious_nodes=1"] if strategy == "krum" else []
+    hostile = tiny_cfg(*HOSTILE_RUN, f"strategy={strategy}", *extra,
+                       "client._target_=helpers.HostileTrainer")
+    with caplog.at_level(logging.WARNING, logger="fedsim"):
+        run_experiment(hostile)
+    crashing = tiny_cfg(*HOSTILE_RUN, f"strategy={strategy}", *extra,
+                        "client._target_=helpers.CrashingNodesTrainer")
+    run_experiment(crashing)
+    rows, expected = read_metrics(hostile.output_dir), read_metrics(crashing.output_dir)
+    assert [r["train_failures"] for r in rows[1:]] == [10, 10, 10]
+    for row, want in zip(rows, expected, strict=True):
+        assert {k: row.get(k) for k in SERVER_KEYS} == {k: want.get(k) for k in SERVER_KEYS}
+    assert np.isfinite(rows[-1]["server/loss"])
+    assert "client node 1 failed (train): reply rejected by the server: arrays[" in caplog.text
+
+
+@pytest.mark.parametrize("method", [
+    [],
+    ["strategy=fedld", "client=fedld"],
+    ["strategy=fedbuff", "strategy.concurrency=4", "strategy.buffer_size=2"],
+    ["strategy=stale", "devices=fixed", "devices.delay=1", "devices.fraction=0.5"],
+], ids=["fedavg", "fedld", "fedbuff-async", "stale-sync"])
+def test_injected_nan_uploads_never_reach_the_model(tiny_cfg, method):
+    cfg = tiny_cfg("faults.nan_prob=0.4", "num_rounds=4", *method)
+    summary = run_experiment(cfg)
+    rows = read_metrics(cfg.output_dir)
+    assert summary["train_failures"] > 0
+    assert all(np.isfinite(r["server/loss"]) for r in rows)
+
+
+def test_injected_faults_depend_only_on_seed_node_and_round():
+    from omegaconf import OmegaConf
+
+    faults = OmegaConf.create({"crash_prob": 0.3, "nan_prob": 0.3, "hang_prob": 0.5,
+                               "hang_s": 2.0})
+    draws = [draw_faults(faults, 0, p, r) for p in range(20) for r in range(1, 6)]
+    assert draws == [draw_faults(faults, 0, p, r) for p in range(20) for r in range(1, 6)]
+    assert draws != [draw_faults(faults, 1, p, r) for p in range(20) for r in range(1, 6)]
+    crash = np.mean([d.crash for d in draws])
+    nan = np.mean([d.nan for d in draws])
+    assert 0.15 < crash < 0.45 and 0.15 < nan < 0.45
+    assert not any(d.crash and d.nan for d in draws)
+    assert {d.hang_s for d in draws} == {0.0, 2.0}
+
+
+def test_too_few_replies_skip_the_round_and_keep_the_model(tiny_cfg):
+    cfg = tiny_cfg("faults.crash_prob=0.5", "faults.min_replies=2", "num_rounds=6",
+                   "faults.max_skipped_rounds=6")
+    summary = run_experiment(cfg)
+    rows = read_metrics(cfg.output_dir)
+    skipped = [r["round"] for r in rows[1:] if r["skipped_rounds"]]
+    assert skipped and summary["skipped_rounds"] == len(skipped) < 6
+    for r in skipped:
+        assert "train/train_loss" not in rows[r]
+        assert rows[r]["server/accuracy"] == rows[r - 1]["server/accuracy"]  # model kept
+
+
+def test_a_run_whose_clients_all_fail_stops_with_a_clear_error(tiny_cfg):
+    cfg = tiny_cfg("faults.crash_prob=1.0", "num_rounds=5", "faults.max_skipped_rounds=2",
+                   "checkpoint.every=1")
+    with pytest.raises(RunFailedError, match="2 rounds in a row had fewer than "
+                                             "faults.min_replies=1 valid train replies"):
+        run_experiment(cfg)
+    run_dir = Path(cfg.output_dir)
+    assert not (run_dir / SUMMARY_FILE).exists()
+    assert [r["round"] for r in read_metrics(run_dir)] == [0, 1]
+    assert checkpoint.load(run_dir).server_round == 1  # resumable once clients are fixed
+
+
+def test_the_cli_says_why_a_failing_run_stopped(tmp_path):
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [*FEDSIM, "logger=none", "progress=false", "num_rounds=4", "num_clients=4",
+         "clients_per_round=2", "evaluation.clients_per_round=2", "model=mlp",
+         "faults.crash_prob=1.0", f"output_dir={out}"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 2
+    assert "fedsim: error: 3 rounds in a row had fewer than faults.min_replies=1" in done.stderr
+    assert "failed (train): InjectedFaultError('injected crash" in done.stdout  # with node ids
+    assert "run finished" not in done.stderr + done.stdout
+
+
+def test_a_late_reply_is_dropped_and_named(tiny_cfg, caplog):
+    cfg = tiny_cfg("faults.hang_prob=0.5", "faults.hang_s=0.4", "faults.timeout_s=0.3",
+                   "num_rounds=3")
+    with caplog.at_level(logging.WARNING, logger="fedsim"):
+        summary = run_experiment(cfg)
+    hung = [(p, r) for r in range(1, 4) for p in range(6)
+            if draw_faults(cfg.faults, cfg.seed, p, r).hang_s]
+    assert hung and summary["train_failures"] > 0
+    assert "sent no train reply before the round's deadline (faults.timeout_s)" in caplog.text
+
+
+def test_min_replies_and_kill_round_are_checked_before_any_work(tiny_cfg):
+    from fedsim.runtime import preflight
+
+    for bad, field in ((["faults.min_replies=4"], "faults.min_replies"),
+                       (["faults.kill_worker_round=1"], "backend"),
+                       (["faults.crash_prob=0.7", "faults.nan_prob=0.5"], "faults.nan_prob"),
+                       (["strategy=fedbuff", "faults.min_replies=2"], "faults.min_replies"),
+                       (["faults.timeout_s=0"], "faults.timeout_s")):
+        cfg = tiny_cfg(*bad)
+        with pytest.raises(ConfigError, match=field):
+            preflight(cfg)
+        assert not Path(cfg.output_dir).exists()
+
+
+# ---- checkpoints and resume -------------------------------------------------------------
+
+
+class Interrupted(BaseException):
+    """Stands in for a kill between two rounds."""
+
+
+def _interrupted_run(cfg, stop_round: int, monkeypatch) -> None:
+    from fedsim.recording import RunRecorder
+
+    end_of_round = RunRecorder.end_of_round
+
+    def stop(self, server_round, arrays):
+        if server_round == stop_round:
+            raise Interrupted
+        return end_of_round(self, server_round, arrays)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RunRecorder, "end_of_round", stop)
+        with pytest.raises(Interrupted):
+            run_experiment(cfg)
+
+
+RESUMABLE = {
+    "fedavg": [],
+    "fedadam-server-moments": ["strategy=fedadam"],
+    "fedld-history": ["strategy=fedld", "client=fedld"],
+    "frl-scores-under-attack": ["strategy=frl", "client=frl", "model=supermask_mlp",
+                                "attack=rank_reversal", "attack.fraction=0.25",
+                                "attack.colluders=2"],
+    "fedloge-client-heads": ["strategy=fedloge", "client=fedloge", "client.etf_steps=50",
+                             "data.imbalance_factor=0.1"],
+    "fedbuff-clock-and-buffer": ["strategy=fedbuff", "strategy.concurrency=4",
+                                 "strategy.buffer_size=2", "devices=fixed", "devices.delay=2",
+                                 "devices.fraction=0.5"],
+    "dc-asgd-stale-versions": ["strategy=dc_asgd", "devices=fixed", "devices.delay=2",
+                               "devices.fraction=0.5"],
+    "faults": ["faults.crash_prob=0.2", "faults.nan_prob=0.2"],
+}
+
+
+@pytest.mark.parametrize("method", list(RESUMABLE.values()), ids=list(RESUMABLE))
+def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(tiny_cfg, method, monkeypatch):
+    run = ["num_rounds=7", "checkpoint.every=2", "num_clients=8", "clients_per_round=4",
+           "evaluation.clients_per_round=2", *method]
+    whole = tiny_cfg(*run)
+    run_experiment(whole)
+    broken = tiny_cfg(*run)
+    _interrupted_run(broken, stop_round=6, monkeypatch=monkeypatch)  # rounds 5 redone
+    run_dir = Path(broken.output_dir)
+    assert checkpoint.load(run_dir).server_round == 4
+    summary = run_experiment(checkpoint.resumed_config(str(run_dir)))
+    assert without_timing(read_metrics(run_dir)) == without_timing(read_metrics(whole.output_dir))
+    expected = json.loads((Path(whole.output_dir) / SUMMARY_FILE).read_text())
+    assert without_timing([summary["final"]]) == without_timing([expected["final"]])
+    for key in ("best_server_accuracy", "train_failures", "bytes_up", "skipped_rounds"):
+        assert summary[key] == expected[key]
+    kept = (run_dir / "metrics.jsonl.resumed1").read_text().splitlines()
+    assert [json.loads(line)["round"] for line in kept] == [0, 1, 2, 3, 4, 5]  # nothing lost
+    assert not (run_dir / checkpoint.CHECKPOINT_FILE).exists()  # finished: no checkpoint
+
+
+def test_a_run_killed_with_sigkill_resumes_to_the_same_end(tiny_cfg, tmp_path):
+    """The real thing: a `fedsim` process killed mid-run, then `fedsim resume=<dir>`."""
+    args = ["logger=none", "progress=false", "num_rounds=6", "num_clients=6",
+            "clients_per_round=3", "evaluation.clients_per_round=2", "model=mlp",
+            "checkpoint.every=2", "client.local_epochs=3"]
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    cli = FEDSIM
+    subprocess.run([*cli, *args, f"output_dir={whole}"], check=True, capture_output=True,
+                   timeout=300)
+    proc = subprocess.Popen([*cli, *args, f"output_dir={broken}"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    metrics = broken / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 4):
+        assert proc.poll() is None and time.monotonic() < deadline, "run ended before the kill"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (broken / SUMMARY_FILE).exists()
+    subprocess.run([*cli, f"resume={broken}", "progress=false"], check=True,
+                   capture_output=True, timeout=300)
+    assert without_timing(read_metrics(broken)) == without_timing(read_metrics(whole))
+
+
+def test_resume_refuses_a_finished_run_a_run_without_checkpoint_and_other_settings(tiny_cfg):
+    finished = tiny_cfg("checkpoint.every=1", "num_rounds=2")
+    run_experiment(finished)
+    before = (Path(finished.output_dir) / "metrics.jsonl").read_bytes()
+    with pytest.raises(ConfigError, match="is finished"):
+        run_experiment(checkpoint.resumed_config(finished.output_dir))
+    assert (Path(finished.output_dir) / "metrics.jsonl").read_bytes() == before
+    with pytest.raises(ConfigError, match="only progress, device"):
+        checkpoint.resumed_config(finished.output_dir, ["num_rounds=9"])
+    never = tiny_cfg("checkpoint.every=0", "num_rounds=3")
+    with pytest.raises(Exception):  # noqa: B017 - stop it mid-way without a checkpoint
+        run_experiment(tiny_cfg("checkpoint.every=0", "faults.crash_prob=1.0",
+                                "faults.max_skipped_rounds=1", f"output_dir={never.output_dir}"))
+    with pytest.raises(ConfigError, match="has no checkpoint.pkl"):
+        run_experiment(checkpoint.resumed_config(never.output_dir))
+    with pytest.raises(ConfigError, match="fedsim run directory"):
+        checkpoint.resumed_config(str(Path(never.output_dir) / "nowhere"))
+
+
+def test_resume_may_change_how_a_run_executes(tiny_cfg, monkeypatch):
+    cfg = tiny_cfg("num_rounds=4", "checkpoint.every=2")
+    _interrupted_run(cfg, stop_round=3, monkeypatch=monkeypatch)
+    resumed = checkpoint.resumed_config(cfg.output_dir, ["progress=true", "torch_threads=2"])
+    assert resumed.progress is True and resumed.torch_threads == 2
+    assert resumed.output_dir == resumed.resume == cfg.output_dir
+
+
+# ---- determinism -------------------------------------------------------------------------
+
+
+def test_same_seed_same_faults_same_run(tiny_cfg):
+    overrides = ["faults.crash_prob=0.3", "faults.nan_prob=0.2", "num_rounds=4"]
+    first, second = tiny_cfg(*overrides), tiny_cfg(*overrides)
+    run_experiment(first)
+    run_experiment(second)
+    rows = without_timing(read_metrics(first.output_dir))
+    assert rows == without_timing(read_metrics(second.output_dir))
+    assert sum(r.get("train_failures", 0) for r in rows) > 0
