@@ -48,15 +48,24 @@ def build_strategy(cfg: DictConfig) -> Strategy:
     """
     n = cfg.num_clients
     k_eval = cfg.evaluation.clients_per_round
-    return instantiate(
-        cfg.strategy,
-        fraction_train=cfg.clients_per_round / n,
-        min_train_nodes=cfg.clients_per_round,
-        fraction_evaluate=k_eval / n,
-        min_evaluate_nodes=k_eval,
-        min_available_nodes=n,
-        evaluate_metrics_aggr_fn=aggregate_client_evaluations,
-    )
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.addFilter(_no_evaluation_warning)  # evaluation.clients_per_round=0 is a choice
+    try:
+        return instantiate(
+            cfg.strategy,
+            fraction_train=cfg.clients_per_round / n,
+            min_train_nodes=cfg.clients_per_round,
+            fraction_evaluate=k_eval / n,
+            min_evaluate_nodes=k_eval,
+            min_available_nodes=n,
+            evaluate_metrics_aggr_fn=aggregate_client_evaluations,
+        )
+    finally:
+        flwr_log.removeFilter(_no_evaluation_warning)
+
+
+def _no_evaluation_warning(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("fraction_evaluate is set to 0.0")
 
 
 def guarded(cfg: DictConfig, strategy: Strategy, grid: Grid, data: FederatedData) -> ReplyGuard:

@@ -138,7 +138,7 @@ class EchoGrid(SimulationGrid):
         super().__init__(n, {})
         self.asked: list[int] = []
 
-    def execute(self, messages):
+    def execute(self, messages, timeout=None):
         replies = []
         for msg in messages:
             node = msg.metadata.dst_node_id
@@ -180,7 +180,7 @@ def test_grid_forges_only_the_round_malicious_replies_and_hides_extra_colluders(
 
 def test_rank_reversal_grid_submits_the_reversed_pooled_ranking():
     class RankGrid(EchoGrid):
-        def execute(self, messages):
+        def execute(self, messages, timeout=None):
             replies = super().execute(messages)
             for reply in replies:
                 reply.content["arrays"] = ArrayRecord(

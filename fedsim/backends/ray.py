@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import os
+import time
 import warnings
 from typing import Any
 
@@ -39,6 +40,10 @@ class ClientWorker:
         if not ray.get_gpu_ids():  # device=auto must not pick a GPU Ray did not assign
             os.environ["CUDA_VISIBLE_DEVICES"] = ""
         prime_cache(from_run_config(run_config), data)
+
+    def ready(self) -> bool:
+        """Answers once the actor has (re)started."""
+        return True
 
     def execute(self, message: Message, context: Context, die: bool = False
                 ) -> tuple[Message, Context]:
@@ -75,18 +80,22 @@ class RayGrid(SimulationGrid):
             ref = worker.execute.remote(msg, self.context(node_id), die=node_id == victim)
             calls[ref] = (msg, worker)
         done, late = ray.wait(list(calls), num_returns=len(calls), timeout=timeout)
-        for worker in {id(calls[ref][1]): calls[ref][1] for ref in late}.values():
+        restarting = {id(calls[ref][1]): calls[ref][1] for ref in late}
+        for worker in restarting.values():
             ray.kill(worker, no_restart=False)  # stuck on a late client: start it afresh
         replies = []
-        for ref in (r for r in calls if r in set(done)):
-            msg = calls[ref][0]
+        finished = set(done)
+        for ref in (r for r in calls if r in finished):
+            msg, worker = calls[ref]
             try:
                 reply, context = ray.get(ref)
             except ray.exceptions.RayError as err:
                 replies.append(_worker_failed(msg, err))
+                restarting[id(worker)] = worker
                 continue
             self.contexts[context.node_id] = context
             replies.append(reply)
+        _await_restart(list(restarting.values()))
         return replies
 
     def _victim(self, messages: list[Message]) -> int | None:
@@ -99,6 +108,23 @@ class RayGrid(SimulationGrid):
             return None
         self.kill_round = None  # once
         return min(m.metadata.dst_node_id for m in train)
+
+
+def _await_restart(workers: list, limit_s: float = 300.0) -> None:
+    """Wait until restarted actors serve calls again, so that their start-up does not
+    count against the next round's deadline."""
+    deadline = time.monotonic() + limit_s
+    for worker in workers:
+        while True:
+            try:
+                ray.get(worker.ready.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                break
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+            except ray.exceptions.ActorDiedError:
+                break  # out of restarts: its next calls fail, and are logged, as any failure
 
 
 def _worker_failed(message: Message, err: Exception) -> Message:

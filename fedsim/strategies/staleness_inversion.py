@@ -86,6 +86,9 @@ class StalenessInversion(StaleFedAvg):
         they are (asynchronous buffers make most updates a version or two old).
     """
 
+    #: rebuilt from the config by `bind_run`; not part of a checkpoint
+    not_checkpointed = ("model", "trainer", "data")
+
     def __init__(
         self,
         iterations: int = 100,
