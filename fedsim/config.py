@@ -9,8 +9,12 @@ deployment share a single configuration path. A bare `flwr run` (no
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import shlex
+import types
+import typing
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -91,6 +95,143 @@ def _check_target(cfg: DictConfig, group: str) -> None:
     _require(hasattr(module, attr), f"{group}._target_", f"a name in {module_name}", attr)
 
 
+#: Arguments fedsim passes itself when it builds a group's object, and where it takes them from:
+#: a config key of that name would be overridden or collide, so it is refused.
+_SET_BY_FEDSIM = {
+    "strategy": ({"fraction_train", "min_train_nodes", "fraction_evaluate", "min_evaluate_nodes",
+                  "min_available_nodes", "evaluate_metrics_aggr_fn"},
+                 "clients_per_round, num_clients and evaluation.clients_per_round"),
+    "client": ({"model_fn", "seed", "device", "optimizer"}, "model, seed, device and optimizer"),
+    "model": ({"input_shape", "num_classes"}, "the dataset"),
+    "optimizer": ({"params", "lr", "weight_decay"}, "client.lr and client.weight_decay"),
+}
+
+_SIMPLE_TYPES: dict[Any, tuple[Callable[[Any], bool], str, str]] = {
+    int: (lambda v: _is_int(v), "an integer", "integers"),
+    float: (lambda v: _is_number(v), "a number", "numbers"),
+    bool: (lambda v: isinstance(v, bool), "true or false", "booleans"),
+    str: (lambda v: isinstance(v, str), "a string", "strings"),
+    type(None): (lambda v: v is None, "null", "nulls"),
+}
+
+
+def _settings(target: Any) -> dict[str, inspect.Parameter] | None:
+    """The keyword parameters `target` takes, following `**kwargs` up its base classes (or to
+    the class a builder function returns); None when they stay open-ended."""
+    chain = list(inspect.getmro(target)) if inspect.isclass(target) else [target]
+    params: dict[str, inspect.Parameter] = {}
+    while chain:
+        owner = chain.pop(0)
+        if owner is object:
+            return params
+        if inspect.isclass(owner) and "__init__" not in vars(owner):
+            continue
+        try:
+            signature = inspect.signature(
+                owner.__init__ if inspect.isclass(owner) else owner, eval_str=True)
+        except (TypeError, ValueError, NameError):
+            return None
+        for name, param in signature.parameters.items():
+            if name != "self" and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
+                params.setdefault(name, param)
+        if all(p.kind is not p.VAR_KEYWORD for p in signature.parameters.values()):
+            return params
+        if not inspect.isclass(owner) and inspect.isclass(signature.return_annotation):
+            chain = list(inspect.getmro(signature.return_annotation))
+    return None
+
+
+def _expected(annotation: Any) -> tuple[Callable[[Any], bool], str] | None:
+    """A check and its wording for a plain annotation (int, str | None, Sequence[int],
+    Literal[...]); None for anything else, which is then not checked here."""
+    if annotation in _SIMPLE_TYPES:
+        return _SIMPLE_TYPES[annotation][:2]
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return (lambda v: isinstance(v, str | int) and v in args), f"one of {list(args)}"
+    if origin in (typing.Union, types.UnionType):
+        parts = [_expected(arg) for arg in args]
+        if any(part is None for part in parts):
+            return None
+        return (lambda v: any(ok(v) for ok, _ in parts)), " or ".join(w for _, w in parts)
+    if origin in (list, tuple, Sequence):
+        item = _SIMPLE_TYPES.get(args[0]) if args else None
+        if item is None:
+            return (lambda v: OmegaConf.is_list(v)), "a list"
+        return (lambda v: OmegaConf.is_list(v) and all(item[0](x) for x in v)), \
+            f"a list of {item[2]}"
+    return None
+
+
+def _check_settings(cfg: DictConfig, group: str) -> None:
+    """Every key of a group is a parameter of its `_target_` and has the annotated type.
+
+    A key the target lacks would crash its construction (e.g. a preset's
+    `partition.alpha` kept when the user picks `partition=iid`); one fedsim passes
+    itself would be silently overridden.
+    """
+    from hydra.utils import get_object
+
+    node, target = cfg[group], str(cfg[group]._target_)
+    params = _settings(get_object(target))
+    injected, source = _SET_BY_FEDSIM.get(group, (set(), ""))
+    for key in node:
+        if str(key).startswith("_") or OmegaConf.is_missing(node, key):
+            continue  # a missing value is reported as such by `validate`
+        field = f"{group}.{key}"
+        _require(key not in injected, field, f"left unset (fedsim sets it from {source})",
+                 node[key])
+        if params is None:
+            continue
+        if key not in params:
+            names = ", ".join(sorted(set(params) - injected)) or "none"
+            raise ConfigError(
+                f"{field} is not a setting of {group} {target} (its settings: {names}); if a "
+                f"preset (+experiment=...) set it for another {group} option, drop it with "
+                f"~{field}")
+        expected = _expected(params[key].annotation)
+        if expected is not None:
+            _require(expected[0](node[key]), field, expected[1], node[key])
+
+
+@lru_cache(maxsize=1)
+def _base_config() -> DictConfig:
+    return OmegaConf.load(Path(CONF_DIR) / "config.yaml")
+
+
+def _check_known_keys(cfg: DictConfig) -> None:
+    """Keys outside the groups are conf/config.yaml's: `+num_client=5` would otherwise be
+    accepted and ignored."""
+    base = _base_config()
+    known = [k for k in base if k not in ("defaults", "hydra")]
+    for key in cfg:
+        if key in GROUPS or key == "hydra":
+            continue
+        if key not in known:
+            raise ConfigError(f"{key} is not a fedsim setting (the settings outside the "
+                              f"groups: {', '.join(known)})")
+        if OmegaConf.is_dict(base[key]):
+            for sub in cfg[key]:
+                if sub not in base[key]:
+                    raise ConfigError(f"{key}.{sub} is not a fedsim setting (the {key} "
+                                      f"settings: {', '.join(base[key])})")
+
+
+def _check_interpolations(cfg: DictConfig) -> None:
+    """Every `${...}` resolves (a bad one would otherwise fail deep inside a run). Run-wide
+    keys go first: the groups interpolate them (`partition.seed: ${seed}`)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    for key in sorted(cfg, key=lambda k: k in GROUPS):
+        try:
+            value = None if OmegaConf.is_missing(cfg, key) else cfg[key]
+            if OmegaConf.is_config(value):
+                OmegaConf.to_container(value, resolve=True)
+        except OmegaConfBaseException as err:
+            field = getattr(err, "full_key", None) or key
+            raise ConfigError(f"{field}: {str(err).splitlines()[0]}") from None
+
+
 def client_uploads(cfg: DictConfig) -> str:
     """What the configured trainer uploads (`Trainer.uploads`; Flower-style weights if unset)."""
     from hydra.utils import get_class
@@ -129,13 +270,72 @@ def _validate_model_pairing(cfg: DictConfig) -> None:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Check every cross-cutting field before any work; raise one `ConfigError` naming it."""
+    """Check every field before any work; raise one `ConfigError` naming it.
+
+    Run-wide fields first, so that a bad `seed` or `num_clients` is reported as
+    itself and not as the group key that interpolates it.
+    """
+    _check_interpolations(cfg)
     missing = sorted(OmegaConf.missing_keys(cfg))
     _require(not missing, missing[0] if missing else "", "set (it has no default)", "???")
+    _check_known_keys(cfg)
+    _validate_run(cfg)
     for group in GROUPS:
         _check_target(cfg, group)
+    for group in GROUPS:
+        _check_settings(cfg, group)
     _validate_upload_pairing(cfg)
     _validate_model_pairing(cfg)
+    _validate_dataset(cfg)
+    _validate_partition(cfg)
+    _validate_model(cfg)
+    _validate_client(cfg)
+    _validate_optimizer(cfg)
+    _validate_strategy(cfg)
+    _validate_backend_and_logger(cfg)
+    _validate_attack(cfg)
+    _validate_staleness(cfg)
+    _validate_faults(cfg)
+
+
+def _positive(value: Any) -> bool:
+    return _is_number(value) and value > 0
+
+
+def _non_negative(value: Any) -> bool:
+    return _is_number(value) and value >= 0
+
+
+def _below_one(value: Any) -> bool:
+    """In [0, 1): momenta, decays, sparsities."""
+    return _is_number(value) and 0 <= value < 1
+
+
+def _open_unit(value: Any) -> bool:
+    return _is_number(value) and 0 < value < 1
+
+
+def _count(value: Any) -> bool:
+    return _is_int(value) and value >= 1
+
+
+def _seed_value(value: Any) -> bool:
+    return _is_int(value) and value >= 0
+
+
+def _check_each(node: DictConfig, group: str, keys: tuple[str, ...],
+                ok: Callable[[Any], bool], allowed: str) -> None:
+    """`_require` for each of `keys` that `node` has (group options differ in their keys)."""
+    for key in keys:
+        if key in node:
+            _require(ok(node[key]), f"{group}.{key}", allowed, node[key])
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _validate_run(cfg: DictConfig) -> None:
+    """The run-wide fields of conf/config.yaml (faults and checkpoints: `_validate_faults`)."""
     _require(_is_int(cfg.seed) and cfg.seed >= 0, "seed", "an integer >= 0", cfg.seed)
     _require(_is_int(cfg.num_clients) and cfg.num_clients >= 1, "num_clients",
              "an integer >= 1", cfg.num_clients)
@@ -152,11 +352,12 @@ def validate(cfg: DictConfig) -> None:
              "evaluation.clients_per_round", f"an integer in [0, num_clients={cfg.num_clients}]",
              evaluation.clients_per_round)
     imbalance = cfg.data.imbalance_factor
-    _require(isinstance(imbalance, int | float) and 0 < imbalance <= 1,
+    _require(_is_number(imbalance) and 0 < imbalance <= 1,
              "data.imbalance_factor", "a number in (0, 1] (1 = no long tail)", imbalance)
     ratio = cfg.data.client_test_ratio
-    _require(isinstance(ratio, int | float) and ratio >= 0, "data.client_test_ratio",
-             "a number >= 0", ratio)
+    _require(_non_negative(ratio), "data.client_test_ratio", "a number >= 0", ratio)
+    _require(ratio > 0 or evaluation.clients_per_round == 0, "data.client_test_ratio",
+             "> 0 while evaluation.clients_per_round > 0 (clients need test samples)", ratio)
     device = str(cfg.device)
     _require(device in ("auto", "cpu") or device.split(":")[0] == "cuda", "device",
              "auto, cpu, cuda or cuda:<index>", cfg.device)
@@ -167,31 +368,89 @@ def validate(cfg: DictConfig) -> None:
                  cfg.device)
     _require(_is_int(cfg.torch_threads) and cfg.torch_threads >= 1, "torch_threads",
              "an integer >= 1", cfg.torch_threads)
-    _require(ratio > 0 or evaluation.clients_per_round == 0, "data.client_test_ratio",
-             "> 0 while evaluation.clients_per_round > 0 (clients need test samples)", ratio)
-    _validate_partition(cfg)
-    _validate_client(cfg)
-    _validate_strategy(cfg)
-    _validate_backend_and_logger(cfg)
-    _validate_attack(cfg)
-    _validate_staleness(cfg)
-    _validate_faults(cfg)
+    _require(isinstance(cfg.progress, bool), "progress", "true or false", cfg.progress)
+    _require(cfg.flwr_log_level in LOG_LEVELS, "flwr_log_level", f"one of {list(LOG_LEVELS)}",
+             cfg.flwr_log_level)
+    _require(cfg.output_dir is None or (isinstance(cfg.output_dir, str) and cfg.output_dir != ""),
+             "output_dir", "a directory path, or null", cfg.output_dir)
+
+
+def _validate_dataset(cfg: DictConfig) -> None:
+    """Loader arguments in range, before any data is read or generated."""
+    dataset = cfg.dataset
+    _check_each(dataset, "dataset", ("path", "repo", "image_key", "label_key"),
+                lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string")
+    _check_each(dataset, "dataset", ("test_fraction", "train_split"), _open_unit,
+                "a number in (0, 1)")
+    _check_each(dataset, "dataset", ("split_seed", "data_seed"), _seed_value, "an integer >= 0")
+    _check_each(dataset, "dataset", ("num_samples",), lambda v: _is_int(v) and v >= 2,
+                "an integer >= 2")
+    _check_each(dataset, "dataset", ("num_features", "num_informative"), _count,
+                "an integer >= 1")
+    _check_each(dataset, "dataset", ("class_sep",), _positive, "a number > 0")
+    if dataset.get("num_classes") is not None:
+        _require(_is_int(dataset.num_classes) and dataset.num_classes >= 2, "dataset.num_classes",
+                 "an integer >= 2" + (", or null (from the labels)" if "path" in dataset else ""),
+                 dataset.num_classes)
+    if "num_informative" in dataset:  # synthetic: scikit-learn's make_classification limits
+        _require(dataset.num_informative <= dataset.num_features, "dataset.num_informative",
+                 f"at most dataset.num_features={dataset.num_features}", dataset.num_informative)
+        _require(dataset.num_classes <= 2**dataset.num_informative, "dataset.num_classes",
+                 f"at most 2 ** dataset.num_informative = {2**dataset.num_informative} (one "
+                 "hypercube vertex per class)", dataset.num_classes)
+    if "train_split" in dataset:  # mnist1d: num_samples // 10 samples of each of 10 classes
+        total = dataset.num_samples // 10 * 10
+        _require(0 < int(total * dataset.train_split) < total, "dataset.num_samples",
+                 f"large enough for a train and a test split at dataset.train_split="
+                 f"{dataset.train_split} (mnist1d makes num_samples // 10 samples per class)",
+                 dataset.num_samples)
 
 
 def _validate_partition(cfg: DictConfig) -> None:
+    """Partitioner arguments; those that depend on the data are checked where it is built
+    (`fedsim.datasets.federated.check_partition_fits`)."""
+    from fedsim.datasets.partition import LABEL, NATURAL_ID
+
     partition = cfg.partition
     if "alpha" in partition:
         alpha = partition.alpha
         values = list(alpha) if OmegaConf.is_list(alpha) else [alpha]
-        _require(all(isinstance(a, int | float) and a > 0 for a in values), "partition.alpha",
+        _require(all(_positive(a) for a in values), "partition.alpha",
                  "a number > 0 (or a list of them)", alpha)
+        _require(len(values) in (1, cfg.num_clients), "partition.alpha",
+                 f"a number > 0 or a list of num_clients={cfg.num_clients} of them", alpha)
     if "num_partitions" in partition:
         _require(partition.num_partitions == cfg.num_clients, "partition.num_partitions",
                  f"equal to num_clients={cfg.num_clients}", partition.num_partitions)
-    if "num_classes_per_partition" in partition:
-        n = partition.num_classes_per_partition
-        _require(_is_int(n) and n >= 1, "partition.num_classes_per_partition",
-                 "an integer >= 1", n)
+    if "partition_by" in partition:
+        column = NATURAL_ID if str(partition._target_).endswith("NaturalIdPartitioner") else LABEL
+        _require(partition.partition_by == column, "partition.partition_by",
+                 f"{column} for {partition._target_}", partition.partition_by)
+    _check_each(partition, "partition", ("num_classes_per_partition",), _count,
+                "an integer >= 1")
+    _check_each(partition, "partition", ("min_partition_size",), _seed_value, "an integer >= 0")
+    _check_each(partition, "partition", ("seed",), lambda v: v is None or _seed_value(v),
+                "an integer >= 0, or null")
+    _check_each(partition, "partition", ("num_shards_per_partition", "shard_size"),
+                lambda v: v is None or _count(v), "an integer >= 1, or null")
+    if "shard_size" in partition:
+        _require(partition.shard_size is not None
+                 or partition.get("num_shards_per_partition") is not None,
+                 "partition.num_shards_per_partition", "set when partition.shard_size is null",
+                 None)
+
+
+def _validate_model(cfg: DictConfig) -> None:
+    """Sizes, seeds and fractions of the model; a model's own error would not name them."""
+    model = cfg.model
+    _check_each(model, "model", ("channels", "hidden"),
+                lambda v: _count(v) or (OmegaConf.is_list(v) and all(_count(x) for x in v)),
+                "an integer >= 1 (a list of them where the model takes one per layer)")
+    _check_each(model, "model", ("num_layers", "kernel_size", "width", "depth", "num_blocks",
+                                 "k"), _count, "an integer >= 1")
+    _check_each(model, "model", ("seed", "class_seed"), _seed_value, "an integer >= 0")
+    _check_each(model, "model", ("sparsity",), _below_one,
+                "a number in [0, 1) (the share of edges masked)")
 
 
 def _validate_client(cfg: DictConfig) -> None:
@@ -207,6 +466,9 @@ def _validate_client(cfg: DictConfig) -> None:
         if key in client:
             _require(isinstance(client[key], int | float) and client[key] >= 0,
                      f"client.{key}", "a number >= 0", client[key])
+    _check_each(client, "client", ("momentum",), _below_one, "a number in [0, 1)")
+    _check_each(client, "client", ("lr_decay",), _positive,
+                "a number > 0 (round r trains at lr * lr_decay^(r-1))")
     for key in ("etf_steps", "finetune_epochs"):
         if key in client:
             _require(_is_int(client[key]) and client[key] >= 0, f"client.{key}",
@@ -223,9 +485,31 @@ def _validate_client(cfg: DictConfig) -> None:
                  "client.etf_sparsity", "a number in [0, 1)", client.etf_sparsity)
 
 
+def _validate_optimizer(cfg: DictConfig) -> None:
+    """Optimizer settings in range (its lr and weight decay are client.lr, client.weight_decay)."""
+    optimizer = cfg.optimizer
+    if "betas" in optimizer:
+        betas = optimizer.betas
+        _require(OmegaConf.is_list(betas) and len(betas) >= 2 and all(_below_one(b) for b in betas),
+                 "optimizer.betas", "a list [beta1, beta2] of numbers in [0, 1)", betas)
+    _check_each(optimizer, "optimizer", ("momentum",), _below_one, "a number in [0, 1)")
+    _check_each(optimizer, "optimizer", ("eps", "wd_ratio"), _non_negative, "a number >= 0")
+    _check_each(optimizer, "optimizer", ("delta", "scale"), _positive, "a number > 0")
+    _check_each(optimizer, "optimizer", ("update_proj_gap",), _count, "an integer >= 1")
+    _check_each(optimizer, "optimizer", ("nesterov",), lambda v: isinstance(v, bool),
+                "true or false")
+
+
 def _validate_strategy(cfg: DictConfig) -> None:
     """Method parameters in range; robust rules need enough clients for their attackers."""
     strategy, k = cfg.strategy, cfg.clients_per_round
+    _check_each(strategy, "strategy", ("eta", "eta_l", "tau", "server_learning_rate"), _positive,
+                "a number > 0")
+    _check_each(strategy, "strategy", ("beta_1", "beta_2", "server_momentum"), _below_one,
+                "a number in [0, 1)")
+    _check_each(strategy, "strategy", ("proximal_mu", "lam"), _non_negative, "a number >= 0")
+    _check_each(strategy, "strategy", ("beta",), lambda v: _is_number(v) and 0 <= v < 0.5,
+                "a number in [0, 0.5) (the share trimmed at each end)")
     if "k_proportion" in strategy:
         _require(isinstance(strategy.k_proportion, int | float) and 0 < strategy.k_proportion <= 1,
                  "strategy.k_proportion", "a number in (0, 1]", strategy.k_proportion)
@@ -280,6 +564,7 @@ def _validate_attack(cfg: DictConfig) -> None:
     if "colluders" in attack:
         _require(_is_int(attack.colluders) and attack.colluders >= 0, "attack.colluders",
                  "an integer >= 0", attack.colluders)
+    _check_each(attack, "attack", ("gamma_start", "tolerance"), _positive, "a number > 0")
     num_malicious = len(malicious_nodes(fraction, cfg.num_clients))
     if num_malicious == 0:
         return
@@ -401,6 +686,8 @@ def _validate_faults(cfg: DictConfig) -> None:
     if cfg.resume is not None:
         _require(isinstance(cfg.resume, str) and cfg.resume != "", "resume",
                  "the path of a run directory, or null", cfg.resume)
+        _require(cfg.output_dir in (None, cfg.resume), "output_dir",
+                 f"the resumed run's directory {cfg.resume!r} or null", cfg.output_dir)
         _require(getattr(get_class(cfg.backend._target_), "partition_node_ids", False),
                  "backend", "inprocess or ray to resume a run (fedsim holds the clients' state "
                  "only for simulated nodes)", str(cfg.backend._target_))

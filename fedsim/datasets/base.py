@@ -44,15 +44,37 @@ def as_splits(
     if num_classes is None:
         num_classes = int(max(y_train_arr.max(initial=0), y_test_arr.max(initial=0))) + 1
     splits = ArraySplits(
-        x_train=np.ascontiguousarray(x_train, dtype=np.float32),
+        x_train=_as_features(x_train, f"{source}: x_train"),
         y_train=y_train_arr,
-        x_test=np.ascontiguousarray(x_test, dtype=np.float32),
+        x_test=_as_features(x_test, f"{source}: x_test"),
         y_test=y_test_arr,
         num_classes=int(num_classes),
         train_ids=None if train_ids is None else np.asarray(train_ids),
     )
     check_splits(splits, source)
     return splits
+
+
+def check_features_and_labels(x: np.ndarray, y: np.ndarray, source: str) -> None:
+    """`x`: one sample per row; `y`: one class id per sample. Checked before arrays are
+    split, so that a bad label is reported as itself and not as a failed split."""
+    _as_features(x, f"{source}: x")
+    labels = _as_labels(y, f"{source}: y")
+    if len(x) != len(labels):
+        raise DataError(f"{source}: x has {len(x)} samples but y has {len(labels)}")
+
+
+def _as_features(x: np.ndarray, name: str) -> np.ndarray:
+    """float32 samples, one per row: numeric, at least 2-D (samples, features...)."""
+    x = np.asarray(x)
+    if x.dtype.kind not in "biuf":
+        raise DataError(f"{name} must hold numbers, got dtype {x.dtype}")
+    if x.ndim < 2:
+        raise DataError(
+            f"{name} must have one row per sample, shape (samples, features...), got shape "
+            f"{x.shape}"
+        )
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def _as_labels(y: np.ndarray, name: str) -> np.ndarray:
@@ -96,18 +118,23 @@ def check_splits(splits: ArraySplits, source: str = "data") -> None:
 
 
 def stratified_split(
-    x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int
+    x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int, source: str = "data"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Split arrays into train/test keeping the class proportions (sklearn).
 
     A class with a single sample, or a side smaller than the number of classes,
     cannot be stratified; then the split is a plain seeded shuffle (small per-node
-    files hit this).
+    files hit this). A split that would leave a side empty raises a `DataError`.
     """
     from sklearn.model_selection import train_test_split
 
-    _, counts = np.unique(y, return_counts=True)
     n_test = int(np.ceil(test_fraction * len(y)))  # as sklearn rounds a fractional test size
+    if not 0 < n_test < len(y):
+        raise DataError(
+            f"{source}: test_fraction={test_fraction} of {len(y)} samples leaves the train or "
+            "the test split empty; use more samples or another test_fraction"
+        )
+    _, counts = np.unique(y, return_counts=True)
     stratifiable = counts.min() > 1 and min(n_test, len(y) - n_test) >= len(counts)
     x_tr, x_te, y_tr, y_te = train_test_split(
         x, y, test_size=test_fraction, random_state=seed, stratify=y if stratifiable else None

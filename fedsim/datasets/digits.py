@@ -11,5 +11,7 @@ def load(test_fraction: float = 0.2, split_seed: int = 0) -> ArraySplits:
 
     digits = load_digits()
     x = (digits.images / 16.0).reshape(-1, 1, 8, 8)
-    x_tr, y_tr, x_te, y_te = stratified_split(x, digits.target, test_fraction, split_seed)
+    x_tr, y_tr, x_te, y_te = stratified_split(
+        x, digits.target, test_fraction, split_seed, source="digits"
+    )
     return as_splits(x_tr, y_tr, x_te, y_te, num_classes=10, source="digits")

@@ -168,6 +168,44 @@ def instantiate_input(node: DictConfig, **kwargs: Any) -> Any:
         raise
 
 
+def check_partition_fits(
+    partition: DictConfig, num_samples: int, num_classes: int, num_clients: int, has_ids: bool
+) -> None:
+    """The partitioner's settings against the data it splits, before it runs.
+
+    flwr-datasets would fail on these with its own words, or divide by zero
+    (shards); this names the setting and what it can be.
+    """
+    target = str(partition._target_)
+    if target.endswith("NaturalIdPartitioner") and not has_ids:
+        raise ConfigError(
+            "partition=natural needs a natural id per training sample (dataset=femnist, or an "
+            "npz file with an 'ids' array); this dataset has none"
+        )
+    per_client = partition.get("num_classes_per_partition")
+    if per_client is not None and per_client > num_classes:
+        raise ConfigError(
+            f"partition.num_classes_per_partition must be at most the dataset's {num_classes} "
+            f"classes (got {per_client})"
+        )
+    shards, shard_size = partition.get("num_shards_per_partition"), partition.get("shard_size")
+    if shards is not None or shard_size is not None:
+        needed = num_clients * (shards or 1) * (shard_size or 1)
+        field = "shard_size" if shard_size is not None else "num_shards_per_partition"
+        if needed > num_samples:
+            raise ConfigError(
+                f"partition.{field} is too large: num_clients={num_clients} x "
+                f"num_shards_per_partition={shards} x shard_size={shard_size} needs {needed} "
+                f"training samples, and there are {num_samples}"
+            )
+    min_size = partition.get("min_partition_size") or 0
+    if min_size * num_clients > num_samples:
+        raise ConfigError(
+            f"partition.min_partition_size must be at most {num_samples // num_clients} "
+            f"({num_samples} training samples over num_clients={num_clients}) (got {min_size})"
+        )
+
+
 def _build(cfg: DictConfig) -> FederatedData:
     splits: ArraySplits = instantiate_input(cfg.dataset)
     labels, ids = splits.y_train, splits.train_ids
@@ -180,6 +218,8 @@ def _build(cfg: DictConfig) -> FederatedData:
             f"num_clients={cfg.num_clients} is more than the {len(keep)} training samples "
             "available; lower num_clients"
         )
+    check_partition_fits(cfg.partition, len(keep), splits.num_classes, cfg.num_clients,
+                         has_ids=ids is not None)
     partitioner = instantiate_input(cfg.partition)
     partitioner.dataset = label_dataset(
         labels[keep], splits.num_classes, None if ids is None else ids[keep]

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from fedsim.datasets.base import ArraySplits, as_splits, stratified_split
+from fedsim.datasets.base import (
+    ArraySplits,
+    as_splits,
+    check_features_and_labels,
+    stratified_split,
+)
 from fedsim.errors import DataError
+
+SPLIT_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 
 def load(
@@ -27,27 +35,34 @@ def load(
     if not file.is_file():
         raise DataError(f"{field}: no such file '{file}'")
     try:
-        arrays = dict(np.load(file, allow_pickle=False))
-    except (OSError, ValueError) as err:
+        with np.load(file, allow_pickle=False) as npz:
+            arrays = dict(npz)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise DataError(f"{field}: '{file}' is not a readable .npz file ({err})") from err
+    source = f"{field} {file}"
     ids = arrays.get("ids")
     if num_classes is None and "num_classes" in arrays:
-        num_classes = int(arrays["num_classes"])
-    if {"x_train", "y_train", "x_test", "y_test"} <= arrays.keys():
-        parts = (arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"])
+        num_classes = _stored_num_classes(arrays["num_classes"], source)
+    if set(SPLIT_KEYS) <= arrays.keys():
+        parts = tuple(arrays[key] for key in SPLIT_KEYS)
     elif {"x", "y"} <= arrays.keys():
-        x, y = arrays["x"], arrays["y"]
-        if len(x) != len(y):
-            raise DataError(f"{field} {file}: x has {len(x)} samples but y has {len(y)}")
         if ids is not None:
-            raise DataError(
-                f"{field} {file}: 'ids' needs explicit x_train/y_train/x_test/y_test arrays"
-            )
-        parts = stratified_split(x, y, test_fraction, split_seed)
-        parts = (parts[0], parts[1], parts[2], parts[3])
+            raise DataError(f"{source}: 'ids' needs explicit x_train/y_train/x_test/y_test arrays")
+        check_features_and_labels(arrays["x"], arrays["y"], source)
+        parts = stratified_split(arrays["x"], arrays["y"], test_fraction, split_seed, source)
     else:
         raise DataError(
-            f"{field} {file}: expected arrays x_train, y_train, x_test, y_test (or x, y); "
+            f"{source}: expected arrays x_train, y_train, x_test, y_test (or x, y); "
             f"found {sorted(arrays)}"
         )
-    return as_splits(*parts, num_classes=num_classes, train_ids=ids, source=f"{field} {file}")
+    return as_splits(*parts, num_classes=num_classes, train_ids=ids, source=source)
+
+
+def _stored_num_classes(value: np.ndarray, source: str) -> int:
+    """The file's `num_classes` entry: one whole number >= 1."""
+    number = value.dtype.kind in "iuf" and value.ndim == 0
+    if not (number and np.isfinite(value) and value == np.round(value) and value >= 1):
+        raise DataError(
+            f"{source}: num_classes must be a single integer >= 1 (got {value.tolist()!r})"
+        )
+    return int(value)

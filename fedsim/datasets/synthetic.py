@@ -27,5 +27,5 @@ def load(
         class_sep=class_sep,
         random_state=data_seed,
     )
-    x_tr, y_tr, x_te, y_te = stratified_split(x, y, test_fraction, data_seed)
+    x_tr, y_tr, x_te, y_te = stratified_split(x, y, test_fraction, data_seed, source="synthetic")
     return as_splits(x_tr, y_tr, x_te, y_te, num_classes=num_classes, source="synthetic")
