@@ -150,6 +150,7 @@ def preflight(cfg: DictConfig) -> tuple[FederatedData, Path]:
     check_trainer(cfg, data)  # before the model: a trainer may extend it from its settings
     check_model_fits(cfg, data)
     _check_reported_classes(cfg, data.num_classes)
+    instantiate_input(cfg.devices).delays(data.label_counts(), cfg.seed)  # e.g. slow_class fits
     if cfg.resume is not None:
         from fedsim.checkpoint import resumable_run_dir
 

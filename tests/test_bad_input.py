@@ -115,6 +115,8 @@ def test_a_bad_field_is_named_with_what_is_allowed(tiny_cfg, overrides, field, a
         (["partition=dirichlet", "partition.min_partition_size=1000"],
          "partition.min_partition_size", "at most 666"),
         (["partition=natural"], "partition=natural", "an 'ids' array"),
+        (["strategy=stale", "devices=slow_class", "devices.slow_class=10"],
+         "devices.slow_class", "a class index in [0, 9]"),
     ],
 )
 def test_partition_settings_that_do_not_fit_the_data_are_named(tiny_cfg, overrides, field,
