@@ -53,7 +53,7 @@ class Checkpoint:
 
     server_round: int
     arrays: ArrayRecord
-    strategy: dict[str, Any]
+    objects: dict[str, dict[str, Any]]  # name -> `plain_state` (strategy, guard, attack)
     clients: dict[int, RecordDict]
     rng: dict[str, Any]
     counters: dict[str, Any] = field(default_factory=dict)
@@ -63,22 +63,24 @@ class Checkpoint:
 # ---- state in and out -----------------------------------------------------------------
 
 
-def strategy_state(strategy: Strategy) -> dict[str, Any]:
-    """The strategy object's plain-data attributes.
+def plain_state(obj: object) -> dict[str, Any]:
+    """An object's plain-data attributes: what a strategy (or the guard, or an attack)
+    changes as rounds go by.
 
     Functions (metric aggregators, wrappers set on the instance), grids and the
     names in the class's `not_checkpointed` (objects rebuilt from the config,
     such as a model or a dataset) are left out.
     """
-    skip = set(getattr(strategy, "not_checkpointed", ()))
+    skip = set(getattr(obj, "not_checkpointed", ()))
     return {
-        name: value for name, value in vars(strategy).items()
+        name: value for name, value in vars(obj).items()
         if name not in skip and not callable(value) and not isinstance(value, Grid)
     }
 
 
-def restore_strategy(strategy: Strategy, state: dict[str, Any]) -> None:
-    vars(strategy).update(state)
+def restore_state(obj: object, state: dict[str, Any]) -> None:
+    """Set the attributes `plain_state` saved."""
+    vars(obj).update(state)
 
 
 def rng_state() -> dict[str, Any]:
@@ -89,6 +91,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def restore_rng(state: dict[str, Any]) -> None:
+    """Set the generators `rng_state` saved."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -100,6 +103,7 @@ def client_states(grid: Grid) -> dict[int, RecordDict]:
 
 
 def restore_clients(grid: Grid, states: dict[int, RecordDict]) -> None:
+    """Give each simulated node back the state `client_states` saved."""
     for node, state in states.items():
         grid.context(node).state = state
 
@@ -116,6 +120,7 @@ def save(run_dir: Path, checkpoint: Checkpoint) -> None:
 
 
 def load(run_dir: Path) -> Checkpoint:
+    """The run's checkpoint, or a `ConfigError` saying why there is none to resume from."""
     path = Path(run_dir) / CHECKPOINT_FILE
     try:
         with open(path, "rb") as source:
@@ -140,6 +145,7 @@ def resumable_run_dir(run_dir: str) -> Path:
     from fedsim.recording import SUMMARY_FILE
 
     path = Path(run_dir)
+    stored_config(run_dir)
     if (path / SUMMARY_FILE).exists():
         raise ConfigError(f"resume: the run in '{path}' is finished ({SUMMARY_FILE} exists); "
                           "fedsim never overwrites a finished run's outputs")
@@ -149,6 +155,19 @@ def resumable_run_dir(run_dir: str) -> Path:
             "checkpoint.every rounds; this one stopped before its first, or is not a run)"
         )
     return path
+
+
+def _top_key(override: str) -> str:
+    """`backend` for `backend.num_actors=2`, `+logger=wandb`, `~progress`..."""
+    return override.lstrip("+~").split("=")[0].split(".")[0]
+
+
+def stored_config(run_dir: str) -> DictConfig:
+    """The resolved config a run saved in its directory."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"resume must be a fedsim run directory (no {path})")
+    return OmegaConf.load(path)
 
 
 def resumed_config(
@@ -162,26 +181,38 @@ def resumed_config(
     """
     from fedsim.config import compose
 
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise ConfigError(f"resume must be a fedsim run directory (no {path})")
-    changed = [o for o in overrides if not o.startswith("resume=")]
-    refused = [o for o in changed if o.lstrip("+~").split("=")[0].split(".")[0]
-               not in RESUMABLE_OVERRIDES]
+    cfg = stored_config(run_dir)
+    changed = [o for o in overrides if _top_key(o) != "resume"]
+    refused = [o for o in changed if _top_key(o) not in RESUMABLE_OVERRIDES]
     if refused:
         raise ConfigError(
             f"resume continues a run with its stored config; only {', '.join(RESUMABLE_OVERRIDES)} "
             f"may be changed (got {refused})"
         )
-    cfg = OmegaConf.load(path)
     if changed and composed is None:
         composed = compose(changed)  # Hydra parses the values and groups
     with open_dict(cfg):
-        for name in {o.lstrip("+~").split("=")[0].split(".")[0] for o in changed}:
+        for name in {_top_key(o) for o in changed}:
             cfg[name] = composed[name]
         cfg.resume = str(run_dir)
         cfg.output_dir = str(run_dir)
     return cfg
+
+
+def check_same_experiment(cfg: DictConfig) -> None:
+    """A config resuming a run must be that run's, but for `RESUMABLE_OVERRIDES`
+    (`resumed_config` makes one; a hand-made one may differ)."""
+    stored = OmegaConf.to_container(stored_config(cfg.resume), resolve=True)
+    current = OmegaConf.to_container(cfg, resolve=True)
+    ignored = {*RESUMABLE_OVERRIDES, "resume", "output_dir"}
+    differ = sorted(key for key in set(stored) | set(current)
+                    if key not in ignored and stored.get(key) != current.get(key))
+    if differ:
+        raise ConfigError(
+            f"resume: {differ[0]} differs from the stored config of '{cfg.resume}' (and "
+            f"{differ[1:] or 'nothing else'}); resume with `fedsim resume=<run dir>` or "
+            "fedsim.checkpoint.resumed_config, which take the stored config"
+        )
 
 
 def shift_rounds(strategy: Strategy, done: int) -> None:

@@ -658,9 +658,10 @@ def _validate_faults(cfg: DictConfig) -> None:
                  "many)", faults.min_replies)
     _require(_is_int(faults.max_skipped_rounds) and faults.max_skipped_rounds >= 1,
              "faults.max_skipped_rounds", "an integer >= 1", faults.max_skipped_rounds)
-    _require(faults.timeout_s is None or (_is_number(faults.timeout_s) and faults.timeout_s > 0),
-             "faults.timeout_s", "a number of seconds > 0, or null (wait for every reply)",
-             faults.timeout_s)
+    _require(faults.timeout_s is None or (_is_number(faults.timeout_s)
+                                          and 0 < faults.timeout_s < float("inf")),
+             "faults.timeout_s", "a finite number of seconds > 0, or null (wait for every "
+             "reply)", faults.timeout_s)
     _require(faults.max_num_examples is None
              or (_is_int(faults.max_num_examples) and faults.max_num_examples >= 1),
              "faults.max_num_examples", "an integer >= 1, or null (the federation's size)",
@@ -673,6 +674,9 @@ def _validate_faults(cfg: DictConfig) -> None:
              faults.nan_prob)
     _require(_is_number(faults.hang_s) and faults.hang_s >= 0, "faults.hang_s",
              "a number of seconds >= 0", faults.hang_s)
+    _require(faults.hang_prob == 0 or faults.hang_s > 0, "faults.hang_s",
+             f"> 0 with faults.hang_prob={faults.hang_prob} (how long a client hangs)",
+             faults.hang_s)
     kill = faults.kill_worker_round
     if kill is not None:
         _require(_is_int(kill) and 1 <= kill <= cfg.num_rounds, "faults.kill_worker_round",

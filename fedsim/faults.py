@@ -6,8 +6,8 @@ arrays of the wrong keys, shapes or dtypes, NaN/Inf values, or an absurd
 `num-examples` becomes an error reply (dropped, logged with the node id,
 counted as a failure), so no strategy, Flower's included, aggregates it or
 crashes on it. A round with fewer valid train replies than `faults.min_replies`
-is skipped: every reply is dropped and the global model is kept; after
-`faults.max_skipped_rounds` skipped rounds in a row the run stops.
+is skipped: every reply is dropped and the global model is kept. After
+`faults.max_skipped_rounds` rounds in a row that applied no update, the run stops.
 
 `inject_faults` is the client side of `faults.crash_prob`, `nan_prob`,
 `hang_prob`: drawn from (seed, partition, round), so the same clients fail on
@@ -23,10 +23,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Error, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
 from flwr.common import MessageType
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
 from fedsim.backends.base import GridWrapper
 from fedsim.errors import RunFailedError
@@ -71,18 +72,39 @@ def same_array_problem(key: str, upload: np.ndarray, sent: np.ndarray) -> str | 
     if upload.dtype.kind != sent.dtype.kind:  # float32 for float64 is fine (FedAdam's globals)
         return f"{where} must have a {sent.dtype.kind!r}-kind dtype like the sent {sent.dtype} " \
                f"(got {upload.dtype})"
-    if np.issubdtype(upload.dtype, np.floating) and not np.isfinite(upload).all():
-        return f"{where} must be finite (got NaN or inf: did local training diverge?)"
+    if np.issubdtype(upload.dtype, np.floating):
+        if upload.dtype != sent.dtype:  # finite in float64 may overflow the model's float32
+            with np.errstate(over="ignore"):
+                upload = upload.astype(sent.dtype)
+        if not np.isfinite(upload).all():
+            return f"{where} must be finite in {sent.dtype} (got NaN or inf: did local " \
+                   "training diverge?)"
     return None
 
 
-def examples_problem(value: object, max_examples: int, minimum: int) -> str | None:
-    """`num-examples` must be a whole number in [minimum, max_examples]."""
+def examples_problem(value: object, max_examples: int, minimum: int,
+                     key: str = NUM_EXAMPLES) -> str | None:
+    """A sample count must be a whole number in [minimum, max_examples]."""
     ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value != int(value) or not minimum <= value <= max_examples:
-        return (f"metrics['{NUM_EXAMPLES}'] must be a whole number in [{minimum}, "
-                f"{max_examples}] (got {value!r})")
+        return (f"metrics['{key}'] must be a whole number in [{minimum}, {max_examples}] "
+                f"(got {value!r})")
     return None
+
+
+def metrics_problem(record: MetricRecord, weight_key: str, max_examples: int, minimum: int
+                    ) -> str | None:
+    """Sample counts are whole numbers in range (the weight at least `minimum`); every other
+    metric is finite."""
+    problem = examples_problem(record[weight_key], max_examples, minimum, weight_key)
+    for key, value in record.items():
+        if problem:
+            break
+        if key != weight_key and str(key).startswith(NUM_EXAMPLES):  # per class group
+            problem = examples_problem(value, max_examples, 0, key)
+        elif not all(math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+            problem = f"metrics['{key}'] must be finite (got {value!r})"
+    return problem
 
 
 def reply_problem(
@@ -106,14 +128,9 @@ def reply_problem(
     record = metrics[0]
     if weight_key not in record:
         return f"metrics must include '{weight_key}'"
-    problem = examples_problem(record[weight_key], max_examples, 1 if sent is not None else 0)
+    problem = metrics_problem(record, weight_key, max_examples, 1 if sent is not None else 0)
     if problem:
         return problem
-    if record[weight_key] > 0:
-        for key, value in record.items():
-            values = value if isinstance(value, list) else [value]
-            if not all(math.isfinite(v) for v in values):
-                return f"metrics['{key}'] must be finite (got {value!r})"
     if sent is None:
         return None
     arrays = list(reply.array_records.values())
@@ -146,7 +163,8 @@ def _original(reply: Message) -> Message:
 
 
 class ReplyGuard(GridWrapper):
-    """Checks every reply against what was sent; enforces the minimum-replies rule.
+    """Checks every reply of `send_and_receive` (what Flower's strategies call) against the
+    message sent; enforces the minimum-replies rule and stops a run that makes no progress.
 
     Parameters
     ----------
@@ -155,7 +173,8 @@ class ReplyGuard(GridWrapper):
     max_examples : the most examples a reply may claim.
     check_upload : the check of a train upload against the arrays sent (the strategy's
         `upload_problem`, else `same_arrays_problem`).
-    min_replies, max_skipped_rounds : `faults.*`.
+    min_replies, max_skipped_rounds, timeout_s : `faults.*`; `timeout_s` also bounds the
+        calls that come without a timeout (an asynchronous strategy's mid-round starts).
     """
 
     def __init__(
@@ -166,6 +185,7 @@ class ReplyGuard(GridWrapper):
         check_upload: UploadCheck = same_arrays_problem,
         min_replies: int = 1,
         max_skipped_rounds: int = 3,
+        timeout_s: float | None = None,
     ) -> None:
         super().__init__(grid)
         self.weight_key = weight_key
@@ -173,18 +193,22 @@ class ReplyGuard(GridWrapper):
         self.check_upload = check_upload
         self.min_replies = min_replies
         self.max_skipped_rounds = max_skipped_rounds
+        self.timeout_s = timeout_s
         self.skipped_in_a_row = 0
         self.skipped_rounds = 0  # since the last `take_counts`
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        """The inner grid's replies, each checked against the message sent to its node."""
+        """The inner grid's replies, each checked against the message sent to its node and
+        against the round's other replies (Flower aggregates only alike replies)."""
         messages = list(messages)
         sent = {msg.metadata.dst_node_id: msg for msg in messages}
         decoded: dict[int, Arrays] = {}  # each distinct ArrayRecord sent, decoded once
+        timeout = self.timeout_s if timeout is None else timeout
         replies = [self._checked(reply, sent.get(reply.metadata.src_node_id), decoded)
                    for reply in self.grid.send_and_receive(messages, timeout=timeout)]
+        replies = alike(replies)
         if messages and messages[0].metadata.message_type == MessageType.TRAIN:
             replies = self._apply_min_replies(replies)
         return replies
@@ -207,32 +231,78 @@ class ReplyGuard(GridWrapper):
                                 self.check_upload)
         return reply if problem is None else rejected(reply, problem)
 
+    def _apply_min_replies(self, replies: list[Message]) -> list[Message]:
+        """Drop a train round's replies when fewer than `min_replies` are valid."""
+        valid = sum(not reply.has_error() for reply in replies)
+        if valid >= self.min_replies:
+            return replies
+        log.warning("only %d valid train replies, fewer than faults.min_replies=%d: the round "
+                    "is skipped and the global model kept", valid, self.min_replies)
+        reason = f"round skipped: {valid} valid replies < faults.min_replies={self.min_replies}"
+        return [reply if reply.has_error() else rejected(reply, reason) for reply in replies]
+
+    def watch(self, strategy: Strategy) -> None:
+        """Count the rounds whose aggregation applied no update (`skipped_rounds`), and stop
+        the run after `max_skipped_rounds` of them in a row."""
+        aggregate_train = strategy.aggregate_train
+
+        def watched(server_round: int, replies: Iterable[Message]):
+            arrays, metrics = aggregate_train(server_round, replies)
+            self._count(server_round, skipped=arrays is None)
+            return arrays, metrics
+
+        strategy.aggregate_train = watched
+
+    def _count(self, server_round: int, skipped: bool) -> None:
+        if not skipped:
+            self.skipped_in_a_row = 0
+            return
+        self.skipped_rounds += 1
+        self.skipped_in_a_row += 1
+        if self.skipped_in_a_row >= self.max_skipped_rounds:
+            raise RunFailedError(
+                f"round {server_round}: {self.skipped_in_a_row} rounds in a row applied no "
+                f"update (fewer than faults.min_replies={self.min_replies} valid train "
+                f"replies; faults.max_skipped_rounds={self.max_skipped_rounds}); see the client "
+                "failures logged above. Once they are fixed, `fedsim resume=<run dir>` goes on "
+                "from the run's last checkpoint (written every checkpoint.every rounds)"
+            )
+
     def take_counts(self) -> dict[str, int]:
         """skipped_rounds since the last call."""
         counts = {"skipped_rounds": self.skipped_rounds}
         self.skipped_rounds = 0
         return counts
 
-    def _apply_min_replies(self, replies: list[Message]) -> list[Message]:
-        """Drop a train round's replies when fewer than `min_replies` are valid."""
-        valid = sum(not reply.has_error() for reply in replies)
-        if valid >= self.min_replies:
-            self.skipped_in_a_row = 0
-            return replies
-        self.skipped_rounds += 1
-        self.skipped_in_a_row += 1
-        log.warning("only %d valid train replies, fewer than faults.min_replies=%d: the round "
-                    "is skipped and the global model kept", valid, self.min_replies)
-        if self.skipped_in_a_row >= self.max_skipped_rounds:
-            raise RunFailedError(
-                f"{self.skipped_in_a_row} rounds in a row had fewer than faults.min_replies="
-                f"{self.min_replies} valid train replies (faults.max_skipped_rounds="
-                f"{self.max_skipped_rounds}); see the client failures logged above. Once they "
-                "are fixed, `fedsim resume=<run dir>` goes on from the run's last checkpoint "
-                "(written every checkpoint.every rounds)"
-            )
-        reason = f"round skipped: {valid} valid replies < faults.min_replies={self.min_replies}"
-        return [reply if reply.has_error() else rejected(reply, reason) for reply in replies]
+
+def reply_shape(reply: Message) -> tuple:
+    """What Flower requires to be the same across a round's replies: the record names and
+    the metric keys."""
+    content = reply.content
+    return (tuple(sorted(content.array_records)), tuple(sorted(content.metric_records)),
+            tuple(sorted(k for r in content.metric_records.values() for k in r)))
+
+
+def alike(replies: list[Message]) -> list[Message]:
+    """The replies whose records and metric keys match the most common ones (ties: the
+    lowest node's); the others are rejected, naming the difference."""
+    valid = sorted((r for r in replies if not r.has_error()),
+                   key=lambda r: r.metadata.src_node_id)
+    if len(valid) < 2:
+        return replies
+    shapes = [reply_shape(r) for r in valid]
+    common = max(shapes, key=lambda shape: (shapes.count(shape), -shapes.index(shape)))
+    odd = {id(r): shape for r, shape in zip(valid, shapes, strict=True) if shape != common}
+    if not odd:
+        return replies
+    names = ("record names", "metric record names", "metric keys")
+    return [
+        rejected(r, "its " + ", ".join(
+            f"{name} {list(mine)} differ from the other replies' {list(theirs)}"
+            for name, mine, theirs in zip(names, odd[id(r)], common, strict=True)
+            if mine != theirs)) if id(r) in odd else r
+        for r in replies
+    ]
 
 
 # ---- the client side: injected faults -------------------------------------------------
@@ -273,11 +343,15 @@ def inject_faults(faults, seed: int, partition_id: int, server_round: int) -> Fa
 
 
 def poisoned(arrays: ArrayRecord) -> ArrayRecord:
-    """`arrays` with every floating entry set to NaN (what a diverged client uploads)."""
+    """`arrays` with every floating entry set to NaN (what a diverged client uploads), and
+    every integer one to its dtype's largest value (no valid ranking, for rank-uploading
+    clients)."""
     out = {}
     for key, array in arrays.items():
         values = array.numpy()
         if np.issubdtype(values.dtype, np.floating):
             values = np.full_like(values, np.nan)
+        elif np.issubdtype(values.dtype, np.integer):
+            values = np.full_like(values, np.iinfo(values.dtype).max)
         out[key] = Array(values)
     return ArrayRecord(out)

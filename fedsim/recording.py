@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from datetime import datetime
 from functools import lru_cache
@@ -51,14 +52,19 @@ def default_run_dir() -> Path:
     return Path("outputs") / datetime.now().strftime("run-%Y%m%d-%H%M%S-%f")
 
 
-def set_aside(path: Path, tag: str) -> Path:
-    """Rename `path` to the first free `<name>.<tag><n>` beside it, so nothing is
-    overwritten or lost; return the new path."""
+def free_name(path: Path, tag: str) -> Path:
+    """The first `<name>.<tag><n>` beside `path` that does not exist."""
     for n in range(1, 10_000):
         candidate = path.with_name(f"{path.name}.{tag}{n}")
         if not candidate.exists():
-            return path.rename(candidate)
+            return candidate
     raise RuntimeError(f"too many set-aside copies of {path}")
+
+
+def set_aside(path: Path, tag: str) -> Path:
+    """Rename `path` to the first free `<name>.<tag><n>` beside it, so nothing is
+    overwritten or lost; return the new path."""
+    return path.rename(free_name(path, tag))
 
 
 def prepare_run_dir(output_dir: str | None) -> Path:
@@ -95,23 +101,32 @@ def _examples(reply: Message) -> float:
     return sum(float(r.get(NUM_EXAMPLES, 0)) for r in reply.content.metric_records.values())
 
 
-def _kept_lines(path: Path, done: int) -> list[dict[str, Any]]:
-    """Set `path` (JSON lines with a "round") aside and write back its rows up to round
-    `done`; return them ([] and nothing written when there is no such file)."""
-    if not path.exists():
-        return []
-    kept = []
-    for line in path.read_text().splitlines():
+def rewrite_lines(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Copy `path` aside whole (`*.resumed<n>`), then replace it atomically with `rows` as
+    JSON lines: a kill at any moment leaves the old file or the new one, and the copy."""
+    if path.exists():
+        shutil.copy2(path, free_name(path, "resumed"))
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as out:
+        out.writelines(json.dumps(finite_or_null(row)) + "\n" for row in rows)
+    os.replace(tmp, path)
+
+
+def finite_or_null(row: dict[str, Any]) -> dict[str, Any]:
+    """`row` with NaN and inf as None (JSON has no such numbers)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in row.items()}
+
+
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines of `path` ([] if missing), without a line a kill cut short."""
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # the line a killed run was writing (kept aside)
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
             continue
-        if row["round"] <= done:
-            kept.append(row)
-    set_aside(path, "resumed")
-    with open(path, "w", encoding="utf-8") as out:
-        out.writelines(json.dumps(row) + "\n" for row in kept)
-    return kept
+    return rows
 
 
 class RunRecorder:
@@ -164,18 +179,22 @@ class RunRecorder:
             )
         self._begin(done=0, elapsed_s=0.0)
 
-    def resume(self, done: int, elapsed_s: float, updates_written: int) -> None:
+    def resume(self, done: int, elapsed_s: float, rows: list[dict[str, Any]],
+               updates_written: int) -> None:
         """Go on with a run stopped after its checkpoint at round `done`.
 
-        Its metrics.jsonl (and updates.jsonl) are set aside whole as `*.resumed<n>`
-        and rewritten with the rows up to `done`: rows a killed run wrote after its
-        last checkpoint are redone, and nothing written before is lost.
+        metrics.jsonl gets back the checkpoint's rows (round 0 to `done`), and
+        updates.jsonl its lines up to `done`; each file as it was is kept aside
+        as `*.resumed<n>`. Rows a killed run wrote after the checkpoint are redone.
         """
-        self.class_groups = json.loads((self.run_dir / CLASS_GROUPS_FILE).read_text()) \
-            if (self.run_dir / CLASS_GROUPS_FILE).exists() else {}
+        groups = self.run_dir / CLASS_GROUPS_FILE
+        self.class_groups = json.loads(groups.read_text()) if groups.exists() else {}
         self._metrics_file.close()
-        self.rows = _kept_lines(self.run_dir / METRICS_FILE, done)
-        _kept_lines(self.run_dir / UPDATES_FILE, done)
+        self.rows = list(rows)
+        rewrite_lines(self.run_dir / METRICS_FILE, self.rows)
+        updates = self.run_dir / UPDATES_FILE
+        if updates.exists():
+            rewrite_lines(updates, [u for u in read_lines(updates) if u["round"] <= done])
         self._metrics_file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
         self._updates_written = updates_written
         self._begin(done, elapsed_s)
@@ -264,8 +283,7 @@ class RunRecorder:
         self._updates_written = len(self._update_log)
 
     def _write(self, row: dict[str, Any]) -> None:
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                 for k, v in row.items()}
+        clean = finite_or_null(row)
         self._metrics_file.write(json.dumps(clean) + "\n")
         self._metrics_file.flush()
         loggable = {k: v for k, v in clean.items() if k != "round" and v is not None}

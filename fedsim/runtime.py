@@ -138,6 +138,17 @@ def _check_reported_classes(cfg: DictConfig, num_classes: int) -> None:
         )
 
 
+def _check_max_examples(cfg: DictConfig, data: FederatedData) -> None:
+    """An honest client's count must pass the reply check."""
+    bound = cfg.faults.max_num_examples
+    largest = max(len(part) for part in data.train_parts)
+    if bound is not None and bound < largest:
+        raise ConfigError(
+            f"faults.max_num_examples must be >= the largest client's {largest} training "
+            f"samples, or null (got {bound}): honest replies would be dropped"
+        )
+
+
 def preflight(cfg: DictConfig) -> tuple[FederatedData, Path]:
     """Every check that can fail on the user's input, before any work starts.
 
@@ -151,10 +162,13 @@ def preflight(cfg: DictConfig) -> tuple[FederatedData, Path]:
     check_model_fits(cfg, data)
     _check_reported_classes(cfg, data.num_classes)
     instantiate_input(cfg.devices).delays(data.label_counts(), cfg.seed)  # e.g. slow_class fits
+    _check_max_examples(cfg, data)
     if cfg.resume is not None:
-        from fedsim.checkpoint import resumable_run_dir
+        from fedsim.checkpoint import check_same_experiment, resumable_run_dir
 
-        return data, resumable_run_dir(cfg.resume)
+        run_dir = resumable_run_dir(cfg.resume)
+        check_same_experiment(cfg)
+        return data, run_dir
     return data, prepare_run_dir(cfg.output_dir)
 
 

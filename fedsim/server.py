@@ -122,24 +122,32 @@ def run_server(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
     strategy = build_strategy(cfg)
     if hasattr(strategy, "bind_run"):  # simulated device delays and what else the rule reads
         strategy.bind_run(cfg, data)
-    guard = guarded(cfg, strategy, attach_attack(cfg, strategy, grid), data)
+    attacked = attach_attack(cfg, strategy, grid)
+    guard = guarded(cfg, strategy, attacked, data)
+    # what a checkpoint keeps of the server's objects (their plain-data attributes)
+    stateful = {"strategy": strategy, "guard": guard}
+    if attacked is not grid:
+        stateful |= {"attack-grid": attacked, "attack": attacked.attack}
     metered = MeteredGrid(guard)
     evaluate = make_evaluator(model.to(resolve_device(cfg.device)), data, strategy,
                               reported_classes(cfg, strategy))
     recorder = RunRecorder(cfg, metered, evaluate, instantiate(cfg.logger), run_dir)
     resumed = checkpoint.load(run_dir) if cfg.resume else None
     try:
+        arrays, done = ArrayRecord(model.state_dict()), 0
         if resumed is None:
             recorder.write_inputs(data)
         else:
-            recorder.resume(resumed.server_round, **resumed.counters["recorder"])
-        recorder.attach(strategy)
-        after_round = checkpointing(cfg, recorder, strategy, grid, guard)
-        arrays, done = ArrayRecord(model.state_dict()), 0
-        if resumed is not None:
             arrays, done = resumed.arrays, resumed.server_round
-            continue_from(resumed, strategy, grid, guard)
+            restore(resumed, stateful, grid)
+            recorder.resume(done, **resumed.counters)
+        recorder.attach(strategy)
+        guard.watch(strategy)
+        after_round = checkpointing(cfg, recorder, stateful, grid)
+        if resumed is not None:
+            checkpoint.shift_rounds(strategy, done)
             after_round = checkpoint.shifted_evaluate(after_round, done)
+            checkpoint.restore_rng(resumed.rng)  # last: nothing may draw before round done + 1
         strategy.start(
             grid=metered,
             initial_arrays=arrays,
@@ -158,7 +166,7 @@ def run_server(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
 
 
 def checkpointing(
-    cfg: DictConfig, recorder: RunRecorder, strategy: Strategy, grid: Grid, guard: ReplyGuard
+    cfg: DictConfig, recorder: RunRecorder, stateful: dict[str, Any], grid: Grid
 ) -> Callable[[int, ArrayRecord], MetricRecord | None]:
     """The `evaluate_fn` of the round loop: record the round, then write a checkpoint
     every `checkpoint.every` rounds (not after the last: the run is finished then)."""
@@ -170,14 +178,11 @@ def checkpointing(
             checkpoint.save(recorder.run_dir, checkpoint.Checkpoint(
                 server_round=server_round,
                 arrays=arrays,
-                strategy=checkpoint.strategy_state(strategy),
+                objects={name: checkpoint.plain_state(obj) for name, obj in stateful.items()},
                 clients=checkpoint.client_states(grid),
                 rng=checkpoint.rng_state(),
-                counters={
-                    "recorder": {"elapsed_s": recorder.elapsed_s(),
-                                 "updates_written": recorder.updates_written()},
-                    "skipped_in_a_row": guard.skipped_in_a_row,
-                },
+                counters={"elapsed_s": recorder.elapsed_s(), "rows": recorder.rows,
+                          "updates_written": recorder.updates_written()},
                 code=code_fingerprint(),
             ))
         return metrics
@@ -185,18 +190,14 @@ def checkpointing(
     return after_round
 
 
-def continue_from(
-    resumed: checkpoint.Checkpoint, strategy: Strategy, grid: Grid, guard: ReplyGuard
-) -> None:
-    """Put the strategy, the nodes, the guard and the random generators back as they were
-    after round `resumed.server_round`; the strategy then counts rounds from there."""
+def restore(resumed: checkpoint.Checkpoint, stateful: dict[str, Any], grid: Grid) -> None:
+    """Put the server's objects and the nodes' state back as they were after round
+    `resumed.server_round`."""
     if resumed.code != code_fingerprint():
         log.warning("resuming with other code than the checkpoint's (%s, now %s): the rest "
                     "of the run may differ from an uninterrupted one", resumed.code,
                     code_fingerprint())
-    checkpoint.restore_strategy(strategy, resumed.strategy)
+    for name, obj in stateful.items():
+        checkpoint.restore_state(obj, resumed.objects.get(name, {}))
     checkpoint.restore_clients(grid, resumed.clients)
-    guard.skipped_in_a_row = resumed.counters["skipped_in_a_row"]
-    checkpoint.shift_rounds(strategy, resumed.server_round)
-    checkpoint.restore_rng(resumed.rng)
     log.info("resuming after round %d", resumed.server_round)

@@ -80,6 +80,7 @@ class NoisyTrainer(SGDTrainer):
 HOSTILE = {
     1: "nan", 2: "inf", 3: "shape", 4: "dtype", 5: "missing-key", 6: "negative-examples",
     7: "huge-examples", 8: "two-arrayrecords", 9: "two-metricrecords", 10: "fractional-examples",
+    11: "extra-metric",
 }
 
 
@@ -107,6 +108,8 @@ class HostileTrainer(SGDTrainer):
             out.metrics["num-examples"] = 10**12
         elif kind == "fractional-examples":
             out.metrics["num-examples"] = 2.5
+        elif kind == "extra-metric":
+            out.metrics["evil"] = 1.0
         elif kind == "two-arrayrecords":
             out.records["extra"] = ArrayRecord({"x": Array(np.zeros(2))})
         elif kind == "two-metricrecords":

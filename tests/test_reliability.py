@@ -93,12 +93,42 @@ def test_undecodable_array_bytes_are_a_problem_not_a_crash():
     assert "cannot be decoded" in _problem(reply)
 
 
-def test_an_evaluate_reply_may_report_no_examples_and_nan_metrics():
-    reply = RecordDict({"metrics": MetricRecord({"num-examples": 0, "accuracy": float("nan")})})
-    assert reply_problem(reply, None, "num-examples", 1000, same_arrays_problem) is None
-    reply = RecordDict({"metrics": MetricRecord({"num-examples": 4, "accuracy": float("nan")})})
-    assert "must be finite" in reply_problem(reply, None, "num-examples", 1000,
-                                             same_arrays_problem)
+def test_an_evaluate_reply_may_report_no_examples_but_never_nan_metrics():
+    def problem(metrics):
+        return reply_problem(RecordDict({"metrics": MetricRecord(metrics)}), None,
+                             "num-examples", 1000, same_arrays_problem)
+
+    assert problem({"num-examples": 0, "accuracy": 0.0, "num-examples-tail": 0}) is None
+    assert "metrics['accuracy'] must be finite" in problem({"num-examples": 0,
+                                                            "accuracy": float("nan")})
+    assert "metrics['num-examples-tail'] must be a whole number in [0, 1000]" in problem(
+        {"num-examples": 4, "accuracy": 0.5, "num-examples-tail": -3})
+
+
+def test_a_finite_float64_upload_that_overflows_the_float32_model_is_refused():
+    big = _reply(arrays={"w": np.full((2, 3), 1e300), "steps": np.ones((), np.int64)})
+    assert "arrays['w'] must be finite in float32" in _problem(big)
+    small = _reply(arrays={"w": np.full((2, 3), 0.5), "steps": np.ones((), np.int64)})
+    assert _problem(small) is None  # float64 for float32: FedAdam's globals are float64
+
+
+def test_replies_unlike_the_rest_of_the_round_are_dropped_not_fatal():
+    from flwr.app import Message
+
+    from fedsim.faults import alike
+
+    def reply(node, metrics):
+        msg = Message(RecordDict({"metrics": MetricRecord(metrics)}), dst_node_id=node,
+                      message_type="evaluate")
+        msg.metadata.__dict__["_src_node_id"] = node
+        return msg
+
+    replies = [reply(1, {"num-examples": 3, "accuracy": 0.5, "evil": 1.0}),
+               reply(2, {"num-examples": 3, "accuracy": 0.5}),
+               reply(3, {"num-examples": 4, "accuracy": 0.7})]
+    checked = alike(replies)
+    assert [r.has_error() for r in checked] == [True, False, False]
+    assert "metric keys ['accuracy', 'evil', 'num-examples'] differ" in checked[0].error.reason
 
 
 def test_frl_checks_rankings_not_weights():
@@ -113,14 +143,14 @@ def test_frl_checks_rankings_not_weights():
 
 # ---- hostile and failing clients in whole runs ------------------------------------------
 
-HOSTILE_RUN = ["num_clients=12", "clients_per_round=12", "num_rounds=3",
+HOSTILE_RUN = ["num_clients=14", "clients_per_round=14", "num_rounds=3",
                "evaluation.clients_per_round=3", "partition=iid"]
 SERVER_KEYS = ("server/accuracy", "server/loss", "train/train_loss")
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedadam", "fedmedian", "stale", "krum"])
 def test_hostile_replies_are_dropped_like_failed_clients(tiny_cfg, strategy, caplog):
-    """Nodes 1-10 each break their reply another way; the run equals one where they crash."""
+    """Nodes 1-11 each break their reply another way; the run equals one where they crash."""
     extra = ["strategy.num_malicious_nodes=1"] if strategy == "krum" else []
     hostile = tiny_cfg(*HOSTILE_RUN, f"strategy={strategy}", *extra,
                        "client._target_=helpers.HostileTrainer")
@@ -130,7 +160,7 @@ def test_hostile_replies_are_dropped_like_failed_clients(tiny_cfg, strategy, cap
                         "client._target_=helpers.CrashingNodesTrainer")
     run_experiment(crashing)
     rows, expected = read_metrics(hostile.output_dir), read_metrics(crashing.output_dir)
-    assert [r["train_failures"] for r in rows[1:]] == [10, 10, 10]
+    assert [r["train_failures"] for r in rows[1:]] == [11, 11, 11]
     for row, want in zip(rows, expected, strict=True):
         assert {k: row.get(k) for k in SERVER_KEYS} == {k: want.get(k) for k in SERVER_KEYS}
     assert np.isfinite(rows[-1]["server/loss"])
@@ -142,7 +172,8 @@ def test_hostile_replies_are_dropped_like_failed_clients(tiny_cfg, strategy, cap
     ["strategy=fedld", "client=fedld"],
     ["strategy=fedbuff", "strategy.concurrency=4", "strategy.buffer_size=2"],
     ["strategy=stale", "devices=fixed", "devices.delay=1", "devices.fraction=0.5"],
-], ids=["fedavg", "fedld", "fedbuff-async", "stale-sync"])
+    ["strategy=frl", "client=frl", "model=supermask_mlp"],
+], ids=["fedavg", "fedld", "fedbuff-async", "stale-sync", "frl-rankings"])
 def test_injected_nan_uploads_never_reach_the_model(tiny_cfg, method):
     cfg = tiny_cfg("faults.nan_prob=0.4", "num_rounds=4", *method)
     summary = run_experiment(cfg)
@@ -166,6 +197,17 @@ def test_injected_faults_depend_only_on_seed_node_and_round():
     assert {d.hang_s for d in draws} == {0.0, 2.0}
 
 
+def test_an_async_round_is_skipped_only_when_it_applies_nothing(tiny_cfg):
+    """A failed mid-round replacement client does not make a round 'skipped'."""
+    cfg = tiny_cfg("strategy=fedbuff", "strategy.concurrency=4", "strategy.buffer_size=3",
+                   "faults.crash_prob=0.5", "num_rounds=6", "faults.max_skipped_rounds=6")
+    run_experiment(cfg)
+    rows = read_metrics(cfg.output_dir)[1:]
+    assert any("train/train_loss" in r for r in rows)
+    for row in rows:
+        assert row["skipped_rounds"] == ("train/train_loss" not in row)
+
+
 def test_too_few_replies_skip_the_round_and_keep_the_model(tiny_cfg):
     cfg = tiny_cfg("faults.crash_prob=0.5", "faults.min_replies=2", "num_rounds=6",
                    "faults.max_skipped_rounds=6")
@@ -181,8 +223,8 @@ def test_too_few_replies_skip_the_round_and_keep_the_model(tiny_cfg):
 def test_a_run_whose_clients_all_fail_stops_with_a_clear_error(tiny_cfg):
     cfg = tiny_cfg("faults.crash_prob=1.0", "num_rounds=5", "faults.max_skipped_rounds=2",
                    "checkpoint.every=1")
-    with pytest.raises(RunFailedError, match="2 rounds in a row had fewer than "
-                                             "faults.min_replies=1 valid train replies"):
+    with pytest.raises(RunFailedError, match=r"round 2: 2 rounds in a row applied no update "
+                                             r"\(fewer than faults.min_replies=1 valid"):
         run_experiment(cfg)
     run_dir = Path(cfg.output_dir)
     assert not (run_dir / SUMMARY_FILE).exists()
@@ -199,7 +241,7 @@ def test_the_cli_says_why_a_failing_run_stopped(tmp_path):
         capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 2
-    assert "fedsim: error: 3 rounds in a row had fewer than faults.min_replies=1" in done.stderr
+    assert "fedsim: error: round 3: 3 rounds in a row applied no update" in done.stderr
     assert "failed (train): InjectedFaultError('injected crash" in done.stdout  # with node ids
     assert "run finished" not in done.stderr + done.stdout
 
@@ -222,7 +264,10 @@ def test_min_replies_and_kill_round_are_checked_before_any_work(tiny_cfg):
                        (["faults.kill_worker_round=1"], "backend"),
                        (["faults.crash_prob=0.7", "faults.nan_prob=0.5"], "faults.nan_prob"),
                        (["strategy=fedbuff", "faults.min_replies=2"], "faults.min_replies"),
-                       (["faults.timeout_s=0"], "faults.timeout_s")):
+                       (["faults.timeout_s=0"], "faults.timeout_s"),
+                       (["faults.timeout_s=inf"], "faults.timeout_s"),
+                       (["faults.hang_prob=0.5"], "faults.hang_s"),
+                       (["faults.max_num_examples=10"], "faults.max_num_examples")):
         cfg = tiny_cfg(*bad)
         with pytest.raises(ConfigError, match=field):
             preflight(cfg)
@@ -256,9 +301,10 @@ RESUMABLE = {
     "fedavg": [],
     "fedadam-server-moments": ["strategy=fedadam"],
     "fedld-history": ["strategy=fedld", "client=fedld"],
-    "frl-scores-under-attack": ["strategy=frl", "client=frl", "model=supermask_mlp",
-                                "attack=rank_reversal", "attack.fraction=0.25",
-                                "attack.colluders=2"],
+    "frl-scores-and-colluders-under-attack": ["strategy=frl", "client=frl",
+                                              "model=supermask_mlp", "num_clients=12",
+                                              "attack=rank_reversal", "attack.fraction=0.4",
+                                              "attack.colluders=3"],
     "fedloge-client-heads": ["strategy=fedloge", "client=fedloge", "client.etf_steps=50",
                              "data.imbalance_factor=0.1"],
     "fedbuff-clock-and-buffer": ["strategy=fedbuff", "strategy.concurrency=4",
@@ -279,6 +325,11 @@ def _untimed_row(row: dict) -> dict:
     return {k: v for k, v in row.items() if "seconds" not in k and not k.endswith("_time_s")}
 
 
+def _untimed_lines(path: Path) -> list[dict]:
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [_untimed_row(json.loads(line)) for line in lines]
+
+
 def _untimed(run_dir) -> list[dict]:
     return [_untimed_row(row) for row in read_metrics(run_dir)]
 
@@ -295,6 +346,8 @@ def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(tiny_cfg, method, 
     assert checkpoint.load(run_dir).server_round == 4
     summary = run_experiment(checkpoint.resumed_config(str(run_dir)))
     assert _untimed(run_dir) == _untimed(whole.output_dir)
+    updates = [Path(d) / "updates.jsonl" for d in (run_dir, whole.output_dir)]
+    assert [_untimed_lines(u) for u in updates] == [_untimed_lines(updates[1])] * 2
     expected = json.loads((Path(whole.output_dir) / SUMMARY_FILE).read_text())
     assert _untimed_row(summary["final"]) == _untimed_row(expected["final"])
     for key in ("best_server_accuracy", "train_failures", "bytes_up", "skipped_rounds"):
@@ -345,6 +398,17 @@ def test_resume_refuses_a_finished_run_a_run_without_checkpoint_and_other_settin
         run_experiment(checkpoint.resumed_config(never.output_dir))
     with pytest.raises(ConfigError, match="fedsim run directory"):
         checkpoint.resumed_config(str(Path(never.output_dir) / "nowhere"))
+
+
+def test_a_hand_made_resume_config_must_be_the_stored_experiment(tiny_cfg, monkeypatch):
+    cfg = tiny_cfg("num_rounds=4", "checkpoint.every=2")
+    _interrupted_run(cfg, stop_round=3, monkeypatch=monkeypatch)
+    other = tiny_cfg("num_rounds=4", "checkpoint.every=2", "num_clients=9",
+                     f"resume={cfg.output_dir}", f"output_dir={cfg.output_dir}")
+    before = (Path(cfg.output_dir) / "metrics.jsonl").read_bytes()
+    with pytest.raises(ConfigError, match="resume: num_clients differs from the stored config"):
+        run_experiment(other)
+    assert (Path(cfg.output_dir) / "metrics.jsonl").read_bytes() == before
 
 
 def test_resume_may_change_how_a_run_executes(tiny_cfg, monkeypatch):

@@ -53,6 +53,8 @@ class Attack(ABC):
     targets: tuple[str, ...] = ()
     #: Server strategies the attack is tailored to (None: any).
     aggregators: tuple[type[Strategy], ...] | None = None
+    #: the server's strategy is checkpointed on its own
+    not_checkpointed = ("strategy",)
 
     def __init__(self, fraction: float = 0.0, colluders: int = 25) -> None:
         self.fraction = fraction
@@ -155,6 +157,9 @@ class AdversarialGrid(GridWrapper):
     Only `send_and_receive` (what `Strategy.start` uses) is attacked; message
     pushes and pulls pass through untouched.
     """
+
+    #: the attack is checkpointed on its own
+    not_checkpointed = ("attack",)
 
     def __init__(self, grid: Grid, attack: Attack, malicious: frozenset[int], upload_kind: str,
                  seed: int) -> None:

@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedsim.clients.base import UPLOADS_DELTAS, UPLOADS_WEIGHTS
 from fedsim.errors import MessageError
-from fedsim.faults import same_array_problem
+from fedsim.faults import same_arrays_problem
 
 
 class UploadStrategy(FedAvg):
@@ -124,22 +124,14 @@ def stack_deltas(
     """Per state entry, the clients' deltas stacked along a new first axis.
 
     Every upload must carry exactly the reference's keys with the same shapes and
-    dtypes, and finite values; a reply that does not is rejected with the node, the
-    key and what was expected.
+    kinds of dtype, and finite values (`fedsim.faults.same_arrays_problem`; the
+    server's reply check has dropped any that do not); one that does not is
+    rejected with the node, the key and what was expected.
     """
-    expected = set(reference)
     for node_id, record in uploads:
-        keys = set(record.keys())
-        if keys != expected:
-            missing, extra = sorted(expected - keys), sorted(keys - expected)
-            raise MessageError(
-                f"reply from node {node_id}: arrays must have the global model's keys "
-                f"(missing {missing[:5]}, unexpected {extra[:5]})"
-            )
-        for key, ref in reference.items():
-            problem = same_array_problem(key, record[key].numpy(), ref)
-            if problem:
-                raise MessageError(f"reply from node {node_id}: {problem}")
+        problem = same_arrays_problem(record, reference)
+        if problem:
+            raise MessageError(f"reply from node {node_id}: {problem}")
     return {key: _stack([record[key].numpy() for _, record in uploads]) for key in reference}
 
 
