@@ -242,13 +242,16 @@ class ReplyGuard(GridWrapper):
         return [reply if reply.has_error() else rejected(reply, reason) for reply in replies]
 
     def watch(self, strategy: Strategy) -> None:
-        """Count the rounds whose aggregation applied no update (`skipped_rounds`), and stop
-        the run after `max_skipped_rounds` of them in a row."""
+        """Count the rounds without a valid train reply that applied no update (an
+        asynchronous round may still apply held ones) as `skipped_rounds`, and stop the run
+        after `max_skipped_rounds` of them in a row."""
         aggregate_train = strategy.aggregate_train
 
         def watched(server_round: int, replies: Iterable[Message]):
+            replies = list(replies)
             arrays, metrics = aggregate_train(server_round, replies)
-            self._count(server_round, skipped=arrays is None)
+            no_reply = all(reply.has_error() for reply in replies)
+            self._count(server_round, skipped=no_reply and arrays is None)
             return arrays, metrics
 
         strategy.aggregate_train = watched

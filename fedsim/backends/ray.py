@@ -3,8 +3,8 @@
 Each actor builds the ClientApp and receives the federated data once (through
 Ray's object store), then serves messages one remote call each. Node contexts
 stay with the grid in the driver and travel with their messages, so any actor
-can serve any node, and a lost actor (restarted by Ray) loses no client state:
-only the replies it owed that round.
+can serve any node, and a lost actor (replaced by a new one) loses no client
+state: only the replies it owed that round.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import os
-import time
 import warnings
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import ray
@@ -25,8 +26,6 @@ from omegaconf import DictConfig
 from fedsim.backends.base import SimulationGrid, server_context
 from fedsim.config import to_run_config
 from fedsim.errors import ConfigError
-
-MAX_RESTARTS = 10  # per actor: a lost worker is started again, a crashing one gives up
 
 
 @ray.remote
@@ -48,7 +47,7 @@ class ClientWorker:
     def execute(self, message: Message, context: Context, die: bool = False
                 ) -> tuple[Message, Context]:
         """The ClientApp's reply and the node's context after it. `die` ends this worker
-        process first (`faults.kill_worker_round`): Ray restarts the actor, the call fails."""
+        process first (`faults.kill_worker_round`): the call fails, the grid replaces it."""
         from fedsim.backends.base import run_client_app
         from fedsim.client_app import app
 
@@ -60,43 +59,56 @@ class ClientWorker:
 class RayGrid(SimulationGrid):
     """Hands each message to the actors in turn (one remote call per message).
 
-    With `timeout`, the replies not back by then are lost and the actors still
-    busy are restarted. `kill_round`: the worker serving the round's lowest node
-    dies (`faults.kill_worker_round`), as a worker lost to the OS would.
+    With `timeout`, the replies not back by then are lost, and so is every
+    actor still busy: it is killed and a new one takes its place, as is one
+    that died (`new_worker` builds it). `kill_round`: the worker serving the
+    round's lowest node dies (`faults.kill_worker_round`), as one lost to the OS would.
     """
 
-    def __init__(self, workers: list, num_nodes: int, run_config: dict,
-                 kill_round: int | None = None) -> None:
+    def __init__(self, new_worker: Callable[[], Any], pool_size: int, num_nodes: int,
+                 run_config: dict, kill_round: int | None = None) -> None:
         super().__init__(num_nodes, run_config)
-        self.workers = workers
+        self.new_worker = new_worker
+        self.workers = [new_worker() for _ in range(pool_size)]
         self.kill_round = kill_round
 
     def execute(self, messages: list[Message], timeout: float | None = None) -> list[Message]:
         victim = self._victim(messages)
         calls = {}
         for i, msg in enumerate(messages):
-            worker = self.workers[i % len(self.workers)]
+            slot = i % len(self.workers)
             node_id = msg.metadata.dst_node_id
-            ref = worker.execute.remote(msg, self.context(node_id), die=node_id == victim)
-            calls[ref] = (msg, worker)
+            ref = self.workers[slot].execute.remote(msg, self.context(node_id),
+                                                    die=node_id == victim)
+            calls[ref] = (msg, slot)
         done, late = ray.wait(list(calls), num_returns=len(calls), timeout=timeout)
-        restarting = {id(calls[ref][1]): calls[ref][1] for ref in late}
-        for worker in restarting.values():
-            ray.kill(worker, no_restart=False)  # stuck on a late client: start it afresh
+        lost = {calls[ref][1] for ref in late}  # stuck on a late client
         replies = []
         finished = set(done)
         for ref in (r for r in calls if r in finished):
-            msg, worker = calls[ref]
+            msg, slot = calls[ref]
             try:
                 reply, context = ray.get(ref)
             except ray.exceptions.RayError as err:
                 replies.append(_worker_failed(msg, err))
-                restarting[id(worker)] = worker
+                lost.add(slot)
                 continue
             self.contexts[context.node_id] = context
             replies.append(reply)
-        _await_restart(list(restarting.values()))
+        self._replace(sorted(lost))
         return replies
+
+    def _replace(self, slots: list[int]) -> None:
+        """New actors in `slots`, ready before the next call (their start-up must not count
+        against the next round's deadline)."""
+        for slot in slots:
+            ray.kill(self.workers[slot])
+            self.workers[slot] = self.new_worker()
+        ray.get([self.workers[slot].ready.remote() for slot in slots])
+
+    def close(self) -> None:
+        for worker in self.workers:
+            ray.kill(worker)
 
     def _victim(self, messages: list[Message]) -> int | None:
         """The node whose worker dies now, if this is the train round `kill_round`."""
@@ -108,23 +120,6 @@ class RayGrid(SimulationGrid):
             return None
         self.kill_round = None  # once
         return min(m.metadata.dst_node_id for m in train)
-
-
-def _await_restart(workers: list, limit_s: float = 300.0) -> None:
-    """Wait until restarted actors serve calls again, so that their start-up does not
-    count against the next round's deadline."""
-    deadline = time.monotonic() + limit_s
-    for worker in workers:
-        while True:
-            try:
-                ray.get(worker.ready.remote(), timeout=max(1.0, deadline - time.monotonic()))
-                break
-            except ray.exceptions.ActorUnavailableError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-            except ray.exceptions.ActorDiedError:
-                break  # out of restarts: its next calls fail, and are logged, as any failure
 
 
 def _worker_failed(message: Message, err: Exception) -> Message:
@@ -172,18 +167,13 @@ class RayBackend:
         run_config = to_run_config(cfg)
         data = build_federated_data(cfg)
         shared = ray.put(dataclasses.replace(data, partitioner=None))
-        workers = [
-            ClientWorker.options(
-                num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_restarts=MAX_RESTARTS
-            ).remote(run_config, shared)
-            for _ in range(pool_size)
-        ]
+        options = ClientWorker.options(num_cpus=self.num_cpus, num_gpus=self.num_gpus)
+        grid = RayGrid(partial(options.remote, run_config, shared), pool_size, cfg.num_clients,
+                       run_config, cfg.faults.kill_worker_round)
         try:
-            grid = RayGrid(workers, cfg.num_clients, run_config, cfg.faults.kill_worker_round)
             server_app(grid, server_context(run_config))
         finally:
-            for worker in workers:
-                ray.kill(worker)
+            grid.close()
 
     def _connect(self) -> None:
         """Start (or join) Ray once per process; later runs of a sweep reuse the session."""
