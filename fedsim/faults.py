@@ -291,21 +291,20 @@ def alike(replies: list[Message]) -> list[Message]:
     lowest node's); the others are rejected, naming the difference."""
     valid = sorted((r for r in replies if not r.has_error()),
                    key=lambda r: r.metadata.src_node_id)
-    if len(valid) < 2:
+    shapes = {id(r): reply_shape(r) for r in valid}
+    order = list(shapes.values())
+    if len(set(order)) < 2:
         return replies
-    shapes = [reply_shape(r) for r in valid]
-    common = max(shapes, key=lambda shape: (shapes.count(shape), -shapes.index(shape)))
-    odd = {id(r): shape for r, shape in zip(valid, shapes, strict=True) if shape != common}
-    if not odd:
-        return replies
+    common = max(order, key=lambda shape: (order.count(shape), -order.index(shape)))
+    return [r if r.has_error() or shapes[id(r)] == common
+            else rejected(r, _unlike(shapes[id(r)], common)) for r in replies]
+
+
+def _unlike(mine: tuple, common: tuple) -> str:
     names = ("record names", "metric record names", "metric keys")
-    return [
-        rejected(r, "its " + ", ".join(
-            f"{name} {list(mine)} differ from the other replies' {list(theirs)}"
-            for name, mine, theirs in zip(names, odd[id(r)], common, strict=True)
-            if mine != theirs)) if id(r) in odd else r
-        for r in replies
-    ]
+    return "its " + ", ".join(
+        f"{name} {list(a)} differ from the other replies' {list(b)}"
+        for name, a, b in zip(names, mine, common, strict=True) if a != b)
 
 
 # ---- the client side: injected faults -------------------------------------------------
