@@ -93,6 +93,28 @@ def test_undecodable_array_bytes_are_a_problem_not_a_crash():
     assert "cannot be decoded" in _problem(reply)
 
 
+def test_array_metadata_that_lies_about_its_bytes_is_caught():
+    """The check reads the NPY bytes, not the Array's dtype/shape labels."""
+    honest = Array(np.ones(6, np.float32))
+    liar = Array(dtype="float32", shape=(2, 3), stype=honest.stype, data=honest.data)
+    reply = _reply()
+    reply["arrays"]["w"] = liar
+    assert "arrays['w'] must have shape (2, 3) (got (6,))" in _problem(reply)
+
+
+def test_arrays_read_in_place_get_the_same_verdicts_as_decoded_ones():
+    from fedsim.faults import stored_like
+
+    like = np.zeros((2, 3), np.float32)
+    values = np.arange(6, dtype=np.float32).reshape(2, 3)
+    np.testing.assert_array_equal(stored_like(Array(values), like), values)
+    assert stored_like(Array(values.astype(np.float64)), like) is None  # decoded instead
+    assert stored_like(Array(np.asfortranarray(values)), like) is None
+    fortran_nan = np.asfortranarray(np.full((2, 3), np.nan, np.float32))
+    reply = _reply(arrays={"w": fortran_nan, "steps": np.ones((), np.int64)})
+    assert "arrays['w'] must be finite" in _problem(reply)
+
+
 def test_an_evaluate_reply_may_report_no_examples_but_never_nan_metrics():
     def problem(metrics):
         return reply_problem(RecordDict({"metrics": MetricRecord(metrics)}), None,
