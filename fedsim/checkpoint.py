@@ -145,7 +145,6 @@ def resumable_run_dir(run_dir: str) -> Path:
     from fedsim.recording import SUMMARY_FILE
 
     path = Path(run_dir)
-    stored_config(run_dir)
     if (path / SUMMARY_FILE).exists():
         raise ConfigError(f"resume: the run in '{path}' is finished ({SUMMARY_FILE} exists); "
                           "fedsim never overwrites a finished run's outputs")

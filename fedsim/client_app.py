@@ -8,6 +8,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import NUM_PARTITIONS_KEY, PARTITION_ID_KEY
+from omegaconf import DictConfig
 
 from fedsim.clients.base import Trainer, round_seed
 from fedsim.config import from_run_config
@@ -23,25 +24,25 @@ def make_client_app(config_json: str | None = None) -> ClientApp:
     """A ClientApp reading the fedsim config from `run_config` (or `config_json`)."""
     app = ClientApp()
 
-    def node_inputs(msg: Message, context: Context) -> tuple[Trainer, ClientData]:
+    def node_inputs(msg: Message, context: Context
+                    ) -> tuple[DictConfig, Trainer, ClientData]:
         cfg = from_run_config(context.run_config, config_json)
         partition_id = node_partition(context.node_config, cfg.num_clients)
         if DATA_PATH in context.node_config:
             path = str(context.node_config[DATA_PATH])
             runtime = local_file_runtime(cfg, path, partition_id)
             check_node_model(runtime, msg.content["arrays"], path)
-            return runtime.trainer, runtime.data
+            return cfg, runtime.trainer, runtime.data
         data, trainer = client_runtime(cfg)
-        return trainer, data.client(partition_id)
+        return cfg, trainer, data.client(partition_id)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        trainer, client_data = node_inputs(msg, context)
+        cfg, trainer, client_data = node_inputs(msg, context)
         config = _config(msg)
         server_round = int(config.get("server-round", 0))
         seed = round_seed(trainer.seed, client_data.partition_id, server_round) + 1
-        faults = from_run_config(context.run_config, config_json).faults
-        fault = inject_faults(faults, trainer.seed, client_data.partition_id, server_round)
+        fault = inject_faults(cfg.faults, trainer.seed, client_data.partition_id, server_round)
         with torch.random.fork_rng(devices=[]):  # dropout, augmentation: same on any backend
             # not torch.manual_seed: it also re-seeds every accelerator (~1 ms a call)
             torch.default_generator.manual_seed(seed)
@@ -57,7 +58,7 @@ def make_client_app(config_json: str | None = None) -> ClientApp:
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        trainer, client_data = node_inputs(msg, context)
+        _, trainer, client_data = node_inputs(msg, context)
         metrics = trainer.evaluate(msg.content["arrays"], _config(msg), client_data, context.state)
         return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 

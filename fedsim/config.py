@@ -83,6 +83,10 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _check_target(cfg: DictConfig, group: str) -> None:
     node = cfg.get(group)
     _require(isinstance(node, DictConfig) and "_target_" in node, group,
@@ -640,10 +644,6 @@ def _validate_staleness(cfg: DictConfig) -> None:
                  f"extra keys {extra}, momentum {cfg.optimizer.get('momentum')}")
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def _validate_faults(cfg: DictConfig) -> None:
     """The round's tolerance (min replies, deadline, example bound), injected faults and
     checkpoints; what needs simulated nodes is refused on other backends."""
@@ -652,19 +652,18 @@ def _validate_faults(cfg: DictConfig) -> None:
     faults, k = cfg.faults, cfg.clients_per_round
     _require(_is_int(faults.min_replies) and 1 <= faults.min_replies <= k, "faults.min_replies",
              f"an integer in [1, clients_per_round={k}]", faults.min_replies)
-    if faults.min_replies > 1 and cfg.strategy.get("mode") == "async":
-        _require(False, "faults.min_replies", "1 with strategy.mode=async (an asynchronous "
-                 "server applies updates one buffer at a time; strategy.buffer_size sets how "
-                 "many)", faults.min_replies)
-    _require(_is_int(faults.max_skipped_rounds) and faults.max_skipped_rounds >= 1,
-             "faults.max_skipped_rounds", "an integer >= 1", faults.max_skipped_rounds)
+    _require(faults.min_replies == 1 or cfg.strategy.get("mode") != "async",
+             "faults.min_replies", "1 with strategy.mode=async (an asynchronous server applies "
+             "updates one buffer at a time; strategy.buffer_size sets how many)",
+             faults.min_replies)
+    _require(_count(faults.max_skipped_rounds), "faults.max_skipped_rounds", "an integer >= 1",
+             faults.max_skipped_rounds)
     _require(faults.timeout_s is None or (_is_number(faults.timeout_s)
                                           and 0 < faults.timeout_s < float("inf")),
              "faults.timeout_s", "a finite number of seconds > 0, or null (wait for every "
              "reply)", faults.timeout_s)
-    _require(faults.max_num_examples is None
-             or (_is_int(faults.max_num_examples) and faults.max_num_examples >= 1),
-             "faults.max_num_examples", "an integer >= 1, or null (the federation's size)",
+    _require(faults.max_num_examples is None or _count(faults.max_num_examples),
+             "faults.max_num_examples", "an integer >= 1, or null (the dataset's size)",
              faults.max_num_examples)
     for key in ("crash_prob", "nan_prob", "hang_prob"):
         _require(_is_number(faults[key]) and 0 <= faults[key] <= 1, f"faults.{key}",
@@ -672,8 +671,8 @@ def _validate_faults(cfg: DictConfig) -> None:
     _require(faults.crash_prob + faults.nan_prob <= 1, "faults.nan_prob",
              f"at most 1 - faults.crash_prob = {1 - faults.crash_prob:g} (one fault per message)",
              faults.nan_prob)
-    _require(_is_number(faults.hang_s) and faults.hang_s >= 0, "faults.hang_s",
-             "a number of seconds >= 0", faults.hang_s)
+    _require(_non_negative(faults.hang_s), "faults.hang_s", "a number of seconds >= 0",
+             faults.hang_s)
     _require(faults.hang_prob == 0 or faults.hang_s > 0, "faults.hang_s",
              f"> 0 with faults.hang_prob={faults.hang_prob} (how long a client hangs)",
              faults.hang_s)
@@ -685,8 +684,7 @@ def _validate_faults(cfg: DictConfig) -> None:
                  "ray with faults.kill_worker_round (only the ray backend has worker processes)",
                  str(cfg.backend._target_))
     every = cfg.checkpoint.every
-    _require(_is_int(every) and every >= 0, "checkpoint.every", "an integer >= 0 (0 = never)",
-             every)
+    _require(_seed_value(every), "checkpoint.every", "an integer >= 0 (0 = never)", every)
     if cfg.resume is not None:
         _require(isinstance(cfg.resume, str) and cfg.resume != "", "resume",
                  "the path of a run directory, or null", cfg.resume)

@@ -78,6 +78,7 @@ def guarded(cfg: DictConfig, strategy: Strategy, grid: Grid, data: FederatedData
         check_upload=getattr(strategy, "upload_problem", same_arrays_problem),
         min_replies=cfg.faults.min_replies,
         max_skipped_rounds=cfg.faults.max_skipped_rounds,
+        timeout_s=cfg.faults.timeout_s,
     )
 
 

@@ -279,6 +279,26 @@ def test_a_late_reply_is_dropped_and_named(tiny_cfg, caplog):
     assert "sent no train reply before the round's deadline (faults.timeout_s)" in caplog.text
 
 
+def test_calls_without_a_timeout_get_the_round_deadline(tiny_cfg):
+    """An asynchronous strategy's mid-round starts call the grid without a timeout."""
+    from fedsim.backends.base import GridWrapper
+    from fedsim.datasets.federated import build_federated_data
+    from fedsim.server import build_strategy, guarded
+
+    class TimeoutSpy(GridWrapper):
+        timeouts: list = []
+
+        def send_and_receive(self, messages, *, timeout=None):
+            self.timeouts.append(timeout)
+            return []
+
+    cfg = tiny_cfg("faults.timeout_s=7.5")
+    guard = guarded(cfg, build_strategy(cfg), TimeoutSpy(None), build_federated_data(cfg))
+    guard.send_and_receive([])
+    guard.send_and_receive([], timeout=3.0)
+    assert TimeoutSpy.timeouts == [7.5, 3.0]
+
+
 def test_min_replies_and_kill_round_are_checked_before_any_work(tiny_cfg):
     from fedsim.runtime import preflight
 
