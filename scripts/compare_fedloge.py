@@ -175,8 +175,8 @@ def write_report(args: argparse.Namespace, grid: Grid) -> None:
         "- **SSE-C norm**: the reference's class vectors have norm 0.1, chosen for "
         "ResNet with BatchNorm. Against them these small ReLU networks, which have no "
         "normalization, grow their features to norm ~100, and the heads' SGD (lr 0.03) "
-        "on those features diverges. fedsim's `client.etf_norm` defaults to 1.0 (the "
-        "README gives the measured run at 0.1).\n",
+        "on those features diverges. fedsim's `client.etf_norm` defaults to 1.0 "
+        "(docs/methods/fedloge.md gives the measured run at 0.1).\n",
         "## Generic accuracy\n", table(stats, "generic") + "\n",
         "## Local accuracy\n", table(stats, "local") + "\n",
     ]
