@@ -41,7 +41,7 @@ CHECKPOINT_FILE = "checkpoint.pkl"
 CONFIG_FILE = "config.yaml"
 #: keys that may change when a run resumes (how it runs, not what it computes)
 RESUMABLE_OVERRIDES = ("progress", "device", "torch_threads", "flwr_log_level", "backend",
-                       "logger")
+                       "logger", "plots")
 #: strategy methods whose first argument is the server round
 ROUND_METHODS = ("configure_train", "aggregate_train", "configure_evaluate", "aggregate_evaluate")
 log = logging.getLogger("fedsim")

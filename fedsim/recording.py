@@ -23,7 +23,7 @@ from fedsim.backends.base import MeteredGrid
 from fedsim.datasets.federated import FederatedData
 from fedsim.errors import ConfigError
 from fedsim.metrics import GROUPS, NUM_EXAMPLES
-from fedsim.plots import plot_curves, plot_label_distribution
+from fedsim.plots import plot_curves, plot_label_distribution, plot_metrics, run_title
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -176,6 +176,7 @@ class RunRecorder:
                 data.partitioner,
                 self.run_dir / "plots" / "label_distribution.png",
                 self.cfg.num_clients,
+                run_title(self.cfg),
             )
         self._begin(done=0, elapsed_s=0.0)
 
@@ -290,7 +291,7 @@ class RunRecorder:
         self.logger.log(loggable, step=row["round"])
 
     def finish(self) -> dict[str, Any]:
-        """Close the metrics file, write summary.json and the curves plot."""
+        """Close the metrics file, write summary.json and the plots (curves, `plots.metrics`)."""
         if self._bar is not None:
             self._bar.close()
         self._metrics_file.close()
@@ -298,7 +299,10 @@ class RunRecorder:
         tmp = self.run_dir / (SUMMARY_FILE + ".tmp")
         tmp.write_text(json.dumps(summary, indent=2))
         os.replace(tmp, self.run_dir / SUMMARY_FILE)
-        plot_curves(self.rows, self.run_dir / "plots" / "curves.png")
+        plots, title = self.run_dir / "plots", run_title(self.cfg)
+        plot_curves(self.rows, plots / "curves.png", title)
+        plot_metrics(self.rows, OmegaConf.select(self.cfg, "plots.metrics", default=[]),
+                     plots / "metrics.png", title)
         self.logger.finish(summary)
         return summary
 

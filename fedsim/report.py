@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from fedsim.errors import FedsimError
 from fedsim.plots import plt
@@ -101,31 +104,55 @@ def write_table(keys: list[str], rows: list[dict[str, Any]], metric: str, out: P
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
-def plot_report(keys: list[str], rows: list[dict[str, Any]], metric: str, out: Path) -> None:
-    """Metric vs the first numeric swept key, one line per combination of the others."""
+def seeds_note(rows: list[dict[str, Any]]) -> str:
+    """What the error bars are: `mean ± std over 3 seeds` (`over 2-3 seeds` when n varies)."""
+    low, high = min(r["n"] for r in rows), max(r["n"] for r in rows)
+    count = str(low) if low == high else f"{low}-{high}"
+    return f"mean ± std over {count} seed{'' if high == 1 else 's'}"
+
+
+def report_figure(keys: list[str], rows: list[dict[str, Any]], metric: str) -> Figure:
+    """Metric vs the first numeric swept key, one line per combination of the others (bars
+    when no key is numeric); the title says what the error bars are."""
     numeric = [k for k in keys if all(_number(r[k]) is not None for r in rows)]
     fig, ax = plt.subplots(figsize=(6, 4))
     if numeric:
-        x_key = numeric[0]
-        series: dict[tuple, list] = defaultdict(list)
-        for r in rows:
-            series[tuple(r[k] for k in keys if k != x_key)].append(r)
-        for name, points in series.items():
-            points.sort(key=lambda r: _number(r[x_key]))
-            xs = [_number(r[x_key]) for r in points]
-            ax.errorbar(xs, [r["mean"] for r in points], yerr=[r["std"] for r in points],
-                        marker="o", capsize=3, label=" ".join(name) or metric)
-        if min(xs) > 0 and max(xs) / min(xs) >= 20:
-            ax.set_xscale("log")
-        ax.set_xlabel(x_key)
+        _plot_lines(ax, keys, rows, numeric[0], metric)
     else:
         labels = [" ".join(r[k] for k in keys) for r in rows]
         ax.bar(labels, [r["mean"] for r in rows], yerr=[r["std"] for r in rows], capsize=3)
     ax.set_ylabel(metric)
+    ax.set_title(f"error bars: {seeds_note(rows)}", fontsize="medium")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def _plot_lines(ax: Axes, keys: list[str], rows: list[dict[str, Any]], x_key: str,
+                metric: str) -> None:
+    """One error-bar line per combination of the keys other than `x_key`; a log x axis
+    for a range of 20x or more, whole-number ticks for an integer one."""
+    series: dict[tuple, list] = defaultdict(list)
+    for r in rows:
+        series[tuple(r[k] for k in keys if k != x_key)].append(r)
+    for name, points in series.items():
+        points.sort(key=lambda r: _number(r[x_key]))
+        ax.errorbar([_number(r[x_key]) for r in points], [r["mean"] for r in points],
+                    yerr=[r["std"] for r in points], marker="o", capsize=3,
+                    label=" ".join(name) or metric)
+    xs = [_number(r[x_key]) for r in rows]
+    if min(xs) > 0 and max(xs) / min(xs) >= 20:
+        ax.set_xscale("log")
+    elif all(x.is_integer() for x in xs):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(x_key)
+
+
+def plot_report(keys: list[str], rows: list[dict[str, Any]], metric: str, out: Path) -> None:
+    """`report_figure` saved as `out`.png."""
+    fig = report_figure(keys, rows, metric)
     fig.savefig(out.with_suffix(".png"), dpi=100)
     plt.close(fig)
 
