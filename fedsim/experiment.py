@@ -21,7 +21,9 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
     if cfg.output_dir is None:
         with open_dict(cfg):
             cfg.output_dir = cfg.resume or str(default_run_dir())
-    preflight(cfg)  # before a backend starts anything (Ray, workers)
+    _, run_dir = preflight(cfg)  # before a backend starts anything (Ray, workers)
+    log.info("%s %s", "resuming the run in" if cfg.resume else "run directory:",
+             shown_path(run_dir))
     backend = instantiate(cfg.backend)
     backend.run(cfg)
     summary = Path(cfg.output_dir) / SUMMARY_FILE
@@ -29,3 +31,11 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
         log.info("the run's outputs are in %s on the SuperLink's machine", cfg.output_dir)
         return {"final_server_accuracy": None}
     return json.loads(summary.read_text())
+
+
+def shown_path(path: Path) -> str:
+    """`path` relative to the working directory where it lies below it (to copy and paste)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
