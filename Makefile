@@ -1,6 +1,8 @@
 # fedsim: `make run` (set up + default experiment), `make test` (set up + test suite).
 # Both install the committed lock (requirements.lock) into .venv with uv; `make lock`
-# refreshes the lock on purpose from pyproject.toml's ranges.
+# refreshes the lock on purpose from pyproject.toml's ranges. uv compiles the bytecode at
+# install, as pip does: without it, a machine with PYTHONDONTWRITEBYTECODE=1 compiles torch's
+# sources in every process (`import torch` 2.4 s instead of 1.1 s here).
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
@@ -17,7 +19,7 @@ UV_FLAGS := --python $(BIN)/python $(if $(FIND_LINKS),--find-links $(FIND_LINKS)
 $(STAMP): $(LOCK) pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
-	$(BIN)/uv pip sync --quiet $(UV_FLAGS) $(LOCK)
+	$(BIN)/uv pip sync --quiet --compile-bytecode $(UV_FLAGS) $(LOCK)
 	$(BIN)/uv pip install --quiet --no-deps $(UV_FLAGS) -e .
 	touch $(STAMP)
 

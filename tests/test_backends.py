@@ -114,9 +114,14 @@ def test_flower_engine_backend_matches_with_full_participation(tiny_cfg, ray_ses
     run_experiment(flower)
     for a, b in zip(read_metrics(local.output_dir), read_metrics(flower.output_dir),
                     strict=True):
-        for key in ("server/accuracy", "server/loss", "train/train_loss"):
+        # Flower's engine hands replies over in arrival order, so FedAvg's float32 sum of 3
+        # clients may associate differently: losses agree to a few ulps, and one test sample
+        # at a near-tie may flip its prediction.
+        for key in ("server/loss", "train/train_loss"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5), key
+        if "server/accuracy" in a:
+            assert b["server/accuracy"] == pytest.approx(a["server/accuracy"], abs=1.5e-3)
 
 
 def test_a_pool_the_cluster_cannot_place_is_refused(tiny_cfg, ray_session):

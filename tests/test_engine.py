@@ -122,7 +122,9 @@ def test_centralized_run_equals_a_plain_training_loop(tiny_cfg):
             logits = model(x_test)
         accuracy = (logits.argmax(1) == y_test).sum().item() / len(y_test)
         loss = torch.nn.functional.cross_entropy(logits, y_test).item()
-        assert fedsim_rows[rnd]["server/accuracy"] == accuracy
+        # The server evaluates in batches, the loop in one call: the logits may differ in the
+        # last float32 bit, so one sample at a near-tie may flip its prediction.
+        assert fedsim_rows[rnd]["server/accuracy"] == pytest.approx(accuracy, abs=1 / len(y_test))
         assert fedsim_rows[rnd]["server/loss"] == pytest.approx(loss, rel=1e-5)
 
 

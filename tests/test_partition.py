@@ -75,3 +75,15 @@ def test_dirichlet_that_cannot_fill_clients_reports_the_partition_field():
     partitioner.dataset = label_dataset(labels, 2)
     with pytest.raises(ConfigError, match="partition"):
         partition_indices(partitioner, 10)
+
+
+def test_dirichlet_redraws_are_one_log_line_not_a_warning_each(caplog, recwarn):
+    labels = np.random.default_rng(0).integers(0, 10, size=4000)  # seed 3: two redraws
+    partitioner = DirichletPartitioner(20, "label", alpha=0.05, min_partition_size=2, seed=3)
+    partitioner.dataset = label_dataset(labels, 10)
+    with caplog.at_level("WARNING", logger="fedsim"):
+        parts = partition_indices(partitioner, 20)
+    assert min(len(p) for p in parts) >= 2
+    assert [str(w.message) for w in recwarn] == []
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith("partition: 2 Dirichlet draw(s)") and "min_partition_size=2" in line

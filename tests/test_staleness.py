@@ -365,10 +365,40 @@ def test_stale_fedavg_without_delays_is_fedavg(tiny_cfg):
     run_experiment(plain)
     run_experiment(stale)
     a, b = read_metrics(plain.output_dir), read_metrics(stale.output_dir)
+    # Two code paths: Flower's FedAvg sums weights in float32 in arrival order, StaleFedAvg
+    # adds the float64 mean of float32 deltas in node order and rounds once. Weights differ
+    # by a few float32 ulps (eps 1.2e-7) a round; after 3 rounds of training the loss agrees
+    # to ~1e-6, so rel=1e-5 leaves 10x headroom, and at most one test sample at a near-tie
+    # may change its argmax.
+    test_size = len(build_federated_data(plain).server_test()[1])
     for row_a, row_b in zip(a, b, strict=True):
-        assert row_a.get("server/accuracy") == row_b.get("server/accuracy")
-        assert row_a.get("server/loss") == row_b.get("server/loss")
+        if "server/loss" in row_a:
+            assert row_b["server/loss"] == pytest.approx(row_a["server/loss"], rel=1e-5)
+            assert row_b["server/accuracy"] == pytest.approx(row_a["server/accuracy"],
+                                                             abs=1 / test_size)
     assert b[-1]["train/staleness-max"] == 0.0
+
+
+def test_stale_aggregation_without_delays_equals_fedavg_to_float32_rounding():
+    """The same replies through FedAvg's and StaleFedAvg's aggregation: the two differ only
+    in summation order and width, so they agree to a few float32 ulps of the weights."""
+    from flwr.serverapp.strategy import FedAvg
+
+    rng = np.random.default_rng(0)
+    strategy = StaleFedAvg(min_train_nodes=3, fraction_train=1.0, min_available_nodes=3)
+    start = ArrayRecord({"w": Array(rng.normal(size=300).astype(np.float32))})
+    messages = strategy.configure_train(1, start, ConfigRecord(), FakeGrid(3))
+    replies = []
+    for msg in messages:
+        trained = msg.content["arrays"]["w"].numpy() + rng.normal(scale=0.1, size=300)
+        node = msg.metadata.dst_node_id
+        content = RecordDict({"arrays": ArrayRecord({"w": Array(trained.astype(np.float32))}),
+                              "metrics": MetricRecord({"num-examples": 7 * node + 3})})
+        msg.metadata.__dict__["_message_id"] = uuid4().hex
+        replies.append(Message(content, reply_to=msg))
+    stale, _ = strategy.aggregate_train(1, replies)
+    plain, _ = FedAvg().aggregate_train(1, replies)
+    np.testing.assert_allclose(stale["w"].numpy(), plain["w"].numpy(), rtol=1e-6, atol=1e-6)
 
 
 def test_sync_slow_clients_train_on_the_model_of_delay_rounds_ago(tiny_cfg):

@@ -38,10 +38,23 @@ class ClientWorker:
 
         if not ray.get_gpu_ids():  # device=auto must not pick a GPU Ray did not assign
             os.environ["CUDA_VISIBLE_DEVICES"] = ""
-        prime_cache(from_run_config(run_config), data)
+        cfg = from_run_config(run_config)
+        prime_cache(cfg, data)
+        # Pay the start-up now, so that `ready` covers it: a replacement actor's first call
+        # must not spend seconds against the round's deadline, or it is late again and
+        # replaced again, round after round. That is the ClientApp's imports, the client
+        # runtime (data, model, trainer) and torch._dynamo, which torch.optim imports on
+        # the first optimizer a process builds (1-3 s on a 2-core machine).
+        import torch._dynamo  # noqa: F401
+
+        from fedsim.client_app import app
+        from fedsim.runtime import client_runtime
+
+        client_runtime(cfg)
+        self.app = app
 
     def ready(self) -> bool:
-        """Answers once the actor has (re)started."""
+        """Answers once the actor has (re)started and imported the ClientApp."""
         return True
 
     def execute(self, message: Message, context: Context, die: bool = False
@@ -49,11 +62,10 @@ class ClientWorker:
         """The ClientApp's reply and the node's context after it. `die` ends this worker
         process first (`faults.kill_worker_round`): the call fails, the grid replaces it."""
         from fedsim.backends.base import run_client_app
-        from fedsim.client_app import app
 
         if die:
             os._exit(1)
-        return run_client_app(app, message, context), context
+        return run_client_app(self.app, message, context), context
 
 
 class RayGrid(SimulationGrid):
@@ -70,6 +82,7 @@ class RayGrid(SimulationGrid):
         super().__init__(num_nodes, run_config)
         self.new_worker = new_worker
         self.workers = [new_worker() for _ in range(pool_size)]
+        ray.get([worker.ready.remote() for worker in self.workers])  # not on round 1's clock
         self.kill_round = kill_round
 
     def execute(self, messages: list[Message], timeout: float | None = None) -> list[Message]:

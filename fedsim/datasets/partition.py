@@ -8,6 +8,10 @@ per-client test sets that follow each client's label mix.
 
 from __future__ import annotations
 
+import logging
+import re
+import warnings
+
 import numpy as np
 
 from fedsim.errors import ConfigError
@@ -15,6 +19,10 @@ from fedsim.errors import ConfigError
 LABEL = "label"
 NATURAL_ID = "natural_id"
 INDEX = "_index"
+#: flwr-datasets' Dirichlet partitioner warns once for every rejected draw
+_REDRAW = re.compile(r"min_partition_size \((\d+)\) was not satisfied")
+
+log = logging.getLogger("fedsim")
 
 
 def long_tail_counts(class_counts: np.ndarray, imbalance_factor: float) -> np.ndarray:
@@ -26,7 +34,9 @@ def long_tail_counts(class_counts: np.ndarray, imbalance_factor: float) -> np.nd
     if num_classes < 2 or imbalance_factor == 1.0:
         return class_counts.copy()
     exponents = np.arange(num_classes) / (num_classes - 1)
-    wanted = (class_counts.max() * imbalance_factor**exponents).astype(np.int64)
+    # floor with a little slack: a power that is a whole number must not lose 1 to a
+    # last-bit rounding of the pow kernel (100 * 0.25**0.5 is 50, not 49)
+    wanted = np.floor(class_counts.max() * imbalance_factor**exponents + 1e-9).astype(np.int64)
     return np.minimum(wanted, class_counts)
 
 
@@ -79,10 +89,13 @@ def label_dataset(labels: np.ndarray, num_classes: int, ids: np.ndarray | None =
 
 def partition_indices(partitioner, num_partitions: int) -> list[np.ndarray]:
     """Read each partition's sample indices from a flwr-datasets partitioner."""
-    try:
-        available = partitioner.num_partitions
-    except ValueError as err:  # e.g. Dirichlet could not satisfy min_partition_size
-        raise ConfigError(f"partition: {err}") from err
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            available = partitioner.num_partitions
+        except ValueError as err:  # e.g. Dirichlet could not satisfy min_partition_size
+            raise ConfigError(f"partition: {err}") from err
+    _report_redraws(caught)
     if available != num_partitions:
         raise ConfigError(
             f"partition: the partitioner produced {available} partitions but "
@@ -102,6 +115,24 @@ def partition_indices(partitioner, num_partitions: int) -> list[np.ndarray]:
             "or raise partition.alpha / partition.min_partition_size"
         )
     return parts
+
+
+def _report_redraws(caught: list[warnings.WarningMessage]) -> None:
+    """One line for the Dirichlet partitioner's redraws, instead of a paragraph per draw;
+    any other warning is passed on unchanged."""
+    floors = []
+    for warning in caught:
+        match = _REDRAW.search(str(warning.message))
+        if match:
+            floors.append(int(match.group(1)))
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename,
+                                   warning.lineno)
+    if floors:
+        log.warning(
+            "partition: %d Dirichlet draw(s) left a client under partition.min_partition_size="
+            "%d samples and were redrawn; the split used is conditioned on that floor, so it "
+            "is a little less skewed than alpha alone would give", len(floors), floors[0])
 
 
 def largest_remainder(proportions: np.ndarray, total: int) -> np.ndarray:
