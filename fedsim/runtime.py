@@ -6,7 +6,7 @@ clients builds the dataset once and every Ray worker builds it once.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -32,9 +32,13 @@ from fedsim.recording import prepare_run_dir
 def model_factory(cfg: DictConfig, data: FederatedData) -> Callable[[], nn.Module]:
     """A zero-argument builder of the global model: the configured model for this
     dataset's shapes, extended by the trainer's own shared modules (if any)."""
-    return partial(
-        _global_model, cfg.model, cfg.client, list(data.input_shape), data.num_classes
-    )
+    return shaped_model_factory(cfg, data.input_shape, data.num_classes)
+
+
+def shaped_model_factory(cfg: DictConfig, input_shape: Sequence[int], num_classes: int
+                         ) -> Callable[[], nn.Module]:
+    """`model_factory` for shapes known without the run's dataset (a SuperNode's file)."""
+    return partial(_global_model, cfg.model, cfg.client, list(input_shape), num_classes)
 
 
 def _global_model(
@@ -176,9 +180,15 @@ def build_trainer(cfg: DictConfig, data: FederatedData, device: str | None = Non
     """The configured local trainer (also used by strategies that re-run clients, on
     `device` instead of the configured one). A trainer's own checks of its settings
     raise a `ConfigError`, which comes out as itself."""
+    return trainer_for_model(cfg, model_factory(cfg, data), device)
+
+
+def trainer_for_model(cfg: DictConfig, model_fn: Callable[[], nn.Module],
+                      device: str | None = None) -> Trainer:
+    """The configured trainer with its configured optimizer, training `model_fn`'s models:
+    the one way simulated clients and SuperNodes with their own data build it."""
     return instantiate_input(
-        cfg.client, model_fn=model_factory(cfg, data), seed=cfg.seed,
-        device=device or cfg.device,
+        cfg.client, model_fn=model_fn, seed=cfg.seed, device=device or cfg.device,
         optimizer=instantiate(cfg.optimizer) if "optimizer" in cfg else None,
     )
 
@@ -259,10 +269,9 @@ def local_file_runtime(cfg: DictConfig, path: str, partition_id: int) -> NodeFil
             x_test=torch.from_numpy(splits.x_test), y_test=torch.from_numpy(splits.y_test),
             num_classes=splits.num_classes,
         )
-        model_fn = partial(instantiate, cfg.model, input_shape=list(splits.input_shape),
-                           num_classes=splits.num_classes)
+        model_fn = shaped_model_factory(cfg, splits.input_shape, splits.num_classes)
         shapes = {name: tuple(t.shape) for name, t in model_fn().state_dict().items()}
-        trainer = instantiate(cfg.client, model_fn=model_fn, seed=cfg.seed, device=cfg.device)
+        trainer = trainer_for_model(cfg, model_fn)
         entry = (cfg, NodeFileRuntime(trainer, data, shapes))
         _FILE_RUNTIMES.clear()
         _FILE_RUNTIMES[key] = entry

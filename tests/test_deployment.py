@@ -35,7 +35,13 @@ from fedsim.deployment import (
 )
 from fedsim.errors import ConfigError, DataError
 from fedsim.experiment import run_experiment
-from fedsim.runtime import check_node_model, initial_model, local_file_runtime, preflight
+from fedsim.runtime import (
+    check_node_model,
+    client_runtime,
+    initial_model,
+    local_file_runtime,
+    preflight,
+)
 from tests.conftest import read_metrics, without_timing
 
 # --------------------------------------------------------------------------- TLS and keys
@@ -210,6 +216,33 @@ def test_a_node_trains_on_its_own_data_file(tiny_cfg, tmp_path):
     assert int(reply.content["metrics"]["num-examples"]) == len(local_file_runtime(
         from_run_config(run_config), str(tmp_path / "site.npz"), 2).data.y_train)
     assert any(not torch.equal(trained[k], v) for k, v in arrays.to_torch_state_dict().items())
+
+
+@pytest.mark.parametrize("method", [
+    ["client=noprop", "model=noprop"],  # its own optimizer (AdamW) and network
+    ["client=forward"],                 # Mono-Forward: projections added to the model
+], ids=["noprop", "forward"])
+def test_a_data_file_node_builds_its_trainer_like_a_simulated_client(tiny_cfg, tmp_path,
+                                                                     method):
+    """The same construction path: the configured optimizer and the extended global model."""
+    cfg = tiny_cfg(*method)
+    _write_node_file(tmp_path / "site.npz", n=60)
+    data, _ = preflight(cfg)
+    simulated = client_runtime(cfg)[1]
+    node = local_file_runtime(cfg, str(tmp_path / "site.npz"), 0)
+    probe = [torch.nn.Parameter(torch.zeros(2))]
+    assert type(node.trainer.make_optimizer(probe, 1)) is \
+        type(simulated.make_optimizer(probe, 1))
+    arrays = ArrayRecord(initial_model(cfg, data).state_dict())
+    assert set(node.shapes) == set(arrays.keys())
+    check_node_model(node, arrays, str(tmp_path / "site.npz"))
+    message = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
+                      dst_node_id=1, message_type="train")
+    context = Context(run_id=1, node_id=1, state=RecordDict(), run_config=to_run_config(cfg),
+                      node_config={"partition-id": 0, "num-partitions": 6,
+                                   "data-path": str(tmp_path / "site.npz")})
+    reply = make_client_app()(message, context)
+    assert set(reply.content["arrays"].keys()) == set(arrays.keys())
 
 
 def test_a_node_data_file_with_nan_labels_is_refused(tiny_cfg, tmp_path):
