@@ -46,7 +46,7 @@ def _parse(config_json: str) -> DictConfig:
 
 @lru_cache(maxsize=8)
 def _compose_overrides(overrides: str) -> DictConfig:
-    """The config a bare `flwr run` means: conf/ with `backend=deployment` and `overrides`.
+    """The config a bare `flwr run` means: fedsim/conf/ with `backend=deployment` and `overrides`.
 
     The backend is fixed because these apps are already running on a SuperLink;
     features that need simulation's node ids are then refused, as they must be.
@@ -66,7 +66,7 @@ def from_run_config(run_config: dict[str, Any], default_json: str | None = None)
     """The fedsim config from a Flower `run_config` (parsed once per distinct string).
 
     `fedsim-config` (what the `fedsim` CLI sends) wins; without it the config is
-    composed from `conf/` with the `overrides` string, as `flwr run` users pass it.
+    composed from `fedsim/conf/` with the `overrides` string, as `flwr run` users pass it.
     """
     config_json = run_config.get(RUN_CONFIG_KEY) or default_json
     if config_json:
@@ -90,7 +90,7 @@ def _is_number(value: Any) -> bool:
 def _check_target(cfg: DictConfig, group: str) -> None:
     node = cfg.get(group)
     _require(isinstance(node, DictConfig) and "_target_" in node, group,
-             f"a config group with a _target_ (choose one of conf/{group}/*.yaml)", node)
+             f"a config group with a _target_ (choose one of fedsim/conf/{group}/*.yaml)", node)
     module_name, _, attr = str(node._target_).rpartition(".")
     try:
         module = importlib.import_module(module_name)
@@ -204,7 +204,7 @@ def _base_config() -> DictConfig:
 
 
 def _check_known_keys(cfg: DictConfig) -> None:
-    """Keys outside the groups are conf/config.yaml's: `+num_client=5` would otherwise be
+    """Keys outside the groups are fedsim/conf/config.yaml's: `+num_client=5` would otherwise be
     accepted and ignored."""
     base = _base_config()
     known = [k for k in base if k not in ("defaults", "hydra")]
@@ -339,7 +339,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def _validate_run(cfg: DictConfig) -> None:
-    """The run-wide fields of conf/config.yaml (faults and checkpoints: `_validate_faults`)."""
+    """The run-wide fields of fedsim/conf/config.yaml (faults, checkpoints: `_validate_faults`)."""
     _require(_is_int(cfg.seed) and cfg.seed >= 0, "seed", "an integer >= 0", cfg.seed)
     _require(_is_int(cfg.num_clients) and cfg.num_clients >= 1, "num_clients",
              "an integer >= 1", cfg.num_clients)
@@ -718,7 +718,7 @@ def _validate_backend_and_logger(cfg: DictConfig) -> None:
                  "offline, online or disabled", cfg.logger.mode)
 
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # inside the package: any install
 
 
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:

@@ -1,7 +1,7 @@
 """The few models fedsim needs, written here (no torchvision).
 
 Every model takes `input_shape` (one sample's shape) and `num_classes`, filled in
-from the dataset, plus its own hyperparameters from `conf/model/*.yaml`.
+from the dataset, plus its own hyperparameters from `fedsim/conf/model/*.yaml`.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ def code_fingerprint() -> str:
     results table never mixes runs of different code.
     """
     package = Path(__file__).resolve().parent
-    files = sorted(package.rglob("*.py")) + sorted((package.parent / "conf").rglob("*.yaml"))
+    files = sorted(package.rglob("*.py")) + sorted((package / "conf").rglob("*.yaml"))
     digest = hashlib.sha256()
     for path in files:
         digest.update(str(path.relative_to(package.parent)).encode())

@@ -300,7 +300,7 @@ parameters are counted in the next column, with the inference network's in brack
 NoProp and ForwardGNN bring networks of their own; their reference is backprop on the
 MLP over the same features (with NoProp's AdamW and batch 128; the Graph reference keeps
 SGD with batch 32, ForwardGNN steps on batches of 256), so there "vs first" and the
-memory ratio compare different networks. Every method uses its `conf/client` defaults
+memory ratio compare different networks. Every method uses its `fedsim/conf/client` defaults
 (SGD lr 0.05, momentum 0.9, batch 32 for the layer-local ones) unless the group says
 otherwise.
 

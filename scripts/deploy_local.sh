@@ -8,7 +8,7 @@
 # Certificates, node keys, logs and the processes' pids go to <output_dir>/deployment/.
 set -uo pipefail
 if [[ $# -lt 1 || "$1" == -* ]]; then
-  echo "usage: $0 <preset in conf/experiment> [hydra overrides...]" >&2
+  echo "usage: $0 <preset in fedsim/conf/experiment> [hydra overrides...]" >&2
   exit 2
 fi
 preset="$1"; shift

@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 RECORD = ROOT / "docs" / "results" / "headline.json"
-PRESETS_DIR = ROOT / "conf" / "experiment"
+PRESETS_DIR = ROOT / "fedsim" / "conf" / "experiment"
 FEDSIM = str(Path(sys.executable).with_name("fedsim"))
 #: presets that need what this machine may not have; never timed by this script
 NOT_TIMED = {"fedld_cifar10": "needs the Hub (and, in practice, a GPU)"}

@@ -172,7 +172,8 @@ def test_the_app_bundle_ships_the_package_and_the_configs():
 
     names = zipfile.ZipFile(BytesIO(build_fab_from_disk(APP_DIR))).namelist()
     for needed in ("fedsim/server_app.py", "fedsim/client_app.py", "fedsim/deployment.py",
-                   "conf/config.yaml", "conf/backend/deployment.yaml", "pyproject.toml"):
+                   "fedsim/conf/config.yaml", "fedsim/conf/backend/deployment.yaml",
+                   "pyproject.toml"):
         assert needed in names
     assert not [name for name in names if name.startswith(("tests/", "docs/", "outputs/"))]
 

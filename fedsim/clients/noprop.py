@@ -210,7 +210,7 @@ class NoPropTrainer(SGDTrainer):
     ~0.01 for block 1 to ~3000 for block T). Adam(W) normalizes each parameter's
     step, so the per-block scale mostly does not matter and every block learns;
     with plain SGD one lr cannot suit them all: the early blocks barely move (or
-    the late ones diverge). Use `optimizer=adamw` (the paper's; conf/client/noprop
+    the late ones diverge). Use `optimizer=adamw` (the paper's; fedsim/conf/client/noprop
     selects it). Uploads the trained weights (every block, the classifier, the
     embeddings); the optimizer state restarts every round, as in SGDTrainer.
 
