@@ -43,7 +43,8 @@ def test_a_wheel_installed_in_a_fresh_venv_runs_from_an_empty_folder(wheel, tmp_
                            cwd=empty, env=env, check=True, capture_output=True, text=True)
     assert Path(where.stdout.strip()).is_relative_to(venv)
     run = subprocess.run([str(venv / "bin" / "fedsim"), "num_rounds=1", "num_clients=4",
-                          "clients_per_round=2", "logger=none", "progress=false",
+                          "clients_per_round=2", "evaluation.clients_per_round=2", "logger=none",
+                          "progress=false",
                           "model=mlp", "client.local_epochs=1"],
                          cwd=empty, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
