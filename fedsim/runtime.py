@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from fedsim.clients.base import Trainer
-from fedsim.config import client_uploads, validate
+from fedsim.config import validate
 from fedsim.datasets.federated import (
     ClientData,
     FederatedData,
@@ -27,6 +27,7 @@ from fedsim.datasets.federated import (
 )
 from fedsim.errors import ConfigError, DataError, FedsimError
 from fedsim.recording import prepare_run_dir
+from fedsim.spec import CHECKED_GROUPS, RunSpec, check_run
 
 
 def model_factory(cfg: DictConfig, data: FederatedData) -> Callable[[], nn.Module]:
@@ -69,68 +70,12 @@ def check_model_fits(cfg: DictConfig, data: FederatedData) -> None:
             f"model ({cfg.model._target_}) cannot take this dataset's samples of shape "
             f"{data.input_shape}: {cause}; pick a model that fits (model=mlp fits any dataset)"
         ) from err
-    _check_supermask_for_rankings(cfg, model)
-    _check_fedloge_model(cfg, model, data.num_classes)
-    _check_inversion_model(cfg, model)
+    spec = RunSpec(cfg, model, tuple(data.input_shape), data.num_classes)
+    check_run([get_class(cfg[group]._target_) for group in CHECKED_GROUPS], spec)
     if tuple(logits.shape) != (2, data.num_classes):
         raise ConfigError(
             f"model ({cfg.model._target_}) returns shape {tuple(logits.shape)[1:]} per sample, "
             f"expected ({data.num_classes},) logits"
-        )
-
-
-def _check_supermask_for_rankings(cfg: DictConfig, model: nn.Module) -> None:
-    """A rank-uploading client (FRL) only makes sense on a supermask network."""
-    from fedsim.clients.base import UPLOADS_RANKINGS
-    from fedsim.supermask import SupermaskLayer
-
-    if client_uploads(cfg) != UPLOADS_RANKINGS:
-        return
-    if not any(isinstance(module, SupermaskLayer) for module in model.modules()):
-        raise ConfigError(
-            f"model must be a supermask network for client {cfg.client._target_} (got "
-            f"{cfg.model._target_}); use model=supermask_mlp, supermask_cnn1d, lenet or conv8"
-        )
-
-
-def _check_fedloge_model(cfg: DictConfig, model: nn.Module, num_classes: int) -> None:
-    """FedLoGe: an ETF needs features >= classes; client and server find the same head."""
-    from flwr.app import ArrayRecord
-
-    from fedsim.models import classifier_layer
-    from fedsim.strategies.fedloge import classifier_key
-
-    fedloge_client = "etf_sparsity" in cfg.client
-    if not fedloge_client and "generic_norm" not in cfg.strategy:
-        return
-    head = classifier_layer(model)
-    if fedloge_client and head.in_features < num_classes:
-        raise ConfigError(
-            f"model: FedLoGe's SSE-C needs the classifier's input width >= the {num_classes} "
-            f"classes (model {cfg.model._target_} has {head.in_features}); widen the layer "
-            "before the head"
-        )
-    names = {module: name for name, module in model.named_modules()}
-    if classifier_key(ArrayRecord(model.state_dict())) != f"{names[head]}.weight":
-        raise ConfigError(
-            f"model: FedLoGe needs the last linear layer's weight to be the last matrix of "
-            f"the state (model {cfg.model._target_} registers another one after it)"
-        )
-
-
-def _check_inversion_model(cfg: DictConfig, model: nn.Module) -> None:
-    """Staleness inversion re-runs clients in eval mode: batch statistics would differ."""
-    from hydra.utils import get_class
-
-    from fedsim.strategies.staleness_inversion import StalenessInversion
-
-    if not issubclass(get_class(cfg.strategy._target_), StalenessInversion):
-        return
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        raise ConfigError(
-            f"model: staleness_inversion cannot re-run clients of a model with batch "
-            f"normalization (model {cfg.model._target_}); use one without it (mlp, cnn1d, "
-            "or model.norm=group where the model offers it)"
         )
 
 

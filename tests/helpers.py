@@ -125,3 +125,19 @@ class CrashingNodesTrainer(SGDTrainer):
         if data.partition_id + 1 in HOSTILE:
             raise RuntimeError("this node fails")
         return super().train(arrays, config, data, state)
+
+
+class LinearOnlyFedAvg(FedAvg):
+    """A strategy from outside fedsim with a need across groups: a model of linear layers
+    only (any other layer with parameters is refused), declared as `check(spec)`."""
+
+    @classmethod
+    def check(cls, spec) -> None:
+        from fedsim.errors import ConfigError
+
+        others = {type(m).__name__ for m in spec.model.modules()
+                  if not isinstance(m, torch.nn.Linear)
+                  and next(m.parameters(recurse=False), None) is not None}
+        if others:
+            raise ConfigError(f"model: helpers.LinearOnlyFedAvg needs linear layers only "
+                              f"(model {spec.cfg.model._target_} has {sorted(others)})")

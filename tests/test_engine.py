@@ -244,3 +244,14 @@ def test_global_torch_rng_draws_in_a_client_do_not_depend_on_the_process_state(t
         noise.append(reply.content["metrics"]["noise"])
     assert noise[0] == noise[1]
     assert torch.rand(()).item() != noise[0]  # the caller's RNG stream was left alone
+
+
+def test_a_method_from_outside_fedsim_declares_its_cross_group_check(tiny_cfg):
+    """`check(spec)` on a class selected by `_target_` runs in preflight, before any work,
+    with no engine edit; the CLI turns its ConfigError into the one-line message."""
+    refused = tiny_cfg("strategy._target_=helpers.LinearOnlyFedAvg", "model=cnn1d")
+    with pytest.raises(ConfigError, match=r"model: helpers.LinearOnlyFedAvg needs linear"):
+        run_experiment(refused)
+    assert not Path(refused.output_dir).exists()
+    accepted = tiny_cfg("strategy._target_=helpers.LinearOnlyFedAvg", "num_rounds=1")
+    assert run_experiment(accepted)["final_server_accuracy"] is not None

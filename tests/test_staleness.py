@@ -541,12 +541,13 @@ def test_bad_staleness_settings_fail_before_any_work(tiny_cfg, overrides, messag
 
 
 def test_inversion_refuses_models_with_batch_normalization(tiny_cfg):
-    from fedsim.runtime import _check_inversion_model
+    from fedsim.spec import RunSpec
 
     cfg = tiny_cfg(INVERSION)
+    with_norm = RunSpec(cfg, nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3)), (2,), 3)
     with pytest.raises(ConfigError, match="cannot re-run clients of a model with batch norm"):
-        _check_inversion_model(cfg, nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3)))
-    _check_inversion_model(cfg, nn.Sequential(nn.Linear(2, 3)))
+        StalenessInversion.check(with_norm)
+    StalenessInversion.check(RunSpec(cfg, nn.Sequential(nn.Linear(2, 3)), (2,), 3))
 
 
 def test_update_norm_is_l1():

@@ -22,6 +22,7 @@ from torch import nn
 
 from fedsim.datasets.federated import ClientData
 from fedsim.metrics import NUM_EXAMPLES, classification_metrics
+from fedsim.spec import RunSpec
 
 Record = ArrayRecord | MetricRecord | ConfigRecord
 UPLOADS_WEIGHTS = "weights"  # the trainer sends trained weights (what Flower's strategies expect)
@@ -85,6 +86,11 @@ class Trainer(ABC):
         self._model: nn.Module | None = None
         self._received: ArrayRecord | None = None
         self._received_state: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def check(cls, spec: RunSpec) -> None:
+        """Needs of this trainer across config groups (`fedsim.spec`); none by default."""
+        return None
 
     @classmethod
     def extend_model(

@@ -28,8 +28,11 @@ from torch import nn
 from fedsim.clients.base import TrainOutput, predict
 from fedsim.clients.sgd import SGDTrainer
 from fedsim.datasets.federated import ClientData
+from fedsim.errors import ConfigError
 from fedsim.metrics import NUM_EXAMPLES, mask_absent_classes
 from fedsim.models import classifier_layer, features
+from fedsim.spec import RunSpec
+from fedsim.strategies.fedloge import check_classifier_is_last
 
 LOCAL_HEAD = "fedloge-local-head"  # key of the local head in the client's state
 
@@ -169,6 +172,19 @@ class FedLoGeTrainer(SGDTrainer):
         self.etf_lr = etf_lr
         self.mask_absent_classes = mask_absent_classes
         self._etf: dict[tuple[int, int], torch.Tensor] = {}
+
+    @classmethod
+    def check(cls, spec: RunSpec) -> None:
+        """SSE-C's ETF needs at least as many features as classes; client and server
+        find the same head."""
+        width = classifier_layer(spec.model).in_features
+        if width < spec.num_classes:
+            raise ConfigError(
+                f"model: FedLoGe's SSE-C needs the classifier's input width >= the "
+                f"{spec.num_classes} classes (model {spec.cfg.model._target_} has {width}); "
+                "widen the layer before the head"
+            )
+        check_classifier_is_last(spec)
 
     def sse_c(self, feature_dim: int, num_classes: int) -> torch.Tensor:
         """The frozen SSE-C for this run (built on first use, then kept)."""

@@ -19,7 +19,9 @@ from torch import nn
 from fedsim.clients.base import UPLOADS_RANKINGS, TrainOutput
 from fedsim.clients.sgd import SGDTrainer
 from fedsim.datasets.federated import ClientData
-from fedsim.supermask import set_mask_mode
+from fedsim.errors import ConfigError
+from fedsim.spec import RunSpec
+from fedsim.supermask import SupermaskLayer, set_mask_mode
 
 
 def ranking_dtype(num_edges: int) -> np.dtype:
@@ -54,6 +56,16 @@ class FRLTrainer(SGDTrainer):
     """
 
     uploads = UPLOADS_RANKINGS
+
+    @classmethod
+    def check(cls, spec: RunSpec) -> None:
+        """Rankings are of a supermask network's scores: any other model has none."""
+        if not any(isinstance(m, SupermaskLayer) for m in spec.model.modules()):
+            raise ConfigError(
+                f"model must be a supermask network for client {spec.cfg.client._target_} "
+                f"(got {spec.cfg.model._target_}); use model=supermask_mlp, supermask_cnn1d, "
+                "lenet or conv8"
+            )
 
     def __init__(
         self,

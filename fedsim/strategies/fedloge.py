@@ -18,6 +18,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
+from fedsim.errors import ConfigError
+from fedsim.spec import RunSpec
+
 
 def classifier_key(arrays: ArrayRecord) -> str:
     """The classifier's weight: the last 2-D entry of the state.
@@ -29,6 +32,20 @@ def classifier_key(arrays: ArrayRecord) -> str:
     if not matrices:
         raise ValueError("FedLoGe needs a model whose last layer is linear (no 2-D entry found)")
     return matrices[-1]
+
+
+def check_classifier_is_last(spec: RunSpec) -> None:
+    """Client and server must find the same head: the last linear layer's weight has to
+    be the last matrix of the state (`classifier_key`)."""
+    from fedsim.models import classifier_layer
+
+    head = classifier_layer(spec.model)
+    names = {module: name for name, module in spec.model.named_modules()}
+    if classifier_key(ArrayRecord(spec.model.state_dict())) != f"{names[head]}.weight":
+        raise ConfigError(
+            f"model: FedLoGe needs the last linear layer's weight to be the last matrix of "
+            f"the state (model {spec.cfg.model._target_} registers another one after it)"
+        )
 
 
 def realign_rows(weight: np.ndarray, norm: float) -> np.ndarray:
@@ -53,6 +70,11 @@ class FedLoGe(FedAvg):
     def __init__(self, generic_norm: float = 1.7, **kwargs) -> None:
         super().__init__(**kwargs)
         self.generic_norm = generic_norm
+
+    @classmethod
+    def check(cls, spec: RunSpec) -> None:
+        """The generic head is found the way the clients find theirs."""
+        check_classifier_is_last(spec)
 
     def evaluation_arrays(self, arrays: ArrayRecord) -> ArrayRecord:
         """The generic model: `arrays` with the classifier rows realigned to `generic_norm`."""

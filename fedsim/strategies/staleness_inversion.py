@@ -49,6 +49,7 @@ from fedsim.inversion import (
     update_distance,
     update_norm,
 )
+from fedsim.spec import RunSpec
 from fedsim.strategies.stale import Arrays, StaleFedAvg, StaleUpdate
 
 FALLBACKS = ("none", "round", "residual", "oracle")
@@ -117,6 +118,17 @@ class StalenessInversion(StaleFedAvg):
         self.oracle_metrics = oracle_metrics
         self.min_staleness = min_staleness
         self.estimates: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def check(cls, spec: RunSpec) -> None:
+        """Clients are re-run in eval mode: batch statistics would differ from training."""
+        if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+               for m in spec.model.modules()):
+            raise ConfigError(
+                f"model: staleness_inversion cannot re-run clients of a model with batch "
+                f"normalization (model {spec.cfg.model._target_}); use one without it (mlp, "
+                "cnn1d, or model.norm=group where the model offers it)"
+            )
 
     def bind_run(self, cfg: DictConfig, data: FederatedData) -> None:
         """Build the model and the clients' trainer the server re-runs; read the input range."""
