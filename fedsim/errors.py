@@ -19,3 +19,9 @@ class MessageError(FedsimError):
 
 class RunFailedError(FedsimError):
     """The run cannot go on (e.g. too many rounds in a row without enough valid replies)."""
+
+
+def require(ok: bool, field: str, allowed: str, value: object) -> None:
+    """Raise the one-line `ConfigError` "<field> must be <allowed> (got <value>)" unless `ok`."""
+    if not ok:
+        raise ConfigError(f"{field} must be {allowed} (got {value!r})")

@@ -39,11 +39,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.common import MessageType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
 from fedsim.clock import WEIGHTINGS, VirtualClock, staleness_weight
-from fedsim.errors import ConfigError
+from fedsim.errors import ConfigError, require
+from fedsim.spec import RunSpec
 from fedsim.strategies.base import apply_update, only_arrayrecord, stack_deltas
 
 Arrays = dict[str, np.ndarray]
@@ -126,6 +127,25 @@ class StaleFedAvg(FedAvg):
         self._grid: Grid | None = None
         self._config = ConfigRecord()
         self._sent: list[int] = []
+
+    @classmethod
+    def check(cls, spec: RunSpec) -> None:
+        """Simulated nodes (delays are given by partition) and a concurrency the run has."""
+        cfg = spec.cfg
+        require(getattr(get_class(cfg.backend._target_), "partition_node_ids", False),
+                "backend", "inprocess or ray for simulated delays (node i + 1 holds "
+                "partition i)", str(cfg.backend._target_))
+        strategy = cfg.strategy
+        concurrency = strategy.get("concurrency")
+        concurrency = cfg.clients_per_round if concurrency is None else concurrency
+        require(type(concurrency) is int and 1 <= concurrency <= cfg.num_clients,
+                "strategy.concurrency", f"an integer in [1, num_clients={cfg.num_clients}] or "
+                "null", strategy.get("concurrency"))
+        buffer_size = strategy.get("buffer_size")
+        if buffer_size is not None:
+            require(type(buffer_size) is int and 1 <= buffer_size <= concurrency,
+                    "strategy.buffer_size", f"an integer in [1, concurrency={concurrency}] or "
+                    "null", buffer_size)
 
     def bind_run(self, cfg: DictConfig, data: Any) -> None:
         """Give every node its delay: node `i + 1` holds partition `i`, as in simulation."""

@@ -39,7 +39,7 @@ from omegaconf import DictConfig
 
 from fedsim.clients.base import round_seed
 from fedsim.datasets.federated import FederatedData
-from fedsim.errors import ConfigError
+from fedsim.errors import ConfigError, require
 from fedsim.inversion import (
     LABEL_LOSSES,
     LocalProcedure,
@@ -121,7 +121,24 @@ class StalenessInversion(StaleFedAvg):
 
     @classmethod
     def check(cls, spec: RunSpec) -> None:
-        """Clients are re-run in eval mode: batch statistics would differ from training."""
+        """The server re-runs the clients' plain SGD steps, in eval mode: the client must be
+        sgd without extras, the optimizer plain SGD, and the model without batch norm."""
+        super().check(spec)
+        cfg, client = spec.cfg, spec.cfg.client
+        require(str(client._target_) == "fedsim.clients.sgd.SGDTrainer", "client",
+                "sgd for staleness_inversion (the server re-runs the clients' SGD steps)",
+                str(client._target_))
+        require(client.proximal_mu == 0 and not client.cosine_epochs, "client",
+                "plain SGD for staleness_inversion (proximal_mu 0, cosine_epochs false)",
+                f"proximal_mu={client.proximal_mu}, cosine_epochs={client.cosine_epochs}")
+        require(str(cfg.optimizer._target_) == "torch.optim.SGD", "optimizer",
+                "sgd for staleness_inversion (the server unrolls SGD steps)",
+                str(cfg.optimizer._target_))
+        extra = sorted(set(cfg.optimizer) - {"_target_", "_partial_", "momentum"})
+        require(not extra and cfg.optimizer.get("momentum", 0.0) == client.momentum,
+                "optimizer", "plain sgd with client.momentum for staleness_inversion (the "
+                "server unrolls lr, momentum and weight decay only)",
+                f"extra keys {extra}, momentum {cfg.optimizer.get('momentum')}")
         if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
                for m in spec.model.modules()):
             raise ConfigError(
