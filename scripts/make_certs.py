@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fedsim.deployment import LOOPBACK_HOSTS, make_tls_files
+from fedsim.deployment.certificates import LOOPBACK_HOSTS, make_tls_files
 
 
 def main() -> None:

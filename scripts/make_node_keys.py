@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fedsim.deployment import make_node_key
+from fedsim.deployment.certificates import make_node_key
 
 
 def main() -> None:

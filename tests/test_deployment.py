@@ -25,14 +25,12 @@ from fedsim.backends import deployment as deployment_backend
 from fedsim.backends.deployment import check_deployment_settings
 from fedsim.client_app import make_client_app, node_partition
 from fedsim.config import from_run_config, to_run_config, validate
-from fedsim.deployment import (
-    APP_DIR,
-    LocalFederation,
-    make_node_key,
-    make_tls_files,
-    submit_run,
-    write_connection,
-)
+from fedsim.deployment import federation as federation_module
+from fedsim.deployment import flwr_cli as flwr_cli_module
+from fedsim.deployment.certificates import make_node_key, make_tls_files
+from fedsim.deployment.errors import DeploymentError
+from fedsim.deployment.federation import LocalFederation
+from fedsim.deployment.flwr_cli import APP_DIR, submit_run, write_connection
 from fedsim.errors import ConfigError, DataError
 from fedsim.experiment import run_experiment
 from fedsim.runtime import (
@@ -134,15 +132,13 @@ def test_the_apps_receive_no_submitter_paths_and_an_absolute_output_dir(tiny_cfg
 
 
 def test_flwr_failures_reported_in_json_become_one_clear_error(monkeypatch, tmp_path):
-    from fedsim import deployment
-
-    monkeypatch.setattr(deployment, "flwr_cli", lambda *a, **k: (
+    monkeypatch.setattr(flwr_cli_module, "flwr_cli", lambda *a, **k: (
         'Loading...\n{"success": false, "error-message": "FAB too large"}'))
-    with pytest.raises(deployment.DeploymentError, match="FAB too large"):
-        deployment.flwr_json(["run", "."], tmp_path)
-    monkeypatch.setattr(deployment, "flwr_cli", lambda *a, **k: "no json here")
-    with pytest.raises(deployment.DeploymentError, match="printed no JSON"):
-        deployment.flwr_json(["ls"], tmp_path)
+    with pytest.raises(DeploymentError, match="FAB too large"):
+        flwr_cli_module.flwr_json(["run", "."], tmp_path)
+    monkeypatch.setattr(flwr_cli_module, "flwr_cli", lambda *a, **k: "no json here")
+    with pytest.raises(DeploymentError, match="printed no JSON"):
+        flwr_cli_module.flwr_json(["ls"], tmp_path)
 
 
 # --------------------------------------------------------------------------- run config
@@ -171,7 +167,8 @@ def test_the_app_bundle_ships_the_package_and_the_configs():
     from flwr.cli.build import build_fab_from_disk
 
     names = zipfile.ZipFile(BytesIO(build_fab_from_disk(APP_DIR))).namelist()
-    for needed in ("fedsim/server_app.py", "fedsim/client_app.py", "fedsim/deployment.py",
+    for needed in ("fedsim/server_app.py", "fedsim/client_app.py",
+                   "fedsim/deployment/__init__.py", "fedsim/deployment/federation.py",
                    "fedsim/conf/config.yaml", "fedsim/conf/backend/deployment.yaml",
                    "pyproject.toml"):
         assert needed in names
@@ -308,18 +305,16 @@ def test_stop_ends_a_started_process_and_what_it_started_in_another_session(tmp_
 def test_nodes_that_never_come_online_end_the_start_with_a_clear_error(tmp_path, monkeypatch):
     """Keys that were never registered: the start fails with the cause (the refusal, or at
     the latest the node timeout), it does not hang, and nothing it started is left."""
-    from fedsim import deployment
-
-    real_flwr_json = deployment.flwr_json
+    real_flwr_json = federation_module.flwr_json
 
     def skip_registration(args, *rest, **kwargs):
         return {} if args[:2] == ["supernode", "register"] else real_flwr_json(args, *rest,
                                                                                 **kwargs)
 
-    monkeypatch.setattr(deployment, "flwr_json", skip_registration)
+    monkeypatch.setattr(federation_module, "flwr_json", skip_registration)
     federation = LocalFederation(tmp_path / "fed", num_nodes=1, node_timeout_s=5)
     try:
-        with pytest.raises(deployment.DeploymentError,
+        with pytest.raises(DeploymentError,
                            match="refused supernode-0|0 of 1 SuperNodes came online"), federation:
             pass
     finally:
@@ -328,17 +323,15 @@ def test_nodes_that_never_come_online_end_the_start_with_a_clear_error(tmp_path,
 
 
 def test_an_earlier_failed_start_is_kept_aside_not_overwritten(tmp_path, monkeypatch):
-    from fedsim import deployment
-
     directory = tmp_path / "deployment"
     (directory / "certificates").mkdir(parents=True)
     (directory / "certificates" / "server.key").write_text("earlier key")
 
     def no_superlink(self):
-        raise deployment.DeploymentError("superlink failed")
+        raise DeploymentError("superlink failed")
 
     monkeypatch.setattr(LocalFederation, "_start_superlink", no_superlink)
-    with pytest.raises(deployment.DeploymentError, match="superlink failed"), \
+    with pytest.raises(DeploymentError, match="superlink failed"), \
             LocalFederation(directory, num_nodes=1):
         pass
     assert (tmp_path / "deployment.failed1" / "certificates" / "server.key").read_text() == \

@@ -17,13 +17,9 @@ from flwr.supercore.address import parse_address
 from omegaconf import DictConfig, OmegaConf
 
 from fedsim.config import to_run_config
-from fedsim.deployment import (
-    DeploymentError,
-    LocalFederation,
-    RunResult,
-    submit_run,
-    write_connection,
-)
+from fedsim.deployment.errors import DeploymentError
+from fedsim.deployment.federation import LocalFederation
+from fedsim.deployment.flwr_cli import RunResult, submit_run, write_connection
 from fedsim.errors import ConfigError
 
 log = logging.getLogger("fedsim")
