@@ -14,7 +14,7 @@ from fedsim.clients.base import Trainer, round_seed
 from fedsim.config import from_run_config
 from fedsim.datasets.federated import ClientData
 from fedsim.errors import ConfigError
-from fedsim.faults import inject_faults, poisoned
+from fedsim.fault_injection import inject_faults, poisoned
 from fedsim.runtime import check_node_model, client_runtime, local_file_runtime
 
 DATA_PATH = "data-path"  # a SuperNode's own .npz file instead of its share of the run's dataset

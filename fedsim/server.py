@@ -24,7 +24,6 @@ from fedsim.attacks.base import attach_attack
 from fedsim.backends.base import MeteredGrid
 from fedsim.clients.base import predict, resolve_device
 from fedsim.datasets.federated import FederatedData
-from fedsim.faults import ReplyGuard, same_arrays_problem
 from fedsim.metrics import (
     NUM_EXAMPLES,
     aggregate_client_evaluations,
@@ -32,6 +31,7 @@ from fedsim.metrics import (
     measured,
 )
 from fedsim.recording import RunRecorder, code_fingerprint
+from fedsim.reply_check import ReplyGuard, same_arrays_problem
 from fedsim.runtime import initial_model, preflight
 
 NO_TIMEOUT = 7 * 24 * 3600.0

@@ -1,6 +1,6 @@
 """What the server's reply check costs next to aggregating the same replies.
 
-Every train reply is checked (`fedsim.faults.reply_problem`: records, keys,
+Every train reply is checked (`fedsim.reply_check.reply_problem`: records, keys,
 shapes, dtypes, finite values, sample count) before a strategy sees it. This
 times the check for one W1 round (20 replies of the W1 MLP, 40-100-100-10)
 against Flower's FedAvg aggregating those replies, in one process.
@@ -17,8 +17,8 @@ import time
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from fedsim.faults import reply_problem, same_arrays_problem
 from fedsim.models import MLP
+from fedsim.reply_check import reply_problem, same_arrays_problem
 
 
 def w1_round(clients: int) -> tuple[ArrayRecord, list[Message]]:

@@ -64,7 +64,7 @@ def rows_have_training(run_dir, rounds) -> bool:
 
 def test_a_ray_client_past_the_deadline_is_dropped_and_its_worker_restarted(
         tiny_cfg, ray_session, caplog):
-    from fedsim.faults import draw_faults
+    from fedsim.fault_injection import draw_faults
 
     cfg = tiny_cfg("backend=ray", "backend.num_actors=2", "num_rounds=3",
                    "faults.hang_prob=0.2", "faults.hang_s=4", "faults.timeout_s=2.5")

@@ -19,8 +19,9 @@ from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from fedsim import checkpoint
 from fedsim.errors import ConfigError, RunFailedError
 from fedsim.experiment import run_experiment
-from fedsim.faults import draw_faults, reply_problem, same_arrays_problem
+from fedsim.fault_injection import draw_faults
 from fedsim.recording import SUMMARY_FILE
+from fedsim.reply_check import reply_problem, same_arrays_problem
 
 FEDSIM = [sys.executable, "-c", "from fedsim.cli import main; main()"]
 SENT = {"w": np.zeros((2, 3), np.float32), "steps": np.zeros((), np.int64)}
@@ -103,7 +104,7 @@ def test_array_metadata_that_lies_about_its_bytes_is_caught():
 
 
 def test_arrays_read_in_place_get_the_same_verdicts_as_decoded_ones():
-    from fedsim.faults import stored_like
+    from fedsim.reply_check import stored_like
 
     like = np.zeros((2, 3), np.float32)
     values = np.arange(6, dtype=np.float32).reshape(2, 3)
@@ -137,7 +138,7 @@ def test_a_finite_float64_upload_that_overflows_the_float32_model_is_refused():
 def test_replies_unlike_the_rest_of_the_round_are_dropped_not_fatal():
     from flwr.app import Message
 
-    from fedsim.faults import alike
+    from fedsim.reply_check import alike
 
     def reply(node, metrics):
         msg = Message(RecordDict({"metrics": MetricRecord(metrics)}), dst_node_id=node,

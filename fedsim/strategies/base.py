@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedsim.clients.base import UPLOADS_DELTAS, UPLOADS_WEIGHTS
 from fedsim.errors import MessageError
-from fedsim.faults import same_arrays_problem
+from fedsim.reply_check import same_arrays_problem
 
 
 class UploadStrategy(FedAvg):
@@ -124,7 +124,7 @@ def stack_deltas(
     """Per state entry, the clients' deltas stacked along a new first axis.
 
     Every upload must carry exactly the reference's keys with the same shapes and
-    kinds of dtype, and finite values (`fedsim.faults.same_arrays_problem`; the
+    kinds of dtype, and finite values (`fedsim.reply_check.same_arrays_problem`; the
     server's reply check has dropped any that do not); one that does not is
     rejected with the node, the key and what was expected.
     """

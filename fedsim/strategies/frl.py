@@ -19,7 +19,7 @@ from flwr.serverapp import Grid
 
 from fedsim.clients.base import UPLOADS_RANKINGS
 from fedsim.errors import MessageError
-from fedsim.faults import keys_problem
+from fedsim.reply_check import keys_problem
 from fedsim.strategies.base import UploadStrategy
 from fedsim.supermask import MASK_MODES
 
@@ -101,7 +101,7 @@ class FRL(UploadStrategy):
         self.mask_mode = mask_mode
 
     def upload_problem(self, upload: ArrayRecord, sent: dict[str, np.ndarray]) -> str | None:
-        """What is wrong with a client's rankings (for `fedsim.faults.ReplyGuard`), or None."""
+        """What is wrong with a client's rankings (for `fedsim.reply_check.ReplyGuard`), or None."""
         problem = keys_problem(upload, sent)
         for key in sent:
             problem = problem or ranking_problem(key, upload[key].numpy(), sent[key].size)

@@ -1,4 +1,4 @@
-"""What a round tolerates from its clients, and faults injected to exercise it.
+"""The server's check of every reply: what a round tolerates from its clients.
 
 `ReplyGuard` wraps the run's grid. It reads every reply against the message it
 answers before any strategy sees it: a reply with missing or extra records,
@@ -9,9 +9,10 @@ crashes on it. A round with fewer valid train replies than `faults.min_replies`
 is skipped: every reply is dropped and the global model is kept. After
 `faults.max_skipped_rounds` rounds in a row that applied no update, the run stops.
 
-`inject_faults` is the client side of `faults.crash_prob`, `nan_prob`,
-`hang_prob`: drawn from (seed, partition, round), so the same clients fail on
-every backend and on every rerun.
+The checks themselves (`reply_problem`, `keys_problem`, `same_arrays_problem`,
+`stored_like`, `alike`...) are pure functions of records and arrays; strategies
+use them for their own `upload_problem`. The client side, faults injected to
+exercise all of this, is `fedsim.fault_injection`.
 """
 
 from __future__ import annotations
@@ -19,9 +20,7 @@ from __future__ import annotations
 import io
 import logging
 import math
-import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -38,14 +37,9 @@ from fedsim.metrics import NUM_EXAMPLES
 log = logging.getLogger("fedsim")
 
 REJECTED = "reply rejected by the server"
-FAULT_STREAM = 0xFA017  # keeps fault draws apart from the training seeds
 Arrays = dict[str, np.ndarray]
 #: (upload, arrays sent) -> what is wrong with an uploaded ArrayRecord, or None
 UploadCheck = Callable[[ArrayRecord, Arrays], "str | None"]
-
-
-class InjectedFaultError(RuntimeError):
-    """A client failure injected by `faults.crash_prob`."""
 
 
 def keys_problem(upload: ArrayRecord, sent: Arrays) -> str | None:
@@ -339,55 +333,3 @@ def _unlike(mine: tuple, common: tuple) -> str:
     return "its " + ", ".join(
         f"{name} {list(a)} differ from the other replies' {list(b)}"
         for name, a, b in zip(names, mine, common, strict=True) if a != b)
-
-
-# ---- the client side: injected faults -------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FaultDraw:
-    """What happens to one train message: crash, upload NaN, sleep first."""
-
-    crash: bool
-    nan: bool
-    hang_s: float
-
-
-def draw_faults(faults, seed: int, partition_id: int, server_round: int) -> FaultDraw:
-    """The faults of this client in this round, drawn from (seed, partition, round) only."""
-    crash_prob, nan_prob = float(faults.crash_prob), float(faults.nan_prob)
-    hang_prob = float(faults.hang_prob)
-    if crash_prob == nan_prob == hang_prob == 0:
-        return FaultDraw(False, False, 0.0)
-    rng = np.random.default_rng([FAULT_STREAM, seed, partition_id, server_round])
-    kind, hang = rng.random(2)
-    return FaultDraw(
-        crash=kind < crash_prob,
-        nan=crash_prob <= kind < crash_prob + nan_prob,
-        hang_s=float(faults.hang_s) if hang < hang_prob else 0.0,
-    )
-
-
-def inject_faults(faults, seed: int, partition_id: int, server_round: int) -> FaultDraw:
-    """Sleep or raise as drawn for this train message; the caller poisons the upload."""
-    fault = draw_faults(faults, seed, partition_id, server_round)
-    if fault.hang_s:
-        time.sleep(fault.hang_s)
-    if fault.crash:
-        raise InjectedFaultError(f"injected crash (faults.crash_prob) in round {server_round}")
-    return fault
-
-
-def poisoned(arrays: ArrayRecord) -> ArrayRecord:
-    """`arrays` with every floating entry set to NaN (what a diverged client uploads), and
-    every integer one to its dtype's largest value (no valid ranking, for rank-uploading
-    clients)."""
-    out = {}
-    for key, array in arrays.items():
-        values = array.numpy()
-        if np.issubdtype(values.dtype, np.floating):
-            values = np.full_like(values, np.nan)
-        elif np.issubdtype(values.dtype, np.integer):
-            values = np.full_like(values, np.iinfo(values.dtype).max)
-        out[key] = Array(values)
-    return ArrayRecord(out)
