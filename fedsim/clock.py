@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from fedsim.errors import ConfigError
+from fedsim.errors import ConfigError, require
+from fedsim.spec import RunSpec
 
 log = logging.getLogger("fedsim")
 
@@ -35,9 +36,25 @@ class Devices(ABC):
         """Classes whose holders this model makes slow (reported per class by the server)."""
         return []
 
+    @classmethod
+    def check(cls, spec: RunSpec) -> None:
+        """Late clients need a strategy that applies stale updates (one that declares
+        `applies_stale_updates`; Flower's own strategies would wait for them)."""
+        from hydra.utils import get_class
+
+        strategy = str(spec.cfg.strategy._target_)
+        require(getattr(get_class(strategy), "applies_stale_updates", False), "strategy",
+                "a strategy that applies stale updates (stale, fedbuff, fedasync, dc_asgd, "
+                "staleness_inversion) when devices has delays (devices "
+                f"{spec.cfg.devices._target_})", strategy)
+
 
 class NoDelay(Devices):
     """Every client is fast: no staleness (the upper bound of every comparison)."""
+
+    @classmethod
+    def check(cls, spec: RunSpec) -> None:
+        """No delays: any strategy will do."""
 
     def delays(self, label_counts: np.ndarray, seed: int) -> np.ndarray:
         return np.zeros(len(label_counts))

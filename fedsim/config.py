@@ -296,7 +296,7 @@ def validate(cfg: DictConfig) -> None:
     _validate_strategy(cfg)
     _validate_backend_and_logger(cfg)
     _validate_attack(cfg)
-    _validate_staleness(cfg)
+    _validate_evaluation_and_devices(cfg)
     _validate_faults(cfg)
 
 
@@ -589,35 +589,15 @@ def _validate_attack(cfg: DictConfig) -> None:
              str(cfg.backend._target_))
 
 
-def _validate_staleness(cfg: DictConfig) -> None:
-    """Delays need a stale-aware strategy on a simulated grid; inversion needs plain SGD."""
-    from hydra.utils import get_class
-
-    from fedsim.clock import NoDelay
+def _validate_evaluation_and_devices(cfg: DictConfig) -> None:
+    """Reported classes, and the device model's own checks of its settings, before any data
+    (what it needs of the strategy is its `check(spec)`)."""
     from fedsim.datasets.federated import instantiate_input
-    from fedsim.strategies.stale import StaleFedAvg, check_stale_settings
-    from fedsim.strategies.staleness_inversion import StalenessInversion, check_inversion_settings
 
     classes = cfg.evaluation.get("classes", [])
     _require(OmegaConf.is_list(classes) and all(_is_int(c) and c >= 0 for c in classes),
              "evaluation.classes", "a list of class indices >= 0", classes)
-    devices = instantiate_input(cfg.devices)  # the device model's own checks, before any data
-    strategy_cls = get_class(cfg.strategy._target_)
-    stale_aware = issubclass(strategy_cls, StaleFedAvg)
-    delayed = not isinstance(devices, NoDelay)
-    _require(stale_aware or not delayed, "strategy",
-             "a strategy that applies stale updates (stale, fedbuff, fedasync, dc_asgd, "
-             f"staleness_inversion) when devices has delays (devices {cfg.devices._target_})",
-             str(cfg.strategy._target_))
-    if not stale_aware:
-        return
-    strategy = cfg.strategy
-    check_stale_settings(strategy.mode, strategy.weighting, strategy.server_lr,
-                         strategy.half_life, strategy.exponent, strategy.hinge_at)
-    if issubclass(strategy_cls, StalenessInversion):
-        check_inversion_settings(strategy.iterations, strategy.dummy_size, strategy.inversion_lr,
-                                 strategy.label_loss, strategy.fallback, strategy.switch_round,
-                                 strategy.min_staleness)
+    instantiate_input(cfg.devices)
 
 
 def _validate_faults(cfg: DictConfig) -> None:

@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from fedsim.recording import SUMMARY_FILE, default_run_dir
-from fedsim.runtime import preflight
+from fedsim.runtime import driver_preflight, forget_preflight
 
 log = logging.getLogger("fedsim")
 
@@ -21,11 +21,14 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
     if cfg.output_dir is None:
         with open_dict(cfg):
             cfg.output_dir = cfg.resume or str(default_run_dir())
-    _, run_dir = preflight(cfg)  # before a backend starts anything (Ray, workers)
+    _, run_dir = driver_preflight(cfg)  # before a backend starts anything (Ray, workers)
     log.info("%s %s", "resuming the run in" if cfg.resume else "run directory:",
              shown_path(run_dir))
     backend = instantiate(cfg.backend)
-    backend.run(cfg)
+    try:
+        backend.run(cfg)
+    finally:
+        forget_preflight(cfg)  # its ServerApp, if in this process, has taken it already
     summary = Path(cfg.output_dir) / SUMMARY_FILE
     if getattr(backend, "outputs_elsewhere", False) and not summary.exists():
         log.info("the run's outputs are in %s on the SuperLink's machine", cfg.output_dir)

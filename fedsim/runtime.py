@@ -6,6 +6,8 @@ clients builds the dataset once and every Ray worker builds it once.
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -13,8 +15,10 @@ from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord
+from flwr.serverapp.strategy import Strategy
+from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from fedsim.clients.base import Trainer
@@ -26,6 +30,7 @@ from fedsim.datasets.federated import (
     instantiate_input,
 )
 from fedsim.errors import ConfigError, DataError, FedsimError
+from fedsim.metrics import aggregate_client_evaluations
 from fedsim.recording import prepare_run_dir
 from fedsim.spec import CHECKED_GROUPS, RunSpec, check_run
 
@@ -98,6 +103,36 @@ def _check_max_examples(cfg: DictConfig, data: FederatedData) -> None:
         )
 
 
+def build_strategy(cfg: DictConfig) -> Strategy:
+    """The configured Flower strategy with fedsim's cohort sizes and metric aggregation.
+
+    `fraction_*` alone can round down (int(0.29 * 100) == 28), so the `min_*`
+    counts pin the cohort to exactly `clients_per_round`. Client evaluations are
+    combined by `aggregate_client_evaluations`: Flower's weighted means, plus
+    means over clients and per class group.
+    """
+    n = cfg.num_clients
+    k_eval = cfg.evaluation.clients_per_round
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.addFilter(_no_evaluation_warning)  # evaluation.clients_per_round=0 is a choice
+    try:
+        return instantiate_input(
+            cfg.strategy,
+            fraction_train=cfg.clients_per_round / n,
+            min_train_nodes=cfg.clients_per_round,
+            fraction_evaluate=k_eval / n,
+            min_evaluate_nodes=k_eval,
+            min_available_nodes=n,
+            evaluate_metrics_aggr_fn=aggregate_client_evaluations,
+        )
+    finally:
+        flwr_log.removeFilter(_no_evaluation_warning)
+
+
+def _no_evaluation_warning(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("fraction_evaluate is set to 0.0")
+
+
 def preflight(cfg: DictConfig) -> tuple[FederatedData, Path]:
     """Every check that can fail on the user's input, before any work starts.
 
@@ -108,6 +143,7 @@ def preflight(cfg: DictConfig) -> tuple[FederatedData, Path]:
     validate(cfg)
     data = build_federated_data(cfg)
     check_trainer(cfg, data)  # before the model: a trainer may extend it from its settings
+    check_strategy(cfg)
     check_model_fits(cfg, data)
     _check_reported_classes(cfg, data.num_classes)
     instantiate_input(cfg.devices).delays(data.label_counts(), cfg.seed)  # e.g. slow_class fits
@@ -119,6 +155,43 @@ def preflight(cfg: DictConfig) -> tuple[FederatedData, Path]:
         check_same_experiment(cfg)
         return data, run_dir
     return data, prepare_run_dir(cfg.output_dir)
+
+
+def check_strategy(cfg: DictConfig) -> None:
+    """Build the strategy once, so that its constructor's checks of its settings fail
+    here, before any work, and not when the server starts."""
+    try:
+        build_strategy(cfg)
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        raise ConfigError(f"strategy ({cfg.strategy._target_}) refuses its settings: "
+                          f"{str(cause).splitlines()[0]}") from None
+
+
+#: preflight results of runs this process started, for its own ServerApp (key: the config)
+_CHECKED: dict[str, tuple[FederatedData, Path]] = {}
+
+
+def _run_key(cfg: DictConfig) -> str:
+    return json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True)
+
+
+def driver_preflight(cfg: DictConfig) -> tuple[FederatedData, Path]:
+    """`preflight`, kept for this process's ServerApp of the same run (see `server_preflight`).
+    `forget_preflight` drops it once the run is over, whatever happened."""
+    result = preflight(cfg)
+    _CHECKED[_run_key(cfg)] = result
+    return result
+
+
+def server_preflight(cfg: DictConfig) -> tuple[FederatedData, Path]:
+    """The run's preflight: the one this process's driver did (simulated backends), else a
+    fresh one (a ServerApp started by Flower's deployment runtime)."""
+    return _CHECKED.pop(_run_key(cfg), None) or preflight(cfg)
+
+
+def forget_preflight(cfg: DictConfig) -> None:
+    _CHECKED.pop(_run_key(cfg), None)
 
 
 def build_trainer(cfg: DictConfig, data: FederatedData, device: str | None = None) -> Trainer:

@@ -26,46 +26,15 @@ from fedsim.clients.base import predict, resolve_device
 from fedsim.datasets.federated import FederatedData
 from fedsim.metrics import (
     NUM_EXAMPLES,
-    aggregate_client_evaluations,
     classification_metrics,
     measured,
 )
 from fedsim.recording import RunRecorder, code_fingerprint
 from fedsim.reply_check import ReplyGuard, same_arrays_problem
-from fedsim.runtime import initial_model, preflight
+from fedsim.runtime import build_strategy, initial_model, server_preflight
 
 NO_TIMEOUT = 7 * 24 * 3600.0
 log = logging.getLogger("fedsim")
-
-
-def build_strategy(cfg: DictConfig) -> Strategy:
-    """The configured Flower strategy with fedsim's cohort sizes and metric aggregation.
-
-    `fraction_*` alone can round down (int(0.29 * 100) == 28), so the `min_*`
-    counts pin the cohort to exactly `clients_per_round`. Client evaluations are
-    combined by `aggregate_client_evaluations`: Flower's weighted means, plus
-    means over clients and per class group.
-    """
-    n = cfg.num_clients
-    k_eval = cfg.evaluation.clients_per_round
-    flwr_log = logging.getLogger("flwr")
-    flwr_log.addFilter(_no_evaluation_warning)  # evaluation.clients_per_round=0 is a choice
-    try:
-        return instantiate(
-            cfg.strategy,
-            fraction_train=cfg.clients_per_round / n,
-            min_train_nodes=cfg.clients_per_round,
-            fraction_evaluate=k_eval / n,
-            min_evaluate_nodes=k_eval,
-            min_available_nodes=n,
-            evaluate_metrics_aggr_fn=aggregate_client_evaluations,
-        )
-    finally:
-        flwr_log.removeFilter(_no_evaluation_warning)
-
-
-def _no_evaluation_warning(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith("fraction_evaluate is set to 0.0")
 
 
 def guarded(cfg: DictConfig, strategy: Strategy, grid: Grid, data: FederatedData) -> ReplyGuard:
@@ -115,7 +84,7 @@ def reported_classes(cfg: DictConfig, strategy: Strategy) -> list[int]:
 
 def run_server(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
     """Run `cfg.num_rounds` rounds of the configured strategy on `grid`; return the summary."""
-    data, run_dir = preflight(cfg)  # again here: deployments reach the ServerApp without the CLI
+    data, run_dir = server_preflight(cfg)  # the driver's, or its own when deployed
     logging.getLogger("flwr").setLevel(cfg.flwr_log_level)
     torch.set_num_threads(cfg.torch_threads)
     random.seed(cfg.seed)  # Flower's sample_nodes draws from the global `random`

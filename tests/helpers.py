@@ -141,3 +141,13 @@ class LinearOnlyFedAvg(FedAvg):
         if others:
             raise ConfigError(f"model: helpers.LinearOnlyFedAvg needs linear layers only "
                               f"(model {spec.cfg.model._target_} has {sorted(others)})")
+
+
+class ThresholdFedAvg(FedAvg):
+    """A strategy from outside fedsim that checks its own argument in its constructor."""
+
+    def __init__(self, threshold: float = 1.0, **kwargs) -> None:
+        if not threshold > 0:
+            raise ValueError(f"threshold must be > 0 (got {threshold})")
+        super().__init__(**kwargs)
+        self.threshold = threshold

@@ -255,3 +255,21 @@ def test_a_method_from_outside_fedsim_declares_its_cross_group_check(tiny_cfg):
     assert not Path(refused.output_dir).exists()
     accepted = tiny_cfg("strategy._target_=helpers.LinearOnlyFedAvg", "num_rounds=1")
     assert run_experiment(accepted)["final_server_accuracy"] is not None
+
+
+def test_a_strategy_constructor_refusal_is_one_line_before_any_work(tiny_cfg):
+    cfg = tiny_cfg("strategy._target_=helpers.ThresholdFedAvg", "+strategy.threshold=-1")
+    with pytest.raises(ConfigError, match=r"^strategy \(helpers.ThresholdFedAvg\) refuses its "
+                                          r"settings: threshold must be > 0 \(got -1\)$"):
+        run_experiment(cfg)
+    assert not Path(cfg.output_dir).exists()
+
+
+def test_a_simulated_run_checks_its_config_once(tiny_cfg, monkeypatch):
+    from fedsim import runtime
+
+    calls = []
+    real = runtime.preflight
+    monkeypatch.setattr(runtime, "preflight", lambda cfg: calls.append(1) or real(cfg))
+    run_experiment(tiny_cfg("num_rounds=1"))
+    assert len(calls) == 1

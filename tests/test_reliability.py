@@ -284,7 +284,8 @@ def test_calls_without_a_timeout_get_the_round_deadline(tiny_cfg):
     """An asynchronous strategy's mid-round starts call the grid without a timeout."""
     from fedsim.backends.base import GridWrapper
     from fedsim.datasets.federated import build_federated_data
-    from fedsim.server import build_strategy, guarded
+    from fedsim.runtime import build_strategy
+    from fedsim.server import guarded
 
     class TimeoutSpy(GridWrapper):
         timeouts: list = []

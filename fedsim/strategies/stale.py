@@ -128,6 +128,8 @@ class StaleFedAvg(FedAvg):
         self._config = ConfigRecord()
         self._sent: list[int] = []
 
+    applies_stale_updates = True  # what a delaying `devices` model asks of the strategy
+
     @classmethod
     def check(cls, spec: RunSpec) -> None:
         """Simulated nodes (delays are given by partition) and a concurrency the run has."""
