@@ -42,6 +42,13 @@ class ChecksRun(Protocol):
         """Raise a `ConfigError` naming the field to change when `spec` does not fit."""
 
 
+def client_uploads(cfg: DictConfig) -> str:
+    """What the configured trainer uploads (`Trainer.uploads`; Flower-style weights if unset)."""
+    from hydra.utils import get_class
+
+    return getattr(get_class(cfg.client._target_), "uploads", "weights")
+
+
 def check_run(classes: list[type], spec: RunSpec) -> None:
     """Run every declared `check(spec)` of `classes`, in order."""
     for cls in classes:

@@ -21,6 +21,7 @@ from fedsim.backends.base import SimulationGrid
 from fedsim.config import compose, validate
 from fedsim.errors import ConfigError
 from fedsim.experiment import run_experiment
+from fedsim.runtime import preflight
 from fedsim.strategies.frl import borda_order
 
 
@@ -198,19 +199,21 @@ def test_rank_reversal_grid_submits_the_reversed_pooled_ranking():
 # --- config and runs -------------------------------------------------------------------
 
 
-def test_config_refuses_attacks_that_cannot_apply():
+def test_config_refuses_attacks_that_cannot_apply(tiny_cfg):
+    """Range checks in validate; what an attack needs of other groups in its check(spec)."""
     frl = ["strategy=frl", "client=frl", "model=supermask_mlp"]
+    attack = ["attack.fraction=0.34"]  # 2 of the 6 tiny clients
     with pytest.raises(ConfigError, match="attack must be an attack on weights uploads"):
-        validate(compose(["attack=rank_reversal"]))
+        preflight(tiny_cfg("attack=rank_reversal", *attack))
     with pytest.raises(ConfigError, match="attack must be an attack on rankings uploads"):
-        validate(compose([*frl, "attack=scaling"]))
+        preflight(tiny_cfg(*frl, "attack=scaling", *attack))
     with pytest.raises(ConfigError, match=r"strategy must be one of \['FedTrimmedAvg'"):
-        validate(compose(["attack=tailored"]))
+        preflight(tiny_cfg("attack=tailored", *attack))
     with pytest.raises(ConfigError, match=r"attack.fraction must be a number in \[0, 0.5\)"):
         validate(compose([*frl, "attack=rank_reversal", "attack.fraction=0.5"]))
     with pytest.raises(ConfigError, match="backend must be inprocess or ray under an attack"):
-        validate(compose(["attack=scaling", "backend=flower"]))
-    validate(compose(["attack=scaling", "attack.fraction=0.0", "backend=flower"]))
+        preflight(tiny_cfg("attack=scaling", "backend=flower", *attack))
+    preflight(tiny_cfg("attack=scaling", "attack.fraction=0.0", "backend=flower"))
 
 
 def test_scaling_destroys_fedavg_and_a_trimmed_mean_survives_it(tiny_cfg):

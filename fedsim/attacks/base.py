@@ -25,13 +25,13 @@ from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.common import MessageType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
 from fedsim.backends.base import GridWrapper
 from fedsim.clients.base import UPLOADS_DELTAS, UPLOADS_WEIGHTS
-from fedsim.config import client_uploads
-from fedsim.errors import ConfigError
+from fedsim.errors import ConfigError, require
+from fedsim.spec import RunSpec, client_uploads
 
 MAX_COHORT_DRAWS = 1000
 Arrays = dict[str, np.ndarray]
@@ -60,6 +60,31 @@ class Attack(ABC):
         self.fraction = fraction
         self.colluders = colluders
         self.strategy: Strategy | None = None
+
+    @classmethod
+    def check(cls, spec: RunSpec) -> None:
+        """With malicious clients: an upload kind this attack forges, a strategy it is
+        tailored to, and simulated nodes (malicious clients are found by node id).
+
+        With fewer than half of all clients malicious, every cohort size admits a
+        benign majority, so the cohort redraws always end.
+        """
+        cfg, attack = spec.cfg, spec.cfg.attack
+        if not malicious_nodes(attack.get("fraction", 0.0), cfg.num_clients):
+            return
+        uploads = client_uploads(cfg)
+        require(uploads in cls.targets, "attack",
+                f"an attack on {uploads} uploads (attack {attack._target_} forges "
+                f"{' or '.join(cls.targets)}: rank_reversal for client=frl, scaling or "
+                "tailored for weight uploads)", str(attack._target_))
+        if cls.aggregators is not None:
+            require(issubclass(get_class(cfg.strategy._target_), cls.aggregators), "strategy",
+                    f"one of {[c.__name__ for c in cls.aggregators]} for attack "
+                    f"{attack._target_} (it simulates the server's rule)",
+                    str(cfg.strategy._target_))
+        require(getattr(get_class(cfg.backend._target_), "partition_node_ids", False),
+                "backend", "inprocess or ray under an attack (malicious clients are found by "
+                "node id)", str(cfg.backend._target_))
 
     def prepare(self, strategy: Strategy) -> None:
         """Check and keep the server's strategy before the first round."""
