@@ -462,27 +462,13 @@ def _validate_client(cfg: DictConfig) -> None:
     for key in ("batch_size", "local_epochs"):
         if key in client:
             _require(_is_int(client[key]), f"client.{key}", "an integer > 0", client[key])
-    for key in ("momentum", "weight_decay", "proximal_mu", "lam"):
+    for key in ("momentum", "weight_decay", "proximal_mu"):
         if key in client:
             _require(isinstance(client[key], int | float) and client[key] >= 0,
                      f"client.{key}", "a number >= 0", client[key])
     _check_each(client, "client", ("momentum",), _below_one, "a number in [0, 1)")
     _check_each(client, "client", ("lr_decay",), _positive,
                 "a number > 0 (round r trains at lr * lr_decay^(r-1))")
-    for key in ("etf_steps", "finetune_epochs"):
-        if key in client:
-            _require(_is_int(client[key]) and client[key] >= 0, f"client.{key}",
-                     "an integer >= 0", client[key])
-    if "mask_absent_classes" in client:
-        _require(isinstance(client.mask_absent_classes, bool), "client.mask_absent_classes",
-                 "true or false", client.mask_absent_classes)
-    for key in ("etf_norm", "etf_lr"):
-        if key in client:
-            _require(isinstance(client[key], int | float) and client[key] > 0,
-                     f"client.{key}", "a number > 0", client[key])
-    if "etf_sparsity" in client:
-        _require(isinstance(client.etf_sparsity, int | float) and 0 <= client.etf_sparsity < 1,
-                 "client.etf_sparsity", "a number in [0, 1)", client.etf_sparsity)
 
 
 def _validate_optimizer(cfg: DictConfig) -> None:
@@ -510,16 +496,6 @@ def _validate_strategy(cfg: DictConfig) -> None:
     _check_each(strategy, "strategy", ("proximal_mu", "lam"), _non_negative, "a number >= 0")
     _check_each(strategy, "strategy", ("beta",), lambda v: _is_number(v) and 0 <= v < 0.5,
                 "a number in [0, 0.5) (the share trimmed at each end)")
-    if "k_proportion" in strategy:
-        _require(isinstance(strategy.k_proportion, int | float) and 0 < strategy.k_proportion <= 1,
-                 "strategy.k_proportion", "a number in (0, 1]", strategy.k_proportion)
-    if "generic_norm" in strategy:
-        _require(isinstance(strategy.generic_norm, int | float) and strategy.generic_norm > 0,
-                 "strategy.generic_norm", "a number > 0", strategy.generic_norm)
-    if "history_decay" in strategy:
-        _require(isinstance(strategy.history_decay, int | float)
-                 and 0 <= strategy.history_decay < 1,
-                 "strategy.history_decay", "a number in [0, 1)", strategy.history_decay)
     for group in ("strategy", "model"):
         if "mask_mode" in cfg[group]:
             from fedsim.supermask import MASK_MODES

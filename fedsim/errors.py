@@ -5,8 +5,9 @@ class FedsimError(Exception):
     """Base class: a problem with the user's input, reported without a traceback."""
 
 
-class ConfigError(FedsimError):
-    """A configuration field has a value that is not allowed."""
+class ConfigError(FedsimError, ValueError):
+    """A configuration field has a value that is not allowed (a `ValueError` too, for code
+    that builds fedsim's classes directly)."""
 
 
 class DataError(FedsimError):
@@ -19,6 +20,16 @@ class MessageError(FedsimError):
 
 class RunFailedError(FedsimError):
     """The run cannot go on (e.g. too many rounds in a row without enough valid replies)."""
+
+
+def is_number(value: object) -> bool:
+    """A real number, not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def is_int(value: object) -> bool:
+    """An integer, not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def require(ok: bool, field: str, allowed: str, value: object) -> None:

@@ -357,15 +357,18 @@ def test_trainer_uploads_zero_deltas_with_zero_lr(tiny_data):
 # --- config and runs -------------------------------------------------------------------
 
 
-def test_config_refuses_mismatched_uploads():
+def test_config_refuses_mismatched_uploads(tiny_cfg):
+    from fedsim.runtime import preflight
+
     with pytest.raises(ConfigError, match="client must be a trainer that uploads deltas"):
         validate(compose(["strategy=fedld"]))
     with pytest.raises(ConfigError, match="client must be a trainer that uploads weights"):
         validate(compose(["client=fedld"]))
+    # the strategy's and the trainer's own constructors, built once in preflight
     with pytest.raises(ConfigError, match=r"strategy.k_proportion must be a number in \(0, 1\]"):
-        validate(compose(["strategy=fedld", "client=fedld", "strategy.k_proportion=1.5"]))
+        preflight(tiny_cfg("strategy=fedld", "client=fedld", "strategy.k_proportion=1.5"))
     with pytest.raises(ConfigError, match="client.lam must be a number >= 0"):
-        validate(compose(["strategy=fedld", "client=fedld", "client.lam=-1"]))
+        preflight(tiny_cfg("strategy=fedld", "client=fedld", "client.lam=-1"))
 
 
 def test_fedld_preset_runs_and_learns(tmp_path):

@@ -17,6 +17,7 @@ from torch import nn
 
 from fedsim.clients.base import UPLOADS_DELTAS
 from fedsim.clients.sgd import SGDTrainer
+from fedsim.errors import is_number, require
 
 
 def margin_penalty(logits: torch.Tensor) -> torch.Tensor:
@@ -43,6 +44,7 @@ class FedLDTrainer(SGDTrainer):
 
     def __init__(self, model_fn: Callable[[], nn.Module], lam: float = 0.03, **kwargs) -> None:
         super().__init__(model_fn, **kwargs)
+        require(is_number(lam) and lam >= 0, "client.lam", "a number >= 0", lam)
         self.lam = lam
 
     def batch_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

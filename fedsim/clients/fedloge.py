@@ -28,7 +28,7 @@ from torch import nn
 from fedsim.clients.base import TrainOutput, predict
 from fedsim.clients.sgd import SGDTrainer
 from fedsim.datasets.federated import ClientData
-from fedsim.errors import ConfigError
+from fedsim.errors import ConfigError, is_int, is_number, require
 from fedsim.metrics import NUM_EXAMPLES, mask_absent_classes
 from fedsim.models import classifier_layer, features
 from fedsim.spec import RunSpec
@@ -166,6 +166,14 @@ class FedLoGeTrainer(SGDTrainer):
             model_fn, seed, lr=lr, momentum=momentum, local_epochs=local_epochs,
             batch_size=batch_size, **kwargs,
         )
+        require(is_number(etf_sparsity) and 0 <= etf_sparsity < 1, "client.etf_sparsity",
+                "a number in [0, 1)", etf_sparsity)
+        for name, value in (("etf_norm", etf_norm), ("etf_lr", etf_lr)):
+            require(is_number(value) and value > 0, f"client.{name}", "a number > 0", value)
+        require(is_int(etf_steps) and etf_steps >= 0, "client.etf_steps", "an integer >= 0",
+                etf_steps)
+        require(isinstance(mask_absent_classes, bool), "client.mask_absent_classes",
+                "true or false", mask_absent_classes)
         self.etf_sparsity = etf_sparsity
         self.etf_norm = etf_norm
         self.etf_steps = etf_steps

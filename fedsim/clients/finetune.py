@@ -21,6 +21,7 @@ from torch import nn
 from fedsim.clients.base import predict
 from fedsim.clients.sgd import SGDTrainer
 from fedsim.datasets.federated import ClientData
+from fedsim.errors import is_int, require
 from fedsim.metrics import NUM_EXAMPLES, classification_metrics, mask_absent_classes
 from fedsim.models import classifier_layer, features
 
@@ -44,6 +45,10 @@ class FineTuneTrainer(SGDTrainer):
         **kwargs,
     ) -> None:
         super().__init__(model_fn, **kwargs)
+        require(is_int(finetune_epochs) and finetune_epochs >= 0, "client.finetune_epochs",
+                "an integer >= 0", finetune_epochs)
+        require(isinstance(mask_absent_classes, bool), "client.mask_absent_classes",
+                "true or false", mask_absent_classes)
         self.finetune_epochs = finetune_epochs
         self.mask_absent_classes = mask_absent_classes
 

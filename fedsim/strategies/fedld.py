@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedsim.errors import is_number, require
 from fedsim.strategies.base import DeltaStrategy
 
 
@@ -137,10 +138,10 @@ class FedLD(DeltaStrategy):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        if not 0.0 < k_proportion <= 1.0:
-            raise ValueError(f"k_proportion must be in (0, 1] (got {k_proportion})")
-        if not 0.0 <= history_decay < 1.0:
-            raise ValueError(f"history_decay must be in [0, 1) (got {history_decay})")
+        require(is_number(k_proportion) and 0 < k_proportion <= 1, "strategy.k_proportion",
+                "a number in (0, 1]", k_proportion)
+        require(is_number(history_decay) and 0 <= history_decay < 1, "strategy.history_decay",
+                "a number in [0, 1)", history_decay)
         self.k_proportion = k_proportion
         self.history_decay = history_decay
         self.principal_gradient = principal_gradient

@@ -18,7 +18,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
-from fedsim.errors import ConfigError
+from fedsim.errors import ConfigError, is_number, require
 from fedsim.spec import RunSpec
 
 
@@ -68,6 +68,8 @@ class FedLoGe(FedAvg):
     """
 
     def __init__(self, generic_norm: float = 1.7, **kwargs) -> None:
+        require(is_number(generic_norm) and generic_norm > 0, "strategy.generic_norm",
+                "a number > 0", generic_norm)
         super().__init__(**kwargs)
         self.generic_norm = generic_norm
 
