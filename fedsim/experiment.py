@@ -30,7 +30,7 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
     finally:
         forget_preflight(cfg)  # its ServerApp, if in this process, has taken it already
     summary = Path(cfg.output_dir) / SUMMARY_FILE
-    if getattr(backend, "outputs_elsewhere", False) and not summary.exists():
+    if backend.outputs_elsewhere and not summary.exists():
         log.info("the run's outputs are in %s on the SuperLink's machine", cfg.output_dir)
         return {"final_server_accuracy": None}
     return json.loads(summary.read_text())

@@ -12,10 +12,12 @@ itself names no method.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from omegaconf import DictConfig
-from torch import nn
+
+if TYPE_CHECKING:  # the command line imports this module; torch only when a run starts
+    from torch import nn
 
 #: the groups whose classes may declare `check(spec)`
 CHECKED_GROUPS = ("client", "strategy", "attack", "devices")

@@ -1,4 +1,5 @@
-"""Grids for simulation, and the byte meter every run's grid is wrapped in.
+"""The backend interface, grids for simulation, and the byte meter every run's grid is
+wrapped in.
 
 A `SimulationGrid` implements Flower's `Grid` for clients that live in (or are
 driven from) this process: node `i + 1` holds partition `i`, each node keeps
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import traceback
-from abc import abstractmethod
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterable
 from uuid import uuid4
@@ -20,10 +21,30 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import NUM_PARTITIONS_KEY, PARTITION_ID_KEY, SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
+from omegaconf import DictConfig
 
 RUN_ID = 1
 MAX_LOGGED_FAILURES = 3  # per round; the rest are counted
 log = logging.getLogger("fedsim")
+
+
+class Backend(ABC):
+    """Where a run's ServerApp and ClientApps execute (the `backend` config group).
+
+    `run(cfg)` runs the composed, checked config to its end. The class attributes say
+    what the engine and the methods may rely on; a new backend keeps the defaults
+    unless it simulates its nodes.
+    """
+
+    #: node i + 1 holds partition i, driven from this process: attacks, simulated device
+    #: delays and resume rely on it
+    partition_node_ids: bool = False
+    #: the run's outputs are written on another machine (a remote SuperLink)
+    outputs_elsewhere: bool = False
+
+    @abstractmethod
+    def run(self, cfg: DictConfig) -> None:
+        """Run `cfg` to its end; the ServerApp writes the outputs."""
 
 
 def content_nbytes(content: RecordDict) -> int:

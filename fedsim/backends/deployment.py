@@ -16,6 +16,7 @@ from pathlib import Path
 from flwr.supercore.address import parse_address
 from omegaconf import DictConfig, OmegaConf
 
+from fedsim.backends.base import Backend
 from fedsim.config import to_run_config
 from fedsim.deployment.errors import DeploymentError
 from fedsim.deployment.federation import LocalFederation
@@ -65,7 +66,7 @@ def deployed_config(cfg: DictConfig, local: bool) -> DictConfig:
     return deployed
 
 
-class DeploymentBackend:
+class DeploymentBackend(Backend):
     """Runs the fedsim apps through `flwr run` on a SuperLink: local (loopback) or remote.
 
     Parameters

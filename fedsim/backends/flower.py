@@ -13,6 +13,7 @@ import warnings
 
 from omegaconf import DictConfig
 
+from fedsim.backends.base import Backend
 from fedsim.config import RUN_CONFIG_KEY, to_run_config
 
 
@@ -33,7 +34,7 @@ def run_flower_simulation(server_app, client_app, num_supernodes: int, num_cpus:
     )
 
 
-class FlowerSimulationBackend:
+class FlowerSimulationBackend(Backend):
     """fedsim's ServerApp and ClientApp under `flwr.simulation.run_simulation`."""
 
     def __init__(self, num_cpus: float = 1, num_gpus: float = 0.0) -> None:

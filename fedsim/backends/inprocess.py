@@ -8,7 +8,7 @@ from flwr.app import Message
 from flwr.clientapp import ClientApp
 from omegaconf import DictConfig
 
-from fedsim.backends.base import SimulationGrid, run_client_app, server_context
+from fedsim.backends.base import Backend, SimulationGrid, run_client_app, server_context
 from fedsim.config import to_run_config
 
 
@@ -35,7 +35,7 @@ class InProcessGrid(SimulationGrid):
         return replies
 
 
-class InProcessBackend:
+class InProcessBackend(Backend):
     """Runs the ServerApp against an `InProcessGrid`: no Ray, no polling, no copies."""
 
     partition_node_ids = True  # node i + 1 holds partition i (attacks rely on it)

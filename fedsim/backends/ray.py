@@ -23,7 +23,7 @@ from flwr.common import MessageType
 from flwr.common.constant import ErrorCode
 from omegaconf import DictConfig
 
-from fedsim.backends.base import SimulationGrid, server_context
+from fedsim.backends.base import Backend, SimulationGrid, server_context
 from fedsim.config import to_run_config
 from fedsim.errors import ConfigError
 
@@ -142,7 +142,7 @@ def _worker_failed(message: Message, err: Exception) -> Message:
     )
 
 
-class RayBackend:
+class RayBackend(Backend):
     """Runs the ServerApp in this process against a `RayGrid`.
 
     Ray is started on first use and kept for the rest of the process (a Hydra
