@@ -321,7 +321,7 @@ def _client_data(tiny_data):
 def _trainer(cls, **kwargs):
     torch.manual_seed(0)
     return cls(lambda: MLP(input_shape=[40], num_classes=10, hidden=[16]), seed=0, lr=0.1,
-               local_epochs=1, batch_size=16, device="cpu", **kwargs)
+               momentum=0.0, local_epochs=1, batch_size=16, device="cpu", **kwargs)
 
 
 def test_trainer_uploads_deltas_that_reproduce_plain_sgd_when_lam_is_zero(tiny_data):
@@ -347,7 +347,7 @@ def test_trainer_uploads_zero_deltas_with_zero_lr(tiny_data):
     torch.manual_seed(0)
     start = ArrayRecord(MLP(input_shape=[40], num_classes=10, hidden=[16]).state_dict())
     trainer = FedLDTrainer(lambda: MLP(input_shape=[40], num_classes=10, hidden=[16]), lr=0.0,
-                           device="cpu")
+                           momentum=0.0, local_epochs=1, device="cpu")
     out = trainer.train(start, ConfigRecord({"server-round": 1}), _client_data(tiny_data),
                         RecordDict())
     assert out.arrays.keys() == start.keys()

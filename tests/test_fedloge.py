@@ -212,8 +212,10 @@ def test_finetuning_changes_only_the_evaluated_head():
     torch.manual_seed(0)
     arrays = ArrayRecord(model_fn().state_dict())
     data = _client()
-    tuned = FineTuneTrainer(model_fn, finetune_epochs=3, lr=0.1, device="cpu")
-    plain = FineTuneTrainer(model_fn, finetune_epochs=0, mask_absent_classes=False, device="cpu")
+    tuned = FineTuneTrainer(model_fn, finetune_epochs=3, lr=0.1, momentum=0.0, local_epochs=1,
+                            device="cpu")
+    plain = FineTuneTrainer(model_fn, finetune_epochs=0, mask_absent_classes=False,
+                            momentum=0.0, local_epochs=1, device="cpu")
     before = plain.evaluate(arrays, ConfigRecord({}), data, RecordDict())
     after = tuned.evaluate(arrays, ConfigRecord({}), data, RecordDict())
     assert after["loss"] < before["loss"]

@@ -247,8 +247,8 @@ def test_unrolled_procedure_reproduces_the_sgd_trainer():
 
 
 def test_minibatch_clients_are_unrolled_step_for_step():
-    trainer = SGDTrainer(lambda: MLP([2], 2), lr=0.1, lr_decay=0.5, local_epochs=2,
-                         batch_size=32, device="cpu")
+    trainer = SGDTrainer(lambda: MLP([2], 2), lr=0.1, momentum=0.0, lr_decay=0.5,
+                         local_epochs=2, batch_size=32, device="cpu")
     assert trainer.local_procedure(num_train=70, server_round=3) == LocalProcedure(
         lr=0.1 * 0.25, steps=2 * 3)
     with pytest.raises(ValueError, match="proximal_mu"):

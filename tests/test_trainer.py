@@ -17,6 +17,8 @@ def blobs(n=120, seed=0) -> ClientData:
 
 
 def trainer(**kwargs) -> SGDTrainer:
+    # momentum 0 and 1 local epoch, SGDTrainer's defaults when these tests were written
+    kwargs = {"momentum": 0.0, "local_epochs": 1, **kwargs}
     return SGDTrainer(lambda: MLP([6], 3, hidden=[16]), seed=0, **kwargs)
 
 

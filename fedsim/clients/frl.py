@@ -19,7 +19,7 @@ from torch import nn
 from fedsim.clients.base import UPLOADS_RANKINGS, TrainOutput
 from fedsim.clients.sgd import SGDTrainer
 from fedsim.datasets.federated import ClientData
-from fedsim.errors import ConfigError
+from fedsim.errors import ConfigError, require
 from fedsim.spec import RunSpec
 from fedsim.supermask import SupermaskLayer, set_mask_mode
 
@@ -76,12 +76,16 @@ class FRLTrainer(SGDTrainer):
         weight_decay: float = 1e-4,
         local_epochs: int = 2,
         batch_size: int = 8,
+        proximal_mu: float = 0.0,
         lr_decay: float = 0.999,
         cosine_epochs: bool = True,
         eval_batch_size: int = 1024,
         device: str = "auto",
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
     ) -> None:
+        # Accepted (client/sgd.yaml sets it for every client) but only as 0: no FedProx term.
+        require(proximal_mu == 0, "client.proximal_mu",
+                "0 for FRL (it trains scores, not weights)", proximal_mu)
         super().__init__(
             model_fn, seed, lr=lr, momentum=momentum, weight_decay=weight_decay,
             local_epochs=local_epochs, batch_size=batch_size, lr_decay=lr_decay,

@@ -40,14 +40,15 @@ class SGDTrainer(Trainer):
     (`upload`), or run `sgd_epochs` on parameters and an objective of their own.
     """
 
+    # These defaults mirror fedsim/conf/client/sgd.yaml, their source: change both together.
     def __init__(
         self,
         model_fn: Callable[[], nn.Module],
         seed: int = 0,
         lr: float = 0.05,
-        momentum: float = 0.0,
+        momentum: float = 0.9,
         weight_decay: float = 0.0,
-        local_epochs: int = 1,
+        local_epochs: int = 5,
         batch_size: int = 32,
         proximal_mu: float = 0.0,
         lr_decay: float = 1.0,
