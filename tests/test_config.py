@@ -1,6 +1,8 @@
+from pathlib import Path
+
 import pytest
 
-from fedsim.config import from_run_config, to_run_config, validate
+from fedsim.config import CONF_DIR, compose, from_run_config, to_run_config, validate
 from fedsim.errors import ConfigError
 
 
@@ -53,3 +55,25 @@ def test_a_model_that_does_not_fit_the_dataset_is_a_config_error(tiny_cfg):
 
     with pytest.raises(ConfigError, match="model=mlp fits any dataset"):
         run_experiment(tiny_cfg("dataset=digits", "model=cnn1d"))
+
+
+METHODS = sorted(p.stem for p in (Path(CONF_DIR) / "method").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_option_composes_a_run_that_passes_preflight(tmp_path, method):
+    """`method=<name>` picks the method's strategy, client and model together."""
+    from conftest import TINY
+
+    from fedsim.runtime import preflight
+
+    tiny = [o for o in TINY if not o.startswith("model=")]  # the method's own model
+    cfg = compose([*tiny, f"output_dir={tmp_path / 'run'}", f"method={method}"])
+    assert method.split("_")[0] in f"{cfg.strategy._target_} {cfg.client._target_}".lower() \
+        or method == "fedavg_ft"
+    preflight(cfg)
+
+
+def test_command_line_choices_win_over_the_method():
+    cfg = compose(["method=frl", "model=lenet"])
+    assert cfg.strategy._target_.endswith("FRL") and cfg.model._target_.endswith("lenet")
