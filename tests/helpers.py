@@ -151,3 +151,17 @@ class ThresholdFedAvg(FedAvg):
             raise ValueError(f"threshold must be > 0 (got {threshold})")
         super().__init__(**kwargs)
         self.threshold = threshold
+
+
+class ScaledLossTrainer(SGDTrainer):
+    """A trainer from outside fedsim: SGD on `scale` times the loss, checked on construction."""
+
+    def __init__(self, model_fn, scale: float = 1.0, **kwargs) -> None:
+        from fedsim.errors import is_number, require
+
+        require(is_number(scale) and scale > 0, "client.scale", "a number > 0", scale)
+        super().__init__(model_fn, **kwargs)
+        self.scale = scale
+
+    def batch_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.scale * super().batch_loss(logits, targets)

@@ -141,3 +141,18 @@ def test_explain_falls_back_to_the_first_line_of_other_errors():
     from hydra.errors import HydraException
 
     assert explain(HydraException("first line\nsecond"), []) == "first line"
+
+
+def test_a_method_from_outside_fedsim_runs_and_its_bad_value_is_one_line(tmp_path):
+    """A strategy and a trainer from a package outside fedsim (tests/helpers.py), selected
+    by `_target_` alone: no engine edit, and their own checks give fedsim's one line."""
+    env = {**ENV, "PYTHONPATH": str(Path(__file__).parent)}
+    outside = ["strategy._target_=helpers.ThresholdFedAvg", "+strategy.threshold=0.5",
+               "client._target_=helpers.ScaledLossTrainer", "+client.scale=2.0"]
+    good = subprocess.run([*FEDSIM, *TINY, *outside, "num_rounds=1"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert good.returncode == 0, good.stderr
+    bad = subprocess.run([*FEDSIM, *TINY, *outside, "client.scale=0"], cwd=tmp_path / "outputs",
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2
+    assert error_lines(bad.stderr) == ["fedsim: error: client.scale must be a number > 0 (got 0)"]
