@@ -11,9 +11,10 @@ checkpoint behind.
 
 `fedsim resume=<run dir>` rebuilds the run from its stored `config.yaml`,
 restores that state, and runs the remaining rounds. Flower's round loop
-(`Strategy.start`) runs them, its round numbers shifted by the rounds already
-done, so the strategy and the clients see the same round numbers, and draw the
-same random numbers, as in an uninterrupted run.
+(`Strategy.start`, run on `fedsim.engine_strategy.EngineStrategy`) runs them,
+its round numbers shifted by the rounds already done, so the strategy and the
+clients see the same round numbers, and draw the same random numbers, as in an
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -22,9 +23,8 @@ import logging
 import os
 import pickle
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,6 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fedsim.errors import ConfigError
@@ -42,8 +41,6 @@ CONFIG_FILE = "config.yaml"
 #: keys that may change when a run resumes (how it runs, not what it computes)
 RESUMABLE_OVERRIDES = ("progress", "device", "torch_threads", "flwr_log_level", "backend",
                        "logger", "plots")
-#: strategy methods whose first argument is the server round
-ROUND_METHODS = ("configure_train", "aggregate_train", "configure_evaluate", "aggregate_evaluate")
 log = logging.getLogger("fedsim")
 
 
@@ -63,15 +60,15 @@ class Checkpoint:
 # ---- state in and out -----------------------------------------------------------------
 
 
-def plain_state(obj: object) -> dict[str, Any]:
+def plain_state(obj: object, skip: Iterable[str] = ()) -> dict[str, Any]:
     """An object's plain-data attributes: what a strategy (or the guard, or an attack)
     changes as rounds go by.
 
-    Functions (metric aggregators, wrappers set on the instance), grids and the
-    names in the class's `not_checkpointed` (objects rebuilt from the config,
-    such as a model or a dataset) are left out.
+    Functions (a strategy's metric aggregators, given as arguments), grids and the
+    names in `skip` (the object's `not_checkpointed`: objects rebuilt from the
+    config, such as a model or a dataset) are left out.
     """
-    skip = set(getattr(obj, "not_checkpointed", ()))
+    skip = set(skip)
     return {
         name: value for name, value in vars(obj).items()
         if name not in skip and not callable(value) and not isinstance(value, Grid)
@@ -212,25 +209,3 @@ def check_same_experiment(cfg: DictConfig) -> None:
             f"{differ[1:] or 'nothing else'}); resume with `fedsim resume=<run dir>` or "
             "fedsim.checkpoint.resumed_config, which take the stored config"
         )
-
-
-def shift_rounds(strategy: Strategy, done: int) -> None:
-    """Make `Strategy.start`'s round r reach the strategy as round `done + r`."""
-    for name in ROUND_METHODS:
-        setattr(strategy, name, partial(_shifted, getattr(strategy, name), done))
-
-
-def _shifted(method: Callable, done: int, server_round: int, *args: Any) -> Any:
-    return method(server_round + done, *args)
-
-
-def shifted_evaluate(evaluate: Callable, done: int) -> Callable:
-    """`evaluate_fn` for the resumed loop: round 0 (the checkpoint's model, already
-    evaluated and recorded) is skipped; round r is `done + r`."""
-
-    def evaluate_fn(server_round: int, arrays: ArrayRecord):
-        if server_round == 0:
-            return None
-        return evaluate(server_round + done, arrays)
-
-    return evaluate_fn

@@ -15,14 +15,13 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
-from flwr.serverapp.strategy import Strategy
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from fedsim.backends.base import MeteredGrid
 from fedsim.datasets.federated import FederatedData
 from fedsim.errors import ConfigError
-from fedsim.metrics import GROUPS, NUM_EXAMPLES
+from fedsim.metrics import GROUPS
 from fedsim.plots import plot_curves, plot_label_distribution, plot_metrics, run_title
 
 METRICS_FILE = "metrics.jsonl"
@@ -94,13 +93,6 @@ def _flat(prefix: str, record: MetricRecord | None) -> dict[str, float]:
     }
 
 
-def _examples(reply: Message) -> float:
-    """`num-examples` of a successful reply (0 for errors or when missing)."""
-    if not reply.has_content():
-        return 0.0
-    return sum(float(r.get(NUM_EXAMPLES, 0)) for r in reply.content.metric_records.values())
-
-
 def rewrite_lines(path: Path, rows: list[dict[str, Any]]) -> None:
     """Copy `path` aside whole (`*.resumed<n>`), then replace it atomically with `rows` as
     JSON lines: a kill at any moment leaves the old file or the new one, and the copy."""
@@ -132,9 +124,9 @@ def read_lines(path: Path) -> list[dict[str, Any]]:
 class RunRecorder:
     """Collects each round's metrics from the strategy, the grid and the server evaluation.
 
-    The strategy's `aggregate_train` / `aggregate_evaluate` are wrapped on the
-    instance (any Flower strategy works unchanged), and `end_of_round` is passed
-    to `Strategy.start` as its `evaluate_fn`, which Flower calls after each round.
+    The engine's `EngineStrategy` hands it each round's aggregated metrics
+    (`record_train`, `record_client_eval`; any Flower strategy works unchanged), and
+    `end_of_round` is the round loop's `evaluate_fn`, which Flower calls after each round.
     """
 
     def __init__(
@@ -220,28 +212,19 @@ class RunRecorder:
         """Entries of the strategy's update log already in updates.jsonl."""
         return self._updates_written
 
-    def attach(self, strategy: Strategy) -> None:
-        """Capture aggregated train and client-eval metrics as the strategy produces them."""
-        aggregate_train = strategy.aggregate_train
-        aggregate_evaluate = strategy.aggregate_evaluate
+    def record_train(self, server_round: int, replies: list[Message],
+                     arrays: ArrayRecord | None, metrics: MetricRecord | None) -> None:
+        """Keep the round's aggregated train metrics (an `EngineStrategy` train observer)."""
+        self._train = metrics
 
-        def recorded_train(server_round, replies):
-            arrays, metrics = aggregate_train(server_round, replies)
-            self._train = metrics
-            return arrays, metrics
+    def record_client_eval(self, server_round: int, metrics: MetricRecord | None) -> None:
+        """Keep the round's aggregated client-eval metrics (an `EngineStrategy` observer)."""
+        self._client_eval = metrics
 
-        def recorded_evaluate(server_round, replies):
-            replies = list(replies)
-            if not any(_examples(m) > 0 for m in replies):  # nothing to weight: no metrics
-                self._client_eval = None
-                return None
-            metrics = aggregate_evaluate(server_round, replies)
-            self._client_eval = metrics
-            return metrics
-
-        strategy.aggregate_train = recorded_train
-        strategy.aggregate_evaluate = recorded_evaluate
-        self._update_log = getattr(strategy, "update_log", None)
+    def follow_updates(self, update_log: list[dict[str, Any]] | None) -> None:
+        """Write the entries the strategy appends to `update_log` to updates.jsonl, round by
+        round (None: the strategy keeps no such log)."""
+        self._update_log = update_log
 
     def end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Server evaluation when due, then one metrics line (round 0 = before training)."""

@@ -28,7 +28,6 @@ from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDic
 from flwr.common import MessageType
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 
 from fedsim.backends.base import GridWrapper
 from fedsim.errors import RunFailedError
@@ -269,20 +268,14 @@ class ReplyGuard(GridWrapper):
         reason = f"round skipped: {valid} valid replies < faults.min_replies={self.min_replies}"
         return [reply if reply.has_error() else rejected(reply, reason) for reply in replies]
 
-    def watch(self, strategy: Strategy) -> None:
-        """Count the rounds without a valid train reply that applied no update (an
-        asynchronous round may still apply held ones) as `skipped_rounds`, and stop the run
-        after `max_skipped_rounds` of them in a row."""
-        aggregate_train = strategy.aggregate_train
-
-        def watched(server_round: int, replies: Iterable[Message]):
-            replies = list(replies)
-            arrays, metrics = aggregate_train(server_round, replies)
-            no_reply = all(reply.has_error() for reply in replies)
-            self._count(server_round, skipped=no_reply and arrays is None)
-            return arrays, metrics
-
-        strategy.aggregate_train = watched
+    def after_train(self, server_round: int, replies: list[Message],
+                    arrays: ArrayRecord | None, metrics: MetricRecord | None) -> None:
+        """Count a round without a valid train reply that applied no update (an
+        asynchronous round may still apply held ones) as a skipped round, and stop the run
+        after `max_skipped_rounds` of them in a row. The engine's `EngineStrategy` calls it
+        after each `aggregate_train`."""
+        no_reply = all(reply.has_error() for reply in replies)
+        self._count(server_round, skipped=no_reply and arrays is None)
 
     def _count(self, server_round: int, skipped: bool) -> None:
         if not skipped:

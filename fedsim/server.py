@@ -1,7 +1,8 @@
 """The server side of a run: strategy, initial model, evaluation, the round loop.
 
-The round loop itself is Flower's `Strategy.start`; this module only assembles
-its inputs and records what it produces.
+The round loop itself is Flower's `Strategy.start`, run on an `EngineStrategy`
+around the configured strategy; this module only assembles its inputs and
+records what it produces.
 """
 
 from __future__ import annotations
@@ -24,27 +25,27 @@ from fedsim.attacks.base import attach_attack
 from fedsim.backends.base import MeteredGrid
 from fedsim.clients.base import predict, resolve_device
 from fedsim.datasets.federated import FederatedData
-from fedsim.metrics import (
-    NUM_EXAMPLES,
-    classification_metrics,
-    measured,
-)
+from fedsim.engine_strategy import EngineStrategy, check_round_loop
+from fedsim.hooks import strategy_hooks
+from fedsim.metrics import classification_metrics, measured
 from fedsim.recording import RunRecorder, code_fingerprint
-from fedsim.reply_check import ReplyGuard, same_arrays_problem
+from fedsim.reply_check import ReplyGuard
 from fedsim.runtime import build_strategy, initial_model, server_preflight
 
 NO_TIMEOUT = 7 * 24 * 3600.0
+#: name -> (object, attributes it keeps out of a checkpoint): the server's checkpointed state
+Stateful = dict[str, tuple[object, tuple[str, ...]]]
 log = logging.getLogger("fedsim")
 
 
 def guarded(cfg: DictConfig, strategy: Strategy, grid: Grid, data: FederatedData) -> ReplyGuard:
     """`grid` behind a `ReplyGuard` with the strategy's weight key and upload check."""
-    splits = data.splits
+    splits, hooks = data.splits, strategy_hooks(strategy)
     return ReplyGuard(
         grid,
-        weight_key=getattr(strategy, "weighted_by_key", NUM_EXAMPLES),
+        weight_key=hooks.weighted_by_key,
         max_examples=cfg.faults.max_num_examples or len(splits.y_train) + len(splits.y_test),
-        check_upload=getattr(strategy, "upload_problem", same_arrays_problem),
+        check_upload=hooks.upload_problem,
         min_replies=cfg.faults.min_replies,
         max_skipped_rounds=cfg.faults.max_skipped_rounds,
         timeout_s=cfg.faults.timeout_s,
@@ -59,12 +60,12 @@ def make_evaluator(
 ):
     """Centralized evaluation of global arrays on the server's test split, in `model`.
 
-    A strategy with an `evaluation_arrays` method (FedLoGe's realigned generic head)
+    A strategy's `evaluation_arrays` hook (FedLoGe's realigned generic head)
     decides which arrays are evaluated; reports head/middle/tail accuracy on
     long-tailed data, and `accuracy-class-<c>` for each of `classes`.
     """
     x_test, y_test = data.server_test()
-    transform = getattr(strategy, "evaluation_arrays", None)
+    transform = None if strategy is None else strategy_hooks(strategy).evaluation_arrays
 
     def evaluate(arrays: ArrayRecord) -> dict[str, float]:
         if transform is not None:
@@ -78,7 +79,7 @@ def make_evaluator(
 
 def reported_classes(cfg: DictConfig, strategy: Strategy) -> list[int]:
     """`evaluation.classes` plus the classes whose holders the strategy simulates as slow."""
-    slow = getattr(strategy, "slow_classes", [])
+    slow = strategy_hooks(strategy).slow_classes
     return sorted(set(cfg.evaluation.get("classes", [])) | set(slow))
 
 
@@ -90,14 +91,18 @@ def run_server(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
     random.seed(cfg.seed)  # Flower's sample_nodes draws from the global `random`
     model = initial_model(cfg, data)
     strategy = build_strategy(cfg)
-    if hasattr(strategy, "bind_run"):  # simulated device delays and what else the rule reads
-        strategy.bind_run(cfg, data)
-    attacked = attach_attack(cfg, strategy, grid)
+    check_round_loop(strategy)  # before any work: the engine runs Flower's loop on it
+    hooks = strategy_hooks(strategy)
+    hooks.bind_run(cfg, data)  # simulated device delays and what else the rule reads
+    attacked, malicious = attach_attack(cfg, strategy, grid)
     guard = guarded(cfg, strategy, attacked, data)
-    # what a checkpoint keeps of the server's objects (their plain-data attributes)
-    stateful = {"strategy": strategy, "guard": guard}
+    # what a checkpoint keeps of the server's objects: their plain-data attributes, less
+    # those named (objects rebuilt from the config)
+    stateful: Stateful = {
+        "strategy": (strategy, hooks.not_checkpointed), "guard": (guard, ())}
     if attacked is not grid:
-        stateful |= {"attack-grid": attacked, "attack": attacked.attack}
+        stateful |= {"attack-grid": (attacked, attacked.not_checkpointed),
+                     "attack": (attacked.attack, attacked.attack.not_checkpointed)}
     metered = MeteredGrid(guard)
     evaluate = make_evaluator(model.to(resolve_device(cfg.device)), data, strategy,
                               reported_classes(cfg, strategy))
@@ -111,14 +116,16 @@ def run_server(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
             arrays, done = resumed.arrays, resumed.server_round
             restore(resumed, stateful, grid)
             recorder.resume(done, **resumed.counters)
-        recorder.attach(strategy)
-        guard.watch(strategy)
+        recorder.follow_updates(hooks.update_log)  # the restored log, when resumed
+        engine = EngineStrategy(
+            strategy, done=done, malicious=malicious,
+            on_train=(recorder.record_train, guard.after_train),
+            on_evaluate=(recorder.record_client_eval,),
+        )
         after_round = checkpointing(cfg, recorder, stateful, grid)
         if resumed is not None:
-            checkpoint.shift_rounds(strategy, done)
-            after_round = checkpoint.shifted_evaluate(after_round, done)
             checkpoint.restore_rng(resumed.rng)  # last: nothing may draw before round done + 1
-        strategy.start(
+        engine.start(
             grid=metered,
             initial_arrays=arrays,
             num_rounds=cfg.num_rounds - done,
@@ -136,7 +143,7 @@ def run_server(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
 
 
 def checkpointing(
-    cfg: DictConfig, recorder: RunRecorder, stateful: dict[str, Any], grid: Grid
+    cfg: DictConfig, recorder: RunRecorder, stateful: Stateful, grid: Grid
 ) -> Callable[[int, ArrayRecord], MetricRecord | None]:
     """The `evaluate_fn` of the round loop: record the round, then write a checkpoint
     every `checkpoint.every` rounds (not after the last: the run is finished then)."""
@@ -148,7 +155,8 @@ def checkpointing(
             checkpoint.save(recorder.run_dir, checkpoint.Checkpoint(
                 server_round=server_round,
                 arrays=arrays,
-                objects={name: checkpoint.plain_state(obj) for name, obj in stateful.items()},
+                objects={name: checkpoint.plain_state(obj, skip)
+                         for name, (obj, skip) in stateful.items()},
                 clients=checkpoint.client_states(grid),
                 rng=checkpoint.rng_state(),
                 counters={"elapsed_s": recorder.elapsed_s(), "rows": recorder.rows,
@@ -160,14 +168,14 @@ def checkpointing(
     return after_round
 
 
-def restore(resumed: checkpoint.Checkpoint, stateful: dict[str, Any], grid: Grid) -> None:
+def restore(resumed: checkpoint.Checkpoint, stateful: Stateful, grid: Grid) -> None:
     """Put the server's objects and the nodes' state back as they were after round
     `resumed.server_round`."""
     if resumed.code != code_fingerprint():
         log.warning("resuming with other code than the checkpoint's (%s, now %s): the rest "
                     "of the run may differ from an uninterrupted one", resumed.code,
                     code_fingerprint())
-    for name, obj in stateful.items():
+    for name, (obj, _) in stateful.items():
         checkpoint.restore_state(obj, resumed.objects.get(name, {}))
     checkpoint.restore_clients(grid, resumed.clients)
     log.info("resuming after round %d", resumed.server_round)

@@ -9,16 +9,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp.strategy import FedAvg, FedTrimmedAvg, MultiKrum
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
-from fedsim.attacks.base import (
-    AdversarialGrid,
-    malicious_nodes,
-    redraw_malicious_majorities,
-)
+from fedsim.attacks.base import AdversarialGrid, malicious_nodes
 from fedsim.attacks.rank_reversal import RankReversal, reversed_consensus
 from fedsim.attacks.scaling import Scaling
 from fedsim.attacks.tailored import AggregationTailored, multikrum_criterion, search_gamma
 from fedsim.backends.base import SimulationGrid
 from fedsim.config import compose, validate
+from fedsim.engine_strategy import EngineStrategy
 from fedsim.errors import ConfigError
 from fedsim.experiment import run_experiment
 from fedsim.runtime import preflight
@@ -45,7 +42,7 @@ def test_cohorts_with_half_or_more_malicious_are_redrawn():
     random.seed(0)
     strategy = FedAvg(fraction_train=0.4, min_train_nodes=4, min_available_nodes=10)
     malicious = frozenset({1, 2, 3, 4})
-    redraw_malicious_majorities(strategy, malicious)
+    strategy = EngineStrategy(strategy, malicious=malicious)
     arrays = ArrayRecord({"w": Array(np.zeros(2, np.float32))})
     counts = []
     for round_ in range(1, 200):

@@ -18,7 +18,7 @@ Their extra uploads feed the attack only; the server never sees them.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, RecordDict
@@ -120,34 +120,31 @@ def malicious_nodes(fraction: float, num_clients: int) -> frozenset[int]:
     return frozenset(range(1, int(fraction * num_clients) + 1))
 
 
-def redraw_malicious_majorities(strategy: Strategy, malicious: frozenset[int]) -> None:
-    """Make `strategy` redraw any training cohort that is half or more malicious.
+def benign_majority_cohort(
+    draw: Callable[[], Iterable[Message]], malicious: frozenset[int]
+) -> list[Message]:
+    """The first training cohort from `draw` in which malicious clients are fewer than half.
 
-    Wraps the instance's `configure_train`; every draw comes from the strategy's
-    own sampling, so the redraws are as reproducible as the first draw.
+    `draw` is the strategy's own `configure_train` for the round (the engine's
+    `EngineStrategy` calls this), so the redraws are as reproducible as the first draw.
     """
-    configure_train = strategy.configure_train
-
-    def configure_benign_majority(server_round, arrays, config, grid) -> Iterable[Message]:
-        for _ in range(MAX_COHORT_DRAWS):
-            messages = list(configure_train(server_round, arrays, config, grid))
-            bad = sum(msg.metadata.dst_node_id in malicious for msg in messages)
-            if not messages or 2 * bad < len(messages):
-                return messages
-        raise RuntimeError(f"no cohort with a benign majority in {MAX_COHORT_DRAWS} draws")
-
-    strategy.configure_train = configure_benign_majority
+    for _ in range(MAX_COHORT_DRAWS):
+        messages = list(draw())
+        bad = sum(msg.metadata.dst_node_id in malicious for msg in messages)
+        if not messages or 2 * bad < len(messages):
+            return messages
+    raise RuntimeError(f"no cohort with a benign majority in {MAX_COHORT_DRAWS} draws")
 
 
-def attach_attack(cfg: DictConfig, strategy: Strategy, grid: Grid) -> Grid:
-    """`grid` with the configured attack in front of it (unchanged when nobody is malicious)."""
+def attach_attack(cfg: DictConfig, strategy: Strategy, grid: Grid) -> tuple[Grid, frozenset[int]]:
+    """`grid` with the configured attack in front of it (unchanged when nobody is malicious),
+    and the malicious nodes, whose majorities the engine's cohorts must avoid."""
     attack: Attack = instantiate(cfg.attack)
     malicious = malicious_nodes(attack.fraction, cfg.num_clients)
     if not malicious:
-        return grid
+        return grid, malicious
     attack.prepare(strategy)
-    redraw_malicious_majorities(strategy, malicious)
-    return AdversarialGrid(grid, attack, malicious, client_uploads(cfg), cfg.seed)
+    return AdversarialGrid(grid, attack, malicious, client_uploads(cfg), cfg.seed), malicious
 
 
 def to_updates(upload: ArrayRecord, global_arrays: Arrays, kind: str) -> Arrays:

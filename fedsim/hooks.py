@@ -1,0 +1,87 @@
+"""What the engine may read from a strategy beyond Flower's `Strategy` API, in one place.
+
+Any Flower strategy runs unchanged: every hook below is optional, and a strategy
+that does not define it gets the default. A strategy provides a hook by defining
+an attribute (or method) of the hook's name; `StrategyHooks` is the only code that
+looks for them, so this table is the whole contract.
+
+=================== ================================ ======================================
+hook                default                          provided by
+=================== ================================ ======================================
+bind_run(cfg, data) nothing to do                    StaleFedAvg (device delays), its
+                                                     subclasses (StalenessInversion: the
+                                                     model and trainer it re-runs)
+upload_problem      `reply_check.same_arrays_problem` FRL (rankings, not weights)
+weighted_by_key     `metrics.NUM_EXAMPLES`           Flower's FedAvg family (its argument)
+evaluation_arrays   the arrays as they are           FedLoGe (the realigned generic head)
+slow_classes        none                             StaleFedAvg (set by `bind_run`)
+update_log          None (no updates.jsonl)          StaleFedAvg (every applied update)
+not_checkpointed    none                             StalenessInversion (model, trainer,
+                                                     data: rebuilt by `bind_run`)
+=================== ================================ ======================================
+
+The values are read when asked for, not when `StrategyHooks` is made: `bind_run`
+sets `slow_classes`, and a resumed run's restored state replaces `update_log`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from flwr.app import ArrayRecord
+from flwr.serverapp.strategy import Strategy
+
+from fedsim.metrics import NUM_EXAMPLES
+from fedsim.reply_check import UploadCheck, same_arrays_problem
+
+
+class StrategyHooks:
+    """The optional hooks of one strategy, each with its default (see the module's table)."""
+
+    def __init__(self, strategy: Strategy) -> None:
+        self.strategy = strategy
+
+    def _hook(self, name: str, default: Any) -> Any:
+        return getattr(self.strategy, name, default)
+
+    def bind_run(self, cfg: Any, data: Any) -> None:
+        """Let the strategy read the run (config, federated data) before the first round."""
+        bind = self._hook("bind_run", None)
+        if bind is not None:
+            bind(cfg, data)
+
+    @property
+    def upload_problem(self) -> UploadCheck:
+        """What is wrong with a train upload, given the arrays sent (or None)."""
+        return self._hook("upload_problem", same_arrays_problem)
+
+    @property
+    def weighted_by_key(self) -> str:
+        """The reply metric the strategy weights by."""
+        return self._hook("weighted_by_key", NUM_EXAMPLES)
+
+    @property
+    def evaluation_arrays(self) -> Callable[[ArrayRecord], ArrayRecord] | None:
+        """The arrays the server evaluates in place of the global ones (None: the global)."""
+        return self._hook("evaluation_arrays", None)
+
+    @property
+    def slow_classes(self) -> list[int]:
+        """Classes whose holders the strategy simulates as slow (reported per class)."""
+        return list(self._hook("slow_classes", ()))
+
+    @property
+    def update_log(self) -> list[dict[str, Any]] | None:
+        """The strategy's growing list of applied updates (written to updates.jsonl)."""
+        return self._hook("update_log", None)
+
+    @property
+    def not_checkpointed(self) -> tuple[str, ...]:
+        """Attributes a checkpoint leaves out (objects rebuilt from the config)."""
+        return tuple(self._hook("not_checkpointed", ()))
+
+
+def strategy_hooks(strategy: Strategy) -> StrategyHooks:
+    """`strategy`'s optional hooks, with their defaults."""
+    return StrategyHooks(strategy)
