@@ -25,7 +25,7 @@ from fedsim.errors import ConfigError, require
 from fedsim.spec import client_uploads
 
 RUN_CONFIG_KEY = "fedsim-config"
-OVERRIDES_KEY = "overrides"  # Hydra overrides, e.g. "strategy=fedld num_rounds=5"
+OVERRIDES_KEY = "overrides"  # Hydra overrides, e.g. "strategy=fedprox num_rounds=5"
 DEPLOYMENT_BACKEND = "fedsim.backends.deployment.DeploymentBackend"
 GROUPS = (
     "strategy", "client", "optimizer", "dataset", "partition", "model", "backend", "logger",
@@ -244,7 +244,7 @@ def _validate_upload_pairing(cfg: DictConfig) -> None:
     _require(uploads == expects, "client",
              f"a trainer that uploads {expects}, as strategy {cfg.strategy._target_} expects "
              f"(client {cfg.client._target_} uploads {uploads}; use the method's own client "
-             "group, e.g. strategy=fedld client=fedld, strategy=frl client=frl)",
+             "group, or method=<name>, which pairs them)",
              str(cfg.client._target_))
 
 
@@ -496,17 +496,6 @@ def _validate_strategy(cfg: DictConfig) -> None:
     _check_each(strategy, "strategy", ("proximal_mu", "lam"), _non_negative, "a number >= 0")
     _check_each(strategy, "strategy", ("beta",), lambda v: _is_number(v) and 0 <= v < 0.5,
                 "a number in [0, 0.5) (the share trimmed at each end)")
-    for group in ("strategy", "model"):
-        if "mask_mode" in cfg[group]:
-            from fedsim.supermask import MASK_MODES
-
-            _require(cfg[group].mask_mode in MASK_MODES, f"{group}.mask_mode",
-                     f"one of {MASK_MODES}", cfg[group].mask_mode)
-    if "mask_mode" in strategy and "mask_mode" in cfg.model:
-        _require(cfg.model.mask_mode == strategy.mask_mode, "model.mask_mode",
-                 f"the strategy's ({strategy.mask_mode}): clients train with the strategy's "
-                 "mask and the server must evaluate with the same one (leave model.mask_mode "
-                 "unset)", cfg.model.mask_mode)
     if "num_malicious_nodes" not in strategy:
         return
     f = strategy.num_malicious_nodes

@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fedsim.errors import require
+
 MASK_MODES = ("reference", "topk")
 
 
@@ -80,8 +82,7 @@ class SupermaskLayer(nn.Module):
         **op_kwargs,
     ) -> None:
         super().__init__()
-        if mask_mode not in MASK_MODES:
-            raise ValueError(f"mask_mode must be one of {MASK_MODES} (got {mask_mode!r})")
+        require(mask_mode in MASK_MODES, "model.mask_mode", f"one of {MASK_MODES}", mask_mode)
         fan_in = math.prod(shape[1:])
         signs = torch.randint(0, 2, tuple(shape), generator=generator).float() * 2 - 1
         self.register_buffer("weight", signs * math.sqrt(2.0 / fan_in), persistent=False)

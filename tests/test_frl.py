@@ -257,17 +257,20 @@ def test_trainer_applies_the_mask_mode_the_server_sends(client_data):
 # --- config and runs -------------------------------------------------------------------
 
 
-def test_config_pairs_frl_with_its_client_and_checks_the_mask_mode():
+def test_config_pairs_frl_with_its_client_and_checks_the_mask_mode(tiny_cfg):
+    from fedsim.runtime import preflight
+
     with pytest.raises(ConfigError, match="client must be a trainer that uploads rankings"):
         validate(compose(["strategy=frl", "model=supermask_mlp"]))
     with pytest.raises(ConfigError, match="client must be a trainer that uploads weights"):
         validate(compose(["client=frl", "model=supermask_mlp"]))
+    # the mask mode is the strategy's: checked by its constructor and its check(spec)
     with pytest.raises(ConfigError, match="strategy.mask_mode must be one of"):
-        validate(compose(["strategy=frl", "client=frl", "model=supermask_mlp",
-                          "strategy.mask_mode=bottom"]))
+        preflight(tiny_cfg("strategy=frl", "client=frl", "model=supermask_mlp",
+                           "strategy.mask_mode=bottom"))
     with pytest.raises(ConfigError, match=r"model.mask_mode must be the strategy's \(reference\)"):
-        validate(compose(["strategy=frl", "client=frl", "model=supermask_mlp",
-                          "model.mask_mode=topk"]))
+        preflight(tiny_cfg("strategy=frl", "client=frl", "model=supermask_mlp",
+                           "model.mask_mode=topk"))
     cfg = compose(["strategy=frl", "client=frl", "model=supermask_mlp",
                    "strategy.mask_mode=topk"])
     assert cfg.model.mask_mode == "topk"  # the server's evaluation model follows the strategy

@@ -18,8 +18,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from fedsim.clients.base import UPLOADS_RANKINGS
-from fedsim.errors import MessageError
+from fedsim.errors import MessageError, require
 from fedsim.reply_check import keys_problem
+from fedsim.spec import RunSpec
 from fedsim.strategies.base import UploadStrategy
 from fedsim.supermask import MASK_MODES
 
@@ -95,10 +96,20 @@ class FRL(UploadStrategy):
     expects_uploads = UPLOADS_RANKINGS
 
     def __init__(self, mask_mode: str = "reference", **kwargs) -> None:
-        if mask_mode not in MASK_MODES:
-            raise ValueError(f"strategy.mask_mode must be one of {MASK_MODES} (got {mask_mode!r})")
+        require(mask_mode in MASK_MODES, "strategy.mask_mode", f"one of {MASK_MODES}", mask_mode)
         super().__init__(**kwargs)
         self.mask_mode = mask_mode
+
+    @classmethod
+    def check(cls, spec: RunSpec) -> None:
+        """The mask mode is the strategy's: the server's model follows it (the supermask
+        model yamls read `strategy.mask_mode`), and a model set otherwise is refused."""
+        strategy, model = spec.cfg.strategy, spec.cfg.model
+        mode = strategy.get("mask_mode", "reference")
+        require(model.get("mask_mode", mode) == mode, "model.mask_mode",
+                f"the strategy's ({mode}): clients train with the strategy's mask and the "
+                "server must evaluate with the same one (leave model.mask_mode unset)",
+                model.get("mask_mode"))
 
     def upload_problem(self, upload: ArrayRecord, sent: dict[str, np.ndarray]) -> str | None:
         """What is wrong with a client's rankings (for `fedsim.reply_check.ReplyGuard`), or None."""
