@@ -160,8 +160,10 @@ def preflight(cfg: DictConfig) -> tuple[FederatedData, Path]:
 def check_strategy(cfg: DictConfig) -> None:
     """Build the strategy once, so that its constructor's checks of its settings fail
     here, before any work, and not when the server starts."""
+    from fedsim.engine_strategy import check_round_loop
+
     try:
-        build_strategy(cfg)
+        check_round_loop(build_strategy(cfg))
     except InstantiationException as err:
         cause = err.__cause__ or err
         raise ConfigError(f"strategy ({cfg.strategy._target_}) refuses its settings: "

@@ -25,7 +25,7 @@ from fedsim.attacks.base import attach_attack
 from fedsim.backends.base import MeteredGrid
 from fedsim.clients.base import predict, resolve_device
 from fedsim.datasets.federated import FederatedData
-from fedsim.engine_strategy import EngineStrategy, check_round_loop
+from fedsim.engine_strategy import EngineStrategy
 from fedsim.hooks import strategy_hooks
 from fedsim.metrics import classification_metrics, measured
 from fedsim.recording import RunRecorder, code_fingerprint
@@ -91,7 +91,6 @@ def run_server(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
     random.seed(cfg.seed)  # Flower's sample_nodes draws from the global `random`
     model = initial_model(cfg, data)
     strategy = build_strategy(cfg)
-    check_round_loop(strategy)  # before any work: the engine runs Flower's loop on it
     hooks = strategy_hooks(strategy)
     hooks.bind_run(cfg, data)  # simulated device delays and what else the rule reads
     attacked, malicious = attach_attack(cfg, strategy, grid)

@@ -273,3 +273,10 @@ def test_a_simulated_run_checks_its_config_once(tiny_cfg, monkeypatch):
     monkeypatch.setattr(runtime, "preflight", lambda cfg: calls.append(1) or real(cfg))
     run_experiment(tiny_cfg("num_rounds=1"))
     assert len(calls) == 1
+
+
+def test_a_strategy_with_its_own_round_loop_is_refused_before_any_work(tiny_cfg):
+    cfg = tiny_cfg("strategy._target_=helpers.OwnLoopFedAvg")
+    with pytest.raises(ConfigError, match="strategy: OwnLoopFedAvg overrides Strategy.start"):
+        run_experiment(cfg)
+    assert not Path(cfg.output_dir).exists()
