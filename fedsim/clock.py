@@ -42,8 +42,10 @@ class Devices(ABC):
         `applies_stale_updates`; Flower's own strategies would wait for them)."""
         from hydra.utils import get_class
 
+        from fedsim.hooks import applies_stale_updates
+
         strategy = str(spec.cfg.strategy._target_)
-        require(getattr(get_class(strategy), "applies_stale_updates", False), "strategy",
+        require(applies_stale_updates(get_class(strategy)), "strategy",
                 "a strategy that applies stale updates (stale, fedbuff, fedasync, dc_asgd, "
                 "staleness_inversion) when devices has delays (devices "
                 f"{spec.cfg.devices._target_})", strategy)

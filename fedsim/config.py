@@ -240,7 +240,9 @@ def _validate_upload_pairing(cfg: DictConfig) -> None:
     from hydra.utils import get_class
 
     uploads = client_uploads(cfg)
-    expects = getattr(get_class(cfg.strategy._target_), "expects_uploads", "weights")
+    from fedsim.hooks import expects_uploads
+
+    expects = expects_uploads(get_class(cfg.strategy._target_))
     _require(uploads == expects, "client",
              f"a trainer that uploads {expects}, as strategy {cfg.strategy._target_} expects "
              f"(client {cfg.client._target_} uploads {uploads}; use the method's own client "

@@ -22,6 +22,9 @@ not_checkpointed    none                             StalenessInversion (model, 
 
 The values are read when asked for, not when `StrategyHooks` is made: `bind_run`
 sets `slow_classes`, and a resumed run's restored state replaces `update_log`.
+
+Two more are class attributes, read before any strategy exists (`expects_uploads`,
+`applies_stale_updates`, below).
 """
 
 from __future__ import annotations
@@ -80,6 +83,18 @@ class StrategyHooks:
     def not_checkpointed(self) -> tuple[str, ...]:
         """Attributes a checkpoint leaves out (objects rebuilt from the config)."""
         return tuple(self._hook("not_checkpointed", ()))
+
+
+def expects_uploads(strategy_cls: type) -> str:
+    """What the strategy aggregates: "weights" (Flower's strategies), "deltas" or
+    "rankings"; config validation pairs it with the trainer's `uploads`."""
+    return getattr(strategy_cls, "expects_uploads", "weights")
+
+
+def applies_stale_updates(strategy_cls: type) -> bool:
+    """Whether the strategy applies late clients' updates (a delaying `devices` model
+    needs one); Flower's own strategies wait for every reply."""
+    return bool(getattr(strategy_cls, "applies_stale_updates", False))
 
 
 def strategy_hooks(strategy: Strategy) -> StrategyHooks:
