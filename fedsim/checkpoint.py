@@ -2,8 +2,8 @@
 
 Every `checkpoint.every` rounds the server writes `checkpoint.pkl` into the run
 directory: the global arrays, the strategy's state (every plain-data attribute
-of the strategy object: FedLD's history, FedAdam's moments, the virtual clock,
-in-flight clients and stored model versions of the stale strategies...), each
+of the strategy object: aggregation histories, server optimizer moments, virtual
+clocks, clients in flight, stored model versions...), each
 simulated node's persistent state, the random generators of the server
 process, and the recorder's counters. It is written to a temporary file and
 renamed over the last one, so a run killed at any moment leaves a whole

@@ -27,7 +27,7 @@ from fedsim.plots import plot_curves, plot_label_distribution, plot_metrics, run
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CLASS_GROUPS_FILE = "class_groups.json"
-UPDATES_FILE = "updates.jsonl"  # one line per applied update of a stale-aware strategy
+UPDATES_FILE = "updates.jsonl"  # one line per entry of a strategy's update_log hook
 
 
 @lru_cache(maxsize=1)

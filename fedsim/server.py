@@ -60,7 +60,7 @@ def make_evaluator(
 ):
     """Centralized evaluation of global arrays on the server's test split, in `model`.
 
-    A strategy's `evaluation_arrays` hook (FedLoGe's realigned generic head)
+    A strategy's `evaluation_arrays` hook (e.g. a realigned generic head)
     decides which arrays are evaluated; reports head/middle/tail accuracy on
     long-tailed data, and `accuracy-class-<c>` for each of `classes`.
     """

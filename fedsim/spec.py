@@ -1,7 +1,7 @@
 """What a method's cross-group check reads, and the hook that declares such a check.
 
 A method validates its own settings in its constructor. A need that spans groups (a
-trainer that only works on supermask networks, a strategy that re-runs clients and so
+trainer that only works on one kind of network, a strategy that re-runs clients and so
 cannot take batch normalization) is a `check(spec)` classmethod on the method's own
 class. Preflight calls it for the classes of the `client`, `strategy`, `attack` and
 `devices` groups, with the run's composed config and the global model built for the
