@@ -6,18 +6,16 @@ an attribute (or method) of the hook's name; `StrategyHooks` is the only code th
 looks for them, so this table is the whole contract.
 
 =================== ================================ ======================================
-hook                default                          provided by
+hook                default                          for a strategy that...
 =================== ================================ ======================================
-bind_run(cfg, data) nothing to do                    StaleFedAvg (device delays), its
-                                                     subclasses (StalenessInversion: the
-                                                     model and trainer it re-runs)
-upload_problem      `reply_check.same_arrays_problem` FRL (rankings, not weights)
-weighted_by_key     `metrics.NUM_EXAMPLES`           Flower's FedAvg family (its argument)
-evaluation_arrays   the arrays as they are           FedLoGe (the realigned generic head)
-slow_classes        none                             StaleFedAvg (set by `bind_run`)
-update_log          None (no updates.jsonl)          StaleFedAvg (every applied update)
-not_checkpointed    none                             StalenessInversion (model, trainer,
-                                                     data: rebuilt by `bind_run`)
+bind_run(cfg, data) nothing to do                    reads the run before round 1 (device
+                                                     delays, a trainer it re-runs)
+upload_problem      `reply_check.same_arrays_problem` takes uploads other than weights
+weighted_by_key     `metrics.NUM_EXAMPLES`           weights replies by another metric
+evaluation_arrays   the arrays as they are           evaluates a transformed global model
+slow_classes        none                             simulates slow holders of some classes
+update_log          None (no updates.jsonl)          logs every update it applies
+not_checkpointed    none                             holds objects rebuilt by `bind_run`
 =================== ================================ ======================================
 
 The values are read when asked for, not when `StrategyHooks` is made: `bind_run`
