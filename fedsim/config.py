@@ -289,7 +289,6 @@ def validate(cfg: DictConfig) -> None:
     _validate_model(cfg)
     _validate_client(cfg)
     _validate_optimizer(cfg)
-    _validate_strategy(cfg)
     _validate_backend_and_logger(cfg)
     _validate_attack(cfg)
     _validate_evaluation_and_devices(cfg)
@@ -486,32 +485,6 @@ def _validate_optimizer(cfg: DictConfig) -> None:
     _check_each(optimizer, "optimizer", ("update_proj_gap",), _count, "an integer >= 1")
     _check_each(optimizer, "optimizer", ("nesterov",), lambda v: isinstance(v, bool),
                 "true or false")
-
-
-def _validate_strategy(cfg: DictConfig) -> None:
-    """Method parameters in range; robust rules need enough clients for their attackers."""
-    strategy, k = cfg.strategy, cfg.clients_per_round
-    _check_each(strategy, "strategy", ("eta", "eta_l", "tau", "server_learning_rate"), _positive,
-                "a number > 0")
-    _check_each(strategy, "strategy", ("beta_1", "beta_2", "server_momentum"), _below_one,
-                "a number in [0, 1)")
-    _check_each(strategy, "strategy", ("proximal_mu", "lam"), _non_negative, "a number >= 0")
-    _check_each(strategy, "strategy", ("beta",), lambda v: _is_number(v) and 0 <= v < 0.5,
-                "a number in [0, 0.5) (the share trimmed at each end)")
-    if "num_malicious_nodes" not in strategy:
-        return
-    f = strategy.num_malicious_nodes
-    _require(_is_int(f) and f >= 0, "strategy.num_malicious_nodes", "an integer >= 0", f)
-    if str(strategy._target_).endswith("Bulyan"):
-        _require(k >= 4 * f + 3, "clients_per_round",
-                 f">= 4 * strategy.num_malicious_nodes + 3 = {4 * f + 3} for Bulyan", k)
-    else:
-        _require(k >= 2 * f + 3, "clients_per_round",
-                 f">= 2 * strategy.num_malicious_nodes + 3 = {2 * f + 3} for Krum", k)
-    if "num_nodes_to_select" in strategy:
-        n = strategy.num_nodes_to_select
-        _require(_is_int(n) and 1 <= n <= k, "strategy.num_nodes_to_select",
-                 f"an integer in [1, clients_per_round={k}]", n)
 
 
 def _validate_attack(cfg: DictConfig) -> None:

@@ -33,8 +33,11 @@ from fedsim.errors import ConfigError
     ],
 )
 def test_bad_fields_are_named_with_what_is_allowed(tiny_cfg, overrides, field):
+    """Preflight: config validation, then each group's own checks (constructors, check(spec))."""
+    from fedsim.runtime import preflight
+
     with pytest.raises(ConfigError) as err:
-        validate(tiny_cfg(*overrides))
+        preflight(tiny_cfg(*overrides))
     assert str(err.value).startswith(field)
     assert "must be" in str(err.value) or "cannot import" in str(err.value)
 

@@ -1,4 +1,5 @@
 """fedsim's own aggregation strategies, each a subclass of a `flwr.serverapp.strategy` class.
 
-Flower's baselines are used directly from `flwr.serverapp.strategy` (see fedsim/conf/strategy/).
+Flower's baselines come from `flwr.serverapp.strategy`; `flower.py` subclasses those with
+settings only to check them when they are built (see fedsim/conf/strategy/).
 """
