@@ -287,7 +287,6 @@ def validate(cfg: DictConfig) -> None:
     _validate_dataset(cfg)
     _validate_partition(cfg)
     _validate_model(cfg)
-    _validate_client(cfg)
     _validate_optimizer(cfg)
     _validate_backend_and_logger(cfg)
     _validate_attack(cfg)
@@ -454,24 +453,6 @@ def _validate_model(cfg: DictConfig) -> None:
                 "a number in [0, 1) (the share of edges masked)")
 
 
-def _validate_client(cfg: DictConfig) -> None:
-    client = cfg.client
-    for key in ("lr", "batch_size", "local_epochs"):
-        if key in client:
-            _require(isinstance(client[key], int | float) and client[key] > 0,
-                     f"client.{key}", "a number > 0", client[key])
-    for key in ("batch_size", "local_epochs"):
-        if key in client:
-            _require(_is_int(client[key]), f"client.{key}", "an integer > 0", client[key])
-    for key in ("momentum", "weight_decay", "proximal_mu"):
-        if key in client:
-            _require(isinstance(client[key], int | float) and client[key] >= 0,
-                     f"client.{key}", "a number >= 0", client[key])
-    _check_each(client, "client", ("momentum",), _below_one, "a number in [0, 1)")
-    _check_each(client, "client", ("lr_decay",), _positive,
-                "a number > 0 (round r trains at lr * lr_decay^(r-1))")
-
-
 def _validate_optimizer(cfg: DictConfig) -> None:
     """Optimizer settings in range (its lr and weight decay are client.lr, client.weight_decay)."""
     optimizer = cfg.optimizer
@@ -479,7 +460,9 @@ def _validate_optimizer(cfg: DictConfig) -> None:
         betas = optimizer.betas
         _require(OmegaConf.is_list(betas) and len(betas) >= 2 and all(_below_one(b) for b in betas),
                  "optimizer.betas", "a list [beta1, beta2] of numbers in [0, 1)", betas)
-    _check_each(optimizer, "optimizer", ("momentum",), _below_one, "a number in [0, 1)")
+    if "momentum" in optimizer and not OmegaConf.is_interpolation(optimizer, "momentum"):
+        # ${client.momentum} is checked by the trainer, under its own name
+        _check_each(optimizer, "optimizer", ("momentum",), _below_one, "a number in [0, 1)")
     _check_each(optimizer, "optimizer", ("eps", "wd_ratio"), _non_negative, "a number >= 0")
     _check_each(optimizer, "optimizer", ("delta", "scale"), _positive, "a number > 0")
     _check_each(optimizer, "optimizer", ("update_proj_gap",), _count, "an integer >= 1")

@@ -12,6 +12,7 @@ from torch import nn
 
 from fedsim.clients.base import NUM_EXAMPLES, Trainer, TrainOutput, minibatches
 from fedsim.datasets.federated import ClientData
+from fedsim.errors import is_int, is_number, require
 from fedsim.inversion import LocalProcedure
 
 
@@ -20,6 +21,21 @@ def proximal_term(model: nn.Module, anchor: list[torch.Tensor]) -> torch.Tensor:
     return sum(
         (p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor, strict=True)
     )
+
+
+def check_sgd_settings(*, lr: float, momentum: float, weight_decay: float, local_epochs: int,
+                       batch_size: int, proximal_mu: float, lr_decay: float) -> None:
+    """The local SGD settings in range; a bad one raises the one-line `ConfigError`."""
+    for name, value in (("lr", lr), ("batch_size", batch_size), ("local_epochs", local_epochs)):
+        require(is_number(value) and value > 0, f"client.{name}", "a number > 0", value)
+    for name, value in (("batch_size", batch_size), ("local_epochs", local_epochs)):
+        require(is_int(value), f"client.{name}", "an integer > 0", value)
+    for name, value in (("momentum", momentum), ("weight_decay", weight_decay),
+                        ("proximal_mu", proximal_mu)):
+        require(is_number(value) and value >= 0, f"client.{name}", "a number >= 0", value)
+    require(momentum < 1, "client.momentum", "a number in [0, 1)", momentum)
+    require(is_number(lr_decay) and lr_decay > 0, "client.lr_decay",
+            "a number > 0 (round r trains at lr * lr_decay^(r-1))", lr_decay)
 
 
 class SGDTrainer(Trainer):
@@ -58,6 +74,9 @@ class SGDTrainer(Trainer):
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
     ) -> None:
         super().__init__(model_fn, seed, eval_batch_size, device)
+        check_sgd_settings(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                           local_epochs=local_epochs, batch_size=batch_size,
+                           proximal_mu=proximal_mu, lr_decay=lr_decay)
         self.optimizer = optimizer or partial(torch.optim.SGD, momentum=momentum)
         self.lr = lr
         self.momentum = momentum
