@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from fedsim.errors import require
+
 
 class NoLogger:
     """Keeps only the local outputs."""
@@ -30,8 +32,8 @@ class WandbLogger(NoLogger):
         group: str | None = None,
         tags: list[str] | None = None,
     ) -> None:
-        if mode not in ("offline", "online", "disabled"):
-            raise ValueError(f"logger.mode must be offline, online or disabled, got '{mode}'")
+        require(mode in ("offline", "online", "disabled"), "logger.mode",
+                "offline, online or disabled", mode)
         self.project, self.entity, self.mode = project, entity, mode
         self.group, self.tags = group, list(tags or [])
         self._run = None

@@ -23,6 +23,8 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from omegaconf import DictConfig
 
+from fedsim.errors import is_number, require
+
 RUN_ID = 1
 MAX_LOGGED_FAILURES = 3  # per round; the rest are counted
 log = logging.getLogger("fedsim")
@@ -45,6 +47,12 @@ class Backend(ABC):
     @abstractmethod
     def run(self, cfg: DictConfig) -> None:
         """Run `cfg` to its end; the ServerApp writes the outputs."""
+
+
+def check_resources(num_cpus: float, num_gpus: float) -> None:
+    """Per-client resources of a Ray-based backend: CPUs > 0, GPUs >= 0."""
+    require(is_number(num_cpus) and num_cpus > 0, "backend.num_cpus", "a number > 0", num_cpus)
+    require(is_number(num_gpus) and num_gpus >= 0, "backend.num_gpus", "a number >= 0", num_gpus)
 
 
 def content_nbytes(content: RecordDict) -> int:

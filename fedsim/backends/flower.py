@@ -13,7 +13,7 @@ import warnings
 
 from omegaconf import DictConfig
 
-from fedsim.backends.base import Backend
+from fedsim.backends.base import Backend, check_resources
 from fedsim.config import RUN_CONFIG_KEY, to_run_config
 
 
@@ -38,6 +38,7 @@ class FlowerSimulationBackend(Backend):
     """fedsim's ServerApp and ClientApp under `flwr.simulation.run_simulation`."""
 
     def __init__(self, num_cpus: float = 1, num_gpus: float = 0.0) -> None:
+        check_resources(num_cpus, num_gpus)
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
 

@@ -23,9 +23,9 @@ from flwr.common import MessageType
 from flwr.common.constant import ErrorCode
 from omegaconf import DictConfig
 
-from fedsim.backends.base import Backend, SimulationGrid, server_context
+from fedsim.backends.base import Backend, SimulationGrid, check_resources, server_context
 from fedsim.config import to_run_config
-from fedsim.errors import ConfigError
+from fedsim.errors import ConfigError, is_int, require
 
 
 @ray.remote
@@ -165,6 +165,9 @@ class RayBackend(Backend):
         num_actors: int | None = None,
         address: str | None = None,
     ) -> None:
+        check_resources(num_cpus, num_gpus)
+        require(num_actors is None or (is_int(num_actors) and num_actors >= 1),
+                "backend.num_actors", "an integer >= 1 or null", num_actors)
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
         self.num_actors = num_actors
