@@ -17,7 +17,7 @@ from fedsim.errors import ConfigError
         (["num_clients=0"], "num_clients"),
         (["num_rounds=0"], "num_rounds"),
         (["evaluation.clients_per_round=9"], "evaluation.clients_per_round"),
-        (["client.lr=0"], "client.lr"),
+        (["client.lr=-0.1"], "client.lr"),
         (["client.batch_size=2.5"], "client.batch_size"),
         (["strategy._target_=flwr.serverapp.strategy.NoSuchStrategy"], "strategy._target_"),
         (["partition.num_partitions=3"], "partition.num_partitions"),
