@@ -23,7 +23,7 @@ import logging
 import os
 import pickle
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,7 @@ class Checkpoint:
 
     server_round: int
     arrays: ArrayRecord
-    objects: dict[str, dict[str, Any]]  # name -> `plain_state` (strategy, guard, attack)
+    objects: dict[str, dict[str, Any]]  # name -> `fedsim.state.checkpoint_state` of it
     clients: dict[int, RecordDict]
     rng: dict[str, Any]
     counters: dict[str, Any] = field(default_factory=dict)
@@ -58,26 +58,6 @@ class Checkpoint:
 
 
 # ---- state in and out -----------------------------------------------------------------
-
-
-def plain_state(obj: object, skip: Iterable[str] = ()) -> dict[str, Any]:
-    """An object's plain-data attributes: what a strategy (or the guard, or an attack)
-    changes as rounds go by.
-
-    Functions (a strategy's metric aggregators, given as arguments), grids and the
-    names in `skip` (the object's `not_checkpointed`: objects rebuilt from the
-    config, such as a model or a dataset) are left out.
-    """
-    skip = set(skip)
-    return {
-        name: value for name, value in vars(obj).items()
-        if name not in skip and not callable(value) and not isinstance(value, Grid)
-    }
-
-
-def restore_state(obj: object, state: dict[str, Any]) -> None:
-    """Set the attributes `plain_state` saved."""
-    vars(obj).update(state)
 
 
 def rng_state() -> dict[str, Any]:

@@ -15,14 +15,14 @@ weighted_by_key     `metrics.NUM_EXAMPLES`           weights replies by another 
 evaluation_arrays   the arrays as they are           evaluates a transformed global model
 slow_classes        none                             simulates slow holders of some classes
 update_log          None (no updates.jsonl)          logs every update it applies
-not_checkpointed    none                             holds objects rebuilt by `bind_run`
 =================== ================================ ======================================
 
 The values are read when asked for, not when `StrategyHooks` is made: `bind_run`
 sets `slow_classes`, and a resumed run's restored state replaces `update_log`.
 
 Two more are class attributes, read before any strategy exists (`expects_uploads`,
-`applies_stale_updates`, below).
+`applies_stale_updates`, below). What a checkpoint keeps of a strategy, and how the
+strategy takes it back, is `fedsim.state`'s (`checkpoint_state`, `load_checkpoint_state`).
 """
 
 from __future__ import annotations
@@ -76,11 +76,6 @@ class StrategyHooks:
     def update_log(self) -> list[dict[str, Any]] | None:
         """The strategy's growing list of applied updates (written to updates.jsonl)."""
         return self._hook("update_log", None)
-
-    @property
-    def not_checkpointed(self) -> tuple[str, ...]:
-        """Attributes a checkpoint leaves out (objects rebuilt from the config)."""
-        return tuple(self._hook("not_checkpointed", ()))
 
 
 def expects_uploads(strategy_cls: type) -> str:

@@ -31,10 +31,11 @@ from fedsim.metrics import classification_metrics, measured
 from fedsim.recording import RunRecorder, code_fingerprint
 from fedsim.reply_check import ReplyGuard
 from fedsim.runtime import build_strategy, initial_model, server_preflight
+from fedsim.state import checkpoint_state, load_checkpoint_state
 
 NO_TIMEOUT = 7 * 24 * 3600.0
-#: name -> (object, attributes it keeps out of a checkpoint): the server's checkpointed state
-Stateful = dict[str, tuple[object, tuple[str, ...]]]
+#: config field -> object: the server's checkpointed state (`fedsim.state`)
+Stateful = dict[str, object]
 log = logging.getLogger("fedsim")
 
 
@@ -95,13 +96,10 @@ def run_server(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
     hooks.bind_run(cfg, data)  # simulated device delays and what else the rule reads
     attacked, malicious = attach_attack(cfg, strategy, grid)
     guard = guarded(cfg, strategy, attacked, data)
-    # what a checkpoint keeps of the server's objects: their plain-data attributes, less
-    # those named (objects rebuilt from the config)
-    stateful: Stateful = {
-        "strategy": (strategy, hooks.not_checkpointed), "guard": (guard, ())}
+    # the server's objects that change as rounds go by, each checkpointed by fedsim.state
+    stateful: Stateful = {"strategy": strategy, "guard": guard}
     if attacked is not grid:
-        stateful |= {"attack-grid": (attacked, attacked.not_checkpointed),
-                     "attack": (attacked.attack, attacked.attack.not_checkpointed)}
+        stateful |= {"attack-grid": attacked, "attack": attacked.attack}
     metered = MeteredGrid(guard)
     evaluate = make_evaluator(model.to(resolve_device(cfg.device)), data, strategy,
                               reported_classes(cfg, strategy))
@@ -154,8 +152,7 @@ def checkpointing(
             checkpoint.save(recorder.run_dir, checkpoint.Checkpoint(
                 server_round=server_round,
                 arrays=arrays,
-                objects={name: checkpoint.plain_state(obj, skip)
-                         for name, (obj, skip) in stateful.items()},
+                objects={name: checkpoint_state(obj) for name, obj in stateful.items()},
                 clients=checkpoint.client_states(grid),
                 rng=checkpoint.rng_state(),
                 counters={"elapsed_s": recorder.elapsed_s(), "rows": recorder.rows,
@@ -174,7 +171,7 @@ def restore(resumed: checkpoint.Checkpoint, stateful: Stateful, grid: Grid) -> N
         log.warning("resuming with other code than the checkpoint's (%s, now %s): the rest "
                     "of the run may differ from an uninterrupted one", resumed.code,
                     code_fingerprint())
-    for name, (obj, _) in stateful.items():
-        checkpoint.restore_state(obj, resumed.objects.get(name, {}))
+    for name, obj in stateful.items():
+        load_checkpoint_state(obj, resumed.objects.get(name, {}), name)
     checkpoint.restore_clients(grid, resumed.clients)
     log.info("resuming after round %d", resumed.server_round)

@@ -8,6 +8,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 from fedsim.clients.sgd import SGDTrainer
+from fedsim.state import Checkpointed
 
 
 class RankingTrainer(SGDTrainer):
@@ -172,3 +173,24 @@ class OwnLoopFedAvg(FedAvg):
 
     def start(self, *args, **kwargs):
         return super().start(*args, **kwargs)
+
+
+class CountingFedAvg(FedAvg):
+    """A strategy from outside fedsim with state that grows by round (the replies it has
+    aggregated, reported as a train metric), and no way to load a checkpoint of it."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.replies_seen = 0
+
+    def aggregate_train(self, server_round, replies):
+        replies = list(replies)
+        self.replies_seen += len(replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if metrics is not None:
+            metrics["replies_seen"] = self.replies_seen
+        return arrays, metrics
+
+
+class CheckpointedCountingFedAvg(Checkpointed, CountingFedAvg):
+    """`CountingFedAvg` that loads its checkpointed state itself, so it resumes."""

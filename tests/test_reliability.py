@@ -474,3 +474,28 @@ def test_same_seed_same_faults_same_run(tiny_cfg):
     rows = without_timing(read_metrics(first.output_dir))
     assert rows == without_timing(read_metrics(second.output_dir))
     assert sum(r.get("train_failures", 0) for r in rows) > 0
+
+
+def test_a_strategy_from_elsewhere_resumes_when_it_loads_its_own_state(tiny_cfg, monkeypatch):
+    """fedsim assigns no attribute of another class: a stateful strategy without
+    `load_checkpoint_state` is refused on resume (one line, nothing lost); one with it
+    resumes to the uninterrupted run's end, its state included."""
+    run = ["num_rounds=4", "checkpoint.every=2"]
+    counting = "strategy._target_=helpers.CountingFedAvg"
+    broken = tiny_cfg(*run, counting)
+    _interrupted_run(broken, stop_round=3, monkeypatch=monkeypatch)
+    before = (Path(broken.output_dir) / "metrics.jsonl").read_bytes()
+    with pytest.raises(ConfigError, match=r"strategy must define load_checkpoint_state\(state\)"
+                                          r".*CountingFedAvg changed \['replies_seen'\]"):
+        run_experiment(checkpoint.resumed_config(broken.output_dir))
+    assert (Path(broken.output_dir) / "metrics.jsonl").read_bytes() == before
+
+    loading = "strategy._target_=helpers.CheckpointedCountingFedAvg"
+    whole = tiny_cfg(*run, loading)
+    run_experiment(whole)
+    broken = tiny_cfg(*run, loading)
+    _interrupted_run(broken, stop_round=3, monkeypatch=monkeypatch)
+    run_experiment(checkpoint.resumed_config(broken.output_dir))
+    resumed, expected = _untimed(broken.output_dir), _untimed(whole.output_dir)
+    assert resumed == expected
+    assert [row.get("train/replies_seen") for row in resumed][-1] == 4 * 3

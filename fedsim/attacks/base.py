@@ -32,12 +32,13 @@ from fedsim.backends.base import GridWrapper
 from fedsim.clients.base import UPLOADS_DELTAS, UPLOADS_WEIGHTS
 from fedsim.errors import ConfigError, require
 from fedsim.spec import RunSpec, client_uploads
+from fedsim.state import Checkpointed
 
 MAX_COHORT_DRAWS = 1000
 Arrays = dict[str, np.ndarray]
 
 
-class Attack(ABC):
+class Attack(Checkpointed, ABC):
     """What the colluding malicious clients submit, given their honest uploads.
 
     Parameters

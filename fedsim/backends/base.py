@@ -24,6 +24,7 @@ from flwr.supercore.run import Run
 from omegaconf import DictConfig
 
 from fedsim.errors import is_number, require
+from fedsim.state import Checkpointed
 
 RUN_ID = 1
 MAX_LOGGED_FAILURES = 3  # per round; the rest are counted
@@ -164,7 +165,7 @@ class SimulationGrid(Grid):
         within `timeout` seconds (None waits for all)."""
 
 
-class GridWrapper(Grid):
+class GridWrapper(Checkpointed, Grid):
     """A Grid that forwards every call to `grid`; subclasses override what they change."""
 
     def __init__(self, grid: Grid) -> None:

@@ -22,9 +22,10 @@ from flwr.serverapp.strategy import FedAvg
 from fedsim.clients.base import UPLOADS_DELTAS, UPLOADS_WEIGHTS
 from fedsim.errors import MessageError
 from fedsim.reply_check import same_arrays_problem
+from fedsim.state import Checkpointed
 
 
-class UploadStrategy(FedAvg):
+class UploadStrategy(Checkpointed, FedAvg):
     """FedAvg's round structure around a pluggable rule for combining uploads.
 
     It remembers the global arrays it sent (`current_arrays`), orders the replies

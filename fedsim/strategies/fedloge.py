@@ -20,6 +20,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedsim.errors import ConfigError, is_number, require
 from fedsim.spec import RunSpec
+from fedsim.state import Checkpointed
 
 
 def classifier_key(arrays: ArrayRecord) -> str:
@@ -55,7 +56,7 @@ def realign_rows(weight: np.ndarray, norm: float) -> np.ndarray:
     return weight * scale
 
 
-class FedLoGe(FedAvg):
+class FedLoGe(Checkpointed, FedAvg):
     """FedAvg of backbone + g_aux; the server evaluates the GLA-FR realigned generic head.
 
     Parameters

@@ -1,7 +1,8 @@
 """Flower's baseline strategies, with their settings checked when they are built.
 
 Each class is Flower's own from `flwr.serverapp.strategy`, unchanged except that the
-constructor checks the settings fedsim's configs expose. A bad value then stops the
+constructor checks the settings fedsim's configs expose, and that it loads its own
+checkpointed state on resume (`fedsim.state.Checkpointed`). A bad value then stops the
 run before any work, with one line naming the field, instead of surfacing as a
 NaN or a failed round later. The robust rules also `check(spec)` that the cohort
 can outvote the malicious clients they are told to expect.
@@ -14,6 +15,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedsim.errors import is_int, is_number, require
 from fedsim.spec import RunSpec
+from fedsim.state import Checkpointed
 
 
 def check_positive(strategy: Strategy, *names: str) -> None:
@@ -29,7 +31,7 @@ def check_below_one(strategy: Strategy, *names: str) -> None:
                 value)
 
 
-class FedProx(flwr_strategy.FedProx):
+class FedProx(Checkpointed, flwr_strategy.FedProx):
     """Flower's FedProx; `proximal_mu` >= 0."""
 
     def __init__(self, **kwargs) -> None:
@@ -38,7 +40,7 @@ class FedProx(flwr_strategy.FedProx):
                 "a number >= 0", self.proximal_mu)
 
 
-class FedAdam(flwr_strategy.FedAdam):
+class FedAdam(Checkpointed, flwr_strategy.FedAdam):
     """Flower's FedAdam; learning rates and tau > 0, betas in [0, 1)."""
 
     def __init__(self, **kwargs) -> None:
@@ -47,7 +49,7 @@ class FedAdam(flwr_strategy.FedAdam):
         check_below_one(self, "beta_1", "beta_2")
 
 
-class FedYogi(flwr_strategy.FedYogi):
+class FedYogi(Checkpointed, flwr_strategy.FedYogi):
     """Flower's FedYogi; learning rates and tau > 0, betas in [0, 1)."""
 
     def __init__(self, **kwargs) -> None:
@@ -56,7 +58,7 @@ class FedYogi(flwr_strategy.FedYogi):
         check_below_one(self, "beta_1", "beta_2")
 
 
-class FedAdagrad(flwr_strategy.FedAdagrad):
+class FedAdagrad(Checkpointed, flwr_strategy.FedAdagrad):
     """Flower's FedAdagrad; learning rates and tau > 0."""
 
     def __init__(self, **kwargs) -> None:
@@ -64,7 +66,7 @@ class FedAdagrad(flwr_strategy.FedAdagrad):
         check_positive(self, "eta", "eta_l", "tau")
 
 
-class FedAvgM(flwr_strategy.FedAvgM):
+class FedAvgM(Checkpointed, flwr_strategy.FedAvgM):
     """Flower's FedAvgM; server learning rate > 0, momentum in [0, 1)."""
 
     def __init__(self, **kwargs) -> None:
@@ -73,7 +75,7 @@ class FedAvgM(flwr_strategy.FedAvgM):
         check_below_one(self, "server_momentum")
 
 
-class FedTrimmedAvg(flwr_strategy.FedTrimmedAvg):
+class FedTrimmedAvg(Checkpointed, flwr_strategy.FedTrimmedAvg):
     """Flower's FedTrimmedAvg; `beta` (the share trimmed at each end) in [0, 0.5)."""
 
     def __init__(self, **kwargs) -> None:
@@ -94,7 +96,7 @@ def check_malicious_count(strategy: Strategy) -> None:
     require(is_int(f) and f >= 0, "strategy.num_malicious_nodes", "an integer >= 0", f)
 
 
-class Krum(flwr_strategy.Krum):
+class Krum(Checkpointed, flwr_strategy.Krum):
     """Flower's Krum; needs clients_per_round >= 2 f + 3."""
 
     def __init__(self, **kwargs) -> None:
@@ -106,7 +108,7 @@ class Krum(flwr_strategy.Krum):
         check_malicious_bound(spec, 2, "Krum")
 
 
-class MultiKrum(flwr_strategy.MultiKrum):
+class MultiKrum(Checkpointed, flwr_strategy.MultiKrum):
     """Flower's MultiKrum; needs clients_per_round >= 2 f + 3 and selects at most a cohort."""
 
     def __init__(self, **kwargs) -> None:
@@ -121,7 +123,7 @@ class MultiKrum(flwr_strategy.MultiKrum):
                 f"an integer in [1, clients_per_round={k}]", n)
 
 
-class Bulyan(flwr_strategy.Bulyan):
+class Bulyan(Checkpointed, flwr_strategy.Bulyan):
     """Flower's Bulyan; needs clients_per_round >= 4 f + 3."""
 
     def __init__(self, **kwargs) -> None:

@@ -45,6 +45,7 @@ from omegaconf import DictConfig
 from fedsim.clock import WEIGHTINGS, VirtualClock, staleness_weight
 from fedsim.errors import ConfigError, require
 from fedsim.spec import RunSpec
+from fedsim.state import Checkpointed
 from fedsim.strategies.base import apply_update, only_arrayrecord, stack_deltas
 
 Arrays = dict[str, np.ndarray]
@@ -70,7 +71,7 @@ class StaleUpdate:
     start: Arrays
 
 
-class StaleFedAvg(FedAvg):
+class StaleFedAvg(Checkpointed, FedAvg):
     """FedAvg that applies stale updates, on a virtual clock with simulated device delays.
 
     Parameters
