@@ -501,10 +501,6 @@ def _validate_faults(cfg: DictConfig) -> None:
     faults, k = cfg.faults, cfg.clients_per_round
     _require(_is_int(faults.min_replies) and 1 <= faults.min_replies <= k, "faults.min_replies",
              f"an integer in [1, clients_per_round={k}]", faults.min_replies)
-    _require(faults.min_replies == 1 or cfg.strategy.get("mode") != "async",
-             "faults.min_replies", "1 with strategy.mode=async (an asynchronous server applies "
-             "updates one buffer at a time; strategy.buffer_size sets how many)",
-             faults.min_replies)
     _require(_count(faults.max_skipped_rounds), "faults.max_skipped_rounds", "an integer >= 1",
              faults.max_skipped_rounds)
     _require(faults.timeout_s is None or (_is_number(faults.timeout_s)
@@ -529,9 +525,9 @@ def _validate_faults(cfg: DictConfig) -> None:
     if kill is not None:
         _require(_is_int(kill) and 1 <= kill <= cfg.num_rounds, "faults.kill_worker_round",
                  f"a round in [1, num_rounds={cfg.num_rounds}], or null", kill)
-        _require(str(cfg.backend._target_) == "fedsim.backends.ray.RayBackend", "backend",
-                 "ray with faults.kill_worker_round (only the ray backend has worker processes)",
-                 str(cfg.backend._target_))
+        _require(getattr(get_class(cfg.backend._target_), "worker_processes", False),
+                 "backend", "a backend with worker processes (ray) for "
+                 "faults.kill_worker_round", str(cfg.backend._target_))
     every = cfg.checkpoint.every
     _require(_seed_value(every), "checkpoint.every", "an integer >= 0 (0 = never)", every)
     if cfg.resume is not None:

@@ -44,6 +44,8 @@ class Backend(ABC):
     partition_node_ids: bool = False
     #: the run's outputs are written on another machine (a remote SuperLink)
     outputs_elsewhere: bool = False
+    #: clients run in worker processes that `faults.kill_worker_round` may kill
+    worker_processes: bool = False
 
     @abstractmethod
     def run(self, cfg: DictConfig) -> None:

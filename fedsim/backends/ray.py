@@ -157,6 +157,7 @@ class RayBackend(Backend):
     """
 
     partition_node_ids = True  # node i + 1 holds partition i (attacks rely on it)
+    worker_processes = True  # actors, which faults.kill_worker_round may kill
 
     def __init__(
         self,

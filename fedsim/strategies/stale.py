@@ -133,7 +133,8 @@ class StaleFedAvg(Checkpointed, FedAvg):
 
     @classmethod
     def check(cls, spec: RunSpec) -> None:
-        """Simulated nodes (delays are given by partition) and a concurrency the run has."""
+        """Simulated nodes (delays are given by partition), a concurrency the run has, and
+        in async mode one reply per buffer slot (`faults.min_replies=1`)."""
         cfg = spec.cfg
         require(getattr(get_class(cfg.backend._target_), "partition_node_ids", False),
                 "backend", "inprocess or ray for simulated delays (node i + 1 holds "
@@ -149,6 +150,10 @@ class StaleFedAvg(Checkpointed, FedAvg):
             require(type(buffer_size) is int and 1 <= buffer_size <= concurrency,
                     "strategy.buffer_size", f"an integer in [1, concurrency={concurrency}] or "
                     "null", buffer_size)
+        require(strategy.get("mode") != "async" or cfg.faults.min_replies == 1,
+                "faults.min_replies", "1 with strategy.mode=async (an asynchronous server "
+                "applies updates one buffer at a time; strategy.buffer_size sets how many)",
+                cfg.faults.min_replies)
 
     def bind_run(self, cfg: DictConfig, data: Any) -> None:
         """Give every node its delay: node `i + 1` holds partition `i`, as in simulation."""
