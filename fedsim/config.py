@@ -288,8 +288,7 @@ def validate(cfg: DictConfig) -> None:
     _validate_partition(cfg)
     _validate_model(cfg)
     _validate_optimizer(cfg)
-    _validate_backend_and_logger(cfg)
-    _validate_attack(cfg)
+    _build_self_checking_groups(cfg)
     _validate_evaluation_and_devices(cfg)
     _validate_faults(cfg)
 
@@ -470,18 +469,6 @@ def _validate_optimizer(cfg: DictConfig) -> None:
                 "true or false")
 
 
-def _validate_attack(cfg: DictConfig) -> None:
-    """The attack's settings in range (what it needs of other groups is its `check(spec)`)."""
-    attack = cfg.attack
-    fraction = attack.get("fraction", 0.0)
-    _require(isinstance(fraction, int | float) and 0 <= fraction < 0.5, "attack.fraction",
-             "a number in [0, 0.5)", fraction)
-    if "colluders" in attack:
-        _require(_is_int(attack.colluders) and attack.colluders >= 0, "attack.colluders",
-                 "an integer >= 0", attack.colluders)
-    _check_each(attack, "attack", ("gamma_start", "tolerance"), _positive, "a number > 0")
-
-
 def _validate_evaluation_and_devices(cfg: DictConfig) -> None:
     """Reported classes, and the device model's own checks of its settings, before any data
     (what it needs of the strategy is its `check(spec)`)."""
@@ -540,12 +527,13 @@ def _validate_faults(cfg: DictConfig) -> None:
                  "only for simulated nodes)", str(cfg.backend._target_))
 
 
-def _validate_backend_and_logger(cfg: DictConfig) -> None:
+def _build_self_checking_groups(cfg: DictConfig) -> None:
+    """Build the backend, logger and attack once: each checks its own settings on
+    construction (no I/O); what the attack needs of other groups is its `check(spec)`."""
     from fedsim.datasets.federated import instantiate_input
 
-    backend = cfg.backend
-    instantiate_input(backend)  # each checks its own settings on construction (no I/O)
-    instantiate_input(cfg.logger)
+    for group in ("backend", "logger", "attack"):
+        instantiate_input(cfg[group])
 
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # inside the package: any install

@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 
 from fedsim.backends.base import GridWrapper
 from fedsim.clients.base import UPLOADS_DELTAS, UPLOADS_WEIGHTS
-from fedsim.errors import ConfigError, require
+from fedsim.errors import ConfigError, is_int, is_number, require
 from fedsim.spec import RunSpec, client_uploads
 from fedsim.state import Checkpointed
 
@@ -58,6 +58,10 @@ class Attack(Checkpointed, ABC):
     not_checkpointed = ("strategy",)
 
     def __init__(self, fraction: float = 0.0, colluders: int = 25) -> None:
+        require(is_number(fraction) and 0 <= fraction < 0.5, "attack.fraction",
+                "a number in [0, 0.5)", fraction)
+        require(is_int(colluders) and colluders >= 0, "attack.colluders", "an integer >= 0",
+                colluders)
         self.fraction = fraction
         self.colluders = colluders
         self.strategy: Strategy | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fedsim.attacks.base import Arrays, Attack
 from fedsim.clients.base import UPLOADS_DELTAS, UPLOADS_WEIGHTS
+from fedsim.errors import is_number, require
 
 
 class Scaling(Attack):
@@ -17,6 +18,7 @@ class Scaling(Attack):
 
     def __init__(self, fraction: float = 0.1, colluders: int = 0, factor: float = 1e5) -> None:
         super().__init__(fraction, colluders)
+        require(is_number(factor), "attack.factor", "a number", factor)
         self.factor = factor
 
     def craft(self, honest: list[Arrays], global_arrays: Arrays, num_malicious: int) -> Arrays:

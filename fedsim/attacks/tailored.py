@@ -24,6 +24,7 @@ from flwr.serverapp.strategy.multikrum import select_multikrum
 
 from fedsim.attacks.base import Arrays, Attack
 from fedsim.clients.base import UPLOADS_DELTAS, UPLOADS_WEIGHTS
+from fedsim.errors import is_number, require
 
 
 def search_gamma(succeeds: Callable[[float], bool], start: float = 5.0,
@@ -95,6 +96,8 @@ class AggregationTailored(Attack):
     def __init__(self, fraction: float = 0.1, colluders: int = 25, gamma_start: float = 5.0,
                  tolerance: float = 1e-5) -> None:
         super().__init__(fraction, colluders)
+        for name, value in (("gamma_start", gamma_start), ("tolerance", tolerance)):
+            require(is_number(value) and value > 0, f"attack.{name}", "a number > 0", value)
         self.gamma_start = gamma_start
         self.tolerance = tolerance
         self.last_gamma = 0.0
