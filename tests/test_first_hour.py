@@ -18,6 +18,12 @@ TINY = ["logger=none", "progress=false", "model=mlp", "client.local_epochs=1", "
 ENV = {**os.environ, "HYDRA_FULL_ERROR": "0"}
 
 
+def interruptible() -> None:
+    """Ctrl-C as in a terminal: a suite started in the background (`make test &`) hands
+    its children SIGINT ignored, and Python then installs no KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run(args, cwd, timeout=300):
     return subprocess.run([*FEDSIM, *args], cwd=cwd, env=ENV, capture_output=True, text=True,
                           timeout=timeout)
@@ -33,9 +39,9 @@ def rounds_written(run_dir: Path) -> int:
 
 
 def test_ctrl_c_prints_one_line_with_the_resume_command_and_exits_130(tmp_path):
-    proc = subprocess.Popen([*FEDSIM, *TINY, "num_rounds=400", "checkpoint.every=2"],
+    proc = subprocess.Popen([*FEDSIM, *TINY, "num_rounds=100000", "checkpoint.every=2"],
                             cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     deadline = time.monotonic() + 240
     run_dirs: list[Path] = []
     while time.monotonic() < deadline and proc.poll() is None:
@@ -47,7 +53,7 @@ def test_ctrl_c_prints_one_line_with_the_resume_command_and_exits_130(tmp_path):
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode == 130, (proc.returncode, out[-3000:], err)
     assert "Traceback" not in err
     (line,) = error_lines(err)
     (run_dir,) = run_dirs
@@ -62,9 +68,10 @@ def test_ctrl_c_prints_one_line_with_the_resume_command_and_exits_130(tmp_path):
 
 
 def test_a_resumed_run_logs_into_its_own_folder(tmp_path):
-    proc = subprocess.Popen([*FEDSIM, *TINY, "num_rounds=60", "checkpoint.every=1"],
-                            cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    # enough rounds that a loaded machine cannot finish them before the signal
+    proc = subprocess.Popen([*FEDSIM, *TINY, "num_rounds=300", "checkpoint.every=1"],
+                            cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         dirs = list(tmp_path.glob("outputs/*/*"))
@@ -72,8 +79,8 @@ def test_a_resumed_run_logs_into_its_own_folder(tmp_path):
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (proc.returncode, out[-3000:], err)
     command = error_lines(err)[-1].split("go on with: ")[1].split()
     resumed = run(command[1:], tmp_path)
     assert resumed.returncode == 0, resumed.stderr
