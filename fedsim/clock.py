@@ -39,13 +39,13 @@ class Devices(ABC):
     @classmethod
     def check(cls, spec: RunSpec) -> None:
         """Late clients need a strategy that applies stale updates (one that declares
-        `applies_stale_updates`; Flower's own strategies would wait for them)."""
+        `applies_late_updates`; Flower's own strategies would wait for them)."""
         from hydra.utils import get_class
 
-        from fedsim.hooks import applies_stale_updates
+        from fedsim.hooks import applies_late_updates
 
         strategy = str(spec.cfg.strategy._target_)
-        require(applies_stale_updates(get_class(strategy)), "strategy",
+        require(applies_late_updates(get_class(strategy)), "strategy",
                 "a strategy that applies stale updates (stale, fedbuff, fedasync, dc_asgd, "
                 "staleness_inversion) when devices has delays (devices "
                 f"{spec.cfg.devices._target_})", strategy)

@@ -21,7 +21,7 @@ The values are read when asked for, not when `StrategyHooks` is made: `bind_run`
 sets `slow_classes`, and a resumed run's restored state replaces `update_log`.
 
 Two more are class attributes, read before any strategy exists (`expects_uploads`,
-`applies_stale_updates`, below). What a checkpoint keeps of a strategy, and how the
+`applies_late_updates`, below). What a checkpoint keeps of a strategy, and how the
 strategy takes it back, is `fedsim.state`'s (`checkpoint_state`, `load_checkpoint_state`).
 """
 
@@ -84,10 +84,10 @@ def expects_uploads(strategy_cls: type) -> str:
     return getattr(strategy_cls, "expects_uploads", "weights")
 
 
-def applies_stale_updates(strategy_cls: type) -> bool:
+def applies_late_updates(strategy_cls: type) -> bool:
     """Whether the strategy applies late clients' updates (a delaying `devices` model
     needs one); Flower's own strategies wait for every reply."""
-    return bool(getattr(strategy_cls, "applies_stale_updates", False))
+    return bool(getattr(strategy_cls, "applies_late_updates", False))
 
 
 def strategy_hooks(strategy: Strategy) -> StrategyHooks:

@@ -129,7 +129,7 @@ class StaleFedAvg(Checkpointed, FedAvg):
         self._config = ConfigRecord()
         self._sent: list[int] = []
 
-    applies_stale_updates = True  # what a delaying `devices` model asks of the strategy
+    applies_late_updates = True  # what a delaying `devices` model asks of the strategy
 
     @classmethod
     def check(cls, spec: RunSpec) -> None:
