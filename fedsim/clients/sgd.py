@@ -27,9 +27,7 @@ def check_sgd_settings(*, lr: float, momentum: float, weight_decay: float, local
                        batch_size: int, proximal_mu: float, lr_decay: float) -> None:
     """The local SGD settings in range; a bad one raises the one-line `ConfigError`."""
     for name, value in (("batch_size", batch_size), ("local_epochs", local_epochs)):
-        require(is_number(value) and value > 0, f"client.{name}", "a number > 0", value)
-    for name, value in (("batch_size", batch_size), ("local_epochs", local_epochs)):
-        require(is_int(value), f"client.{name}", "an integer > 0", value)
+        require(is_int(value) and value > 0, f"client.{name}", "an integer > 0", value)
     # lr = 0 is allowed, as torch allows it: a control run whose clients upload what they got.
     for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay),
                         ("proximal_mu", proximal_mu)):
