@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from fedsim.config import CONF_DIR, compose
-from fedsim.errors import ConfigError, DataError, FedsimError
+from fedsim.errors import ConfigError, DataError, FedsimError, RunFailedError
 
 log = logging.getLogger("fedsim")
 #: set once Hydra hands over a composed config: Hydra errors after that are the run's own
@@ -69,7 +69,9 @@ def _main(cfg: DictConfig) -> float | None:
     except FedsimError as err:
         if isinstance(err, ConfigError | DataError):  # refused before any work
             discard_unused_outputs(run_dir, cfg.resume, hydra_cfg)
-        print(f"fedsim: error: {err}", file=sys.stderr)
+        hint = resume_hint(Path(cfg.output_dir or run_dir)) if isinstance(err, RunFailedError) \
+            else ""
+        print(f"fedsim: error: {err}{hint}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt as stop:
         unused = cfg.resume is None and discard_unused_outputs(run_dir, None, hydra_cfg)
@@ -185,6 +187,18 @@ def interrupted_line(run_dir: Path, num_rounds: int, started: bool = True) -> st
                 f"a rerun starts over; outputs in {where}")
     return (f"{head}; last checkpoint: round {checkpoint} ({where}/checkpoint.pkl); "
             f"go on with: fedsim resume={where}")
+
+
+def resume_hint(run_dir: Path) -> str:
+    """How a failed run goes on: from its checkpoint if it has one, else from the start."""
+    from fedsim.experiment import shown_path
+
+    checkpoint = _checkpoint_round(run_dir)
+    if checkpoint is None:
+        return ("; the run had no checkpoint yet (one is written every checkpoint.every "
+                "rounds), so once that is fixed a rerun starts over")
+    return (f"; once that is fixed, go on from round {checkpoint} with: fedsim "
+            f"resume={shown_path(run_dir)}")
 
 
 def _last_round(run_dir: Path) -> int:

@@ -1,32 +1,119 @@
-"""The fedsim ClientApp: one node's train and evaluate, on the configured trainer."""
+"""The fedsim ClientApp: one node's train and evaluate, on the configured trainer, or on
+the run's own Flower ClientApp (`client_app=module:attribute`) when it names one."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import shlex
+from collections.abc import Iterator, Mapping
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common import MessageType
 from flwr.common.constant import NUM_PARTITIONS_KEY, PARTITION_ID_KEY
 from omegaconf import DictConfig
 
+from fedsim.backends.base import ClientAppFailed, describe_failure
 from fedsim.clients.base import Trainer, round_seed
-from fedsim.config import from_run_config
+from fedsim.config import OVERRIDES_KEY, RUN_CONFIG_KEY, from_run_config
 from fedsim.datasets.federated import ClientData
-from fedsim.errors import ConfigError
-from fedsim.fault_injection import inject_faults, poisoned
+from fedsim.errors import ConfigError, FedsimError, is_int
+from fedsim.fault_injection import FaultDraw, inject_faults, poisoned
+from fedsim.flower_apps import load_client_app
 from fedsim.runtime import check_node_model, client_runtime, local_file_runtime
+from fedsim.train_config import SERVER_ROUND, client_settings
 
 DATA_PATH = "data-path"  # a SuperNode's own .npz file instead of its share of the run's dataset
+NO_FAULT = FaultDraw(False, False, 0.0)
+
+
+class FedsimClientApp(ClientApp):
+    """Flower's ClientApp with fedsim's train and evaluate, which hands every message to
+    the run's `client_app` instead when the config names one (`run_foreign`)."""
+
+    def __init__(self, config_json: str | None = None) -> None:
+        super().__init__()
+        self.config_json = config_json
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        """The reply of fedsim's handlers or of the run's own app. What they raise is
+        raised again as a `ClientAppFailed` naming it and its frame (Flower's engines
+        report only `type: message`), except fedsim's own one-line errors."""
+        try:
+            cfg = node_run_config(context, self.config_json)
+            if cfg.get("client_app"):
+                return run_foreign(load_client_app(cfg.client_app), cfg, message, context)
+            return super().__call__(message, context)
+        except FedsimError:
+            raise
+        except Exception as err:
+            raise ClientAppFailed(describe_failure(err)) from err
+
+
+def node_run_config(context: Context, config_json: str | None = None) -> DictConfig:
+    """The fedsim config of this node's run (`fedsim.config.from_run_config`).
+
+    A run started without a fedsim config (a plain Flower server, a bare `flwr run`)
+    takes the federation's size from the node's `num-partitions` unless its
+    `overrides` set `num_clients`; data, model and trainer are fedsim/conf/'s defaults.
+    """
+    run_config = context.run_config
+    partitions = context.node_config.get(NUM_PARTITIONS_KEY)
+    if run_config.get(RUN_CONFIG_KEY) or config_json or not is_int(partitions):
+        return from_run_config(run_config, config_json)
+    overrides = str(run_config.get(OVERRIDES_KEY, ""))
+    if not any(word.startswith("num_clients=") for word in shlex.split(overrides)):
+        overrides = f"{overrides} num_clients={partitions}".strip()
+    return from_run_config({**run_config, OVERRIDES_KEY: overrides})
+
+
+@contextlib.contextmanager
+def seeded(seed: int, cuda: bool = False) -> Iterator[None]:
+    """torch's global RNG seeded with `seed` inside, restored after: dropout and
+    augmentation draw the same on any backend."""
+    with torch.random.fork_rng(devices=[]):
+        # not torch.manual_seed: it also re-seeds every accelerator (~1 ms a call)
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            torch.cuda.manual_seed(seed)
+        yield
+
+
+def run_foreign(app: ClientApp, cfg: DictConfig, message: Message, context: Context
+                ) -> Message:
+    """`app`'s reply to `message`, as fedsim runs its own clients.
+
+    The app sees the node's context with the run config's conventional client settings
+    (`fedsim.train_config`) filled in where the engine has none (Flower's simulation
+    passes an empty run config); train messages get fedsim's seeded RNG and its injected
+    faults (`faults.*`), so a foreign client fails where fedsim's would.
+    """
+    view = Context(run_id=context.run_id, node_id=context.node_id,
+                   node_config=context.node_config, state=context.state,
+                   run_config={**client_settings(cfg.client), **context.run_config})
+    fault, seed = NO_FAULT, cfg.seed
+    if message.metadata.message_type == MessageType.TRAIN:
+        partition_id = int(context.node_config.get(PARTITION_ID_KEY, 0))
+        server_round = int(_config(message).get(SERVER_ROUND, 0))
+        seed = round_seed(cfg.seed, partition_id, server_round) + 1
+        fault = inject_faults(cfg.faults, cfg.seed, partition_id, server_round)
+    with seeded(seed):
+        reply = app(message, view)
+    context.state = view.state
+    if fault.nan and reply.has_content():
+        for name, record in list(reply.content.array_records.items()):
+            reply.content[name] = poisoned(record)
+    return reply
 
 
 def make_client_app(config_json: str | None = None) -> ClientApp:
     """A ClientApp reading the fedsim config from `run_config` (or `config_json`)."""
-    app = ClientApp()
+    app = FedsimClientApp(config_json)
 
     def node_inputs(msg: Message, context: Context
                     ) -> tuple[DictConfig, Trainer, ClientData]:
-        cfg = from_run_config(context.run_config, config_json)
+        cfg = node_run_config(context, config_json)
         partition_id = node_partition(context.node_config, cfg.num_clients)
         if DATA_PATH in context.node_config:
             path = str(context.node_config[DATA_PATH])
@@ -43,11 +130,7 @@ def make_client_app(config_json: str | None = None) -> ClientApp:
         server_round = int(config.get("server-round", 0))
         seed = round_seed(trainer.seed, client_data.partition_id, server_round) + 1
         fault = inject_faults(cfg.faults, trainer.seed, client_data.partition_id, server_round)
-        with torch.random.fork_rng(devices=[]):  # dropout, augmentation: same on any backend
-            # not torch.manual_seed: it also re-seeds every accelerator (~1 ms a call)
-            torch.default_generator.manual_seed(seed)
-            if trainer.device.type == "cuda":
-                torch.cuda.manual_seed(seed)
+        with seeded(seed, cuda=trainer.device.type == "cuda"):
             out = trainer.train(msg.content["arrays"], config, client_data, context.state)
         context.state = out.state
         arrays = poisoned(out.arrays) if fault.nan else out.arrays

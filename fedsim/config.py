@@ -33,9 +33,13 @@ GROUPS = (
 )
 
 
-def to_run_config(cfg: DictConfig) -> dict[str, str]:
-    """Flower `run_config` carrying the resolved fedsim config."""
-    return {RUN_CONFIG_KEY: json.dumps(OmegaConf.to_container(cfg, resolve=True))}
+def to_run_config(cfg: DictConfig) -> dict[str, str | float | int]:
+    """Flower `run_config` carrying the resolved fedsim config, and the client settings
+    under the names Flower apps read (`context.run_config["local-epochs"]`)."""
+    from fedsim.train_config import client_settings
+
+    return {RUN_CONFIG_KEY: json.dumps(OmegaConf.to_container(cfg, resolve=True)),
+            **client_settings(cfg.client)}
 
 
 @lru_cache(maxsize=8)
@@ -191,10 +195,15 @@ def _check_settings(cfg: DictConfig, group: str) -> None:
             raise ConfigError(
                 f"{field} is not a setting of {group} {target} (its settings: {names}); if a "
                 f"preset (+experiment=...) set it for another {group} option, drop it with "
-                f"~{field}")
+                f"~{field}" + (f"; for a module of your own, start from model=custom "
+                               f"model._target_={target}" if group == "model" else ""))
         expected = _expected(params[key].annotation)
         if expected is not None:
             _require(expected[0](node[key]), field, expected[1], node[key])
+
+
+#: run-wide maps whose entries are the user's own (see `_validate_messages`)
+OPEN_MAPS = ("train_config", "evaluate_config")
 
 
 @lru_cache(maxsize=1)
@@ -209,6 +218,8 @@ def _check_known_keys(cfg: DictConfig) -> None:
     known = [k for k in base if k not in ("defaults", "hydra")]
     for key in cfg:
         if key in GROUPS or key == "hydra":
+            continue
+        if key in OPEN_MAPS:  # any entry: what the user's messages carry
             continue
         if key not in known:
             raise ConfigError(f"{key} is not a fedsim setting (the settings outside the "
@@ -235,14 +246,37 @@ def _check_interpolations(cfg: DictConfig) -> None:
             raise ConfigError(f"{field}: {str(err).splitlines()[0]}") from None
 
 
+def _validate_messages(cfg: DictConfig) -> None:
+    """`train_config` / `evaluate_config` hold what a Flower record carries; `client_app`
+    names an importable ClientApp."""
+    from fedsim.train_config import message_config
+
+    for field in OPEN_MAPS:
+        node = cfg.get(field)
+        _require(OmegaConf.is_dict(node), field, "a map of message config entries", node)
+        message_config(OmegaConf.to_container(node, resolve=True), field)
+    if cfg.get("client_app") is not None:
+        from fedsim.flower_apps import load_client_app
+
+        _require(isinstance(cfg.client_app, str), "client_app",
+                 "module:attribute naming a Flower ClientApp, or null", cfg.client_app)
+        load_client_app(cfg.client_app)
+
+
 def _validate_upload_pairing(cfg: DictConfig) -> None:
     """The trainer must upload what the strategy aggregates: weights, deltas or rankings."""
     from hydra.utils import get_class
 
-    uploads = client_uploads(cfg)
     from fedsim.hooks import expects_uploads
 
     expects = expects_uploads(get_class(cfg.strategy._target_))
+    if cfg.get("client_app"):
+        _require(expects == "weights", "strategy",
+                 f"one that averages weights (fedavg, fedprox, fedadam, ...): client_app="
+                 f"{cfg.client_app} is a Flower ClientApp, which uploads trained weights, while "
+                 f"{cfg.strategy._target_} aggregates {expects}", str(cfg.strategy._target_))
+        return
+    uploads = client_uploads(cfg)
     _require(uploads == expects, "client",
              f"a trainer that uploads {expects}, as strategy {cfg.strategy._target_} expects "
              f"(client {cfg.client._target_} uploads {uploads}; use the method's own client "
@@ -282,6 +316,7 @@ def validate(cfg: DictConfig) -> None:
         _check_target(cfg, group)
     for group in GROUPS:
         _check_settings(cfg, group)
+    _validate_messages(cfg)
     _validate_upload_pairing(cfg)
     _validate_model_pairing(cfg)
     _validate_dataset(cfg)

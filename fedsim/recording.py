@@ -21,6 +21,7 @@ from tqdm import tqdm
 from fedsim.backends.base import MeteredGrid
 from fedsim.datasets.federated import FederatedData
 from fedsim.errors import ConfigError
+from fedsim.flower_apps import clients_description
 from fedsim.metrics import GROUPS
 from fedsim.plots import plot_curves, plot_label_distribution, plot_metrics, run_title
 
@@ -313,6 +314,7 @@ class RunRecorder:
             },
             "strategy": str(self.cfg.strategy._target_).rsplit(".", 1)[-1],
             "client": str(self.cfg.client._target_).rsplit(".", 1)[-1],
+            "clients": clients_description(self.cfg),
             "seed": self.cfg.seed,
             **({"class_groups": self.class_groups} if self.class_groups else {}),
             "code": code_fingerprint(),

@@ -288,8 +288,7 @@ class ReplyGuard(GridWrapper):
                 f"round {server_round}: {self.skipped_in_a_row} rounds in a row applied no "
                 f"update (fewer than faults.min_replies={self.min_replies} valid train "
                 f"replies; faults.max_skipped_rounds={self.max_skipped_rounds}); see the client "
-                "failures logged above. Once they are fixed, `fedsim resume=<run dir>` goes on "
-                "from the run's last checkpoint (written every checkpoint.every rounds)"
+                "failures logged above"
             )
 
     def take_counts(self) -> dict[str, int]:

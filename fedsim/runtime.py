@@ -6,6 +6,7 @@ clients builds the dataset once and every Ray worker builds it once.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -14,10 +15,10 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import Strategy
 from hydra.errors import InstantiationException
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_class, get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -50,9 +51,26 @@ def shaped_model_factory(cfg: DictConfig, input_shape: Sequence[int], num_classe
 def _global_model(
     model_cfg: DictConfig, client_cfg: DictConfig, input_shape: list[int], num_classes: int
 ) -> nn.Module:
-    model = instantiate(model_cfg, input_shape=input_shape, num_classes=num_classes)
+    model = build_model(model_cfg, input_shape, num_classes)
     trainer_cls = get_class(client_cfg._target_)
     return trainer_cls.extend_model(model, tuple(input_shape), num_classes, client_cfg)
+
+
+def build_model(model_cfg: DictConfig, input_shape: list[int], num_classes: int) -> nn.Module:
+    """The configured `torch.nn.Module`, built by its class or factory (any signature):
+    `input_shape` and `num_classes` are passed only where it takes them."""
+    shapes = {"input_shape": input_shape, "num_classes": num_classes}
+    return instantiate(model_cfg, **{k: v for k, v in shapes.items()
+                                     if takes_argument(get_object(model_cfg._target_), k)})
+
+
+def takes_argument(target: Callable, name: str) -> bool:
+    """Whether calling `target` (a class or a function) accepts the keyword `name`."""
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):  # no signature to read (a builtin): pass everything
+        return True
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def initial_model(cfg: DictConfig, data: FederatedData) -> nn.Module:
@@ -65,15 +83,27 @@ def check_model_fits(cfg: DictConfig, data: FederatedData) -> None:
     """Build the model and run two dummy samples through it, or raise a `ConfigError`."""
     try:
         model = model_factory(cfg, data)()
-        with torch.no_grad():
-            logits = model(torch.zeros(2, *data.input_shape))
-    except Exception as err:  # noqa: BLE001 - any failure here means the pair does not fit
+    except Exception as err:  # noqa: BLE001 - its constructor refused what it was given
         cause = err.__cause__ or err
         if isinstance(cause, FedsimError):  # the model's own check of its settings
             raise cause from None
+        settings = {k: v for k, v in cfg.model.items() if k != "_target_"}
+        fix = ("give its constructor what it needs with +model.<name>=<value>"
+               if isinstance(cause, TypeError)
+               else "change its settings or pick a model that fits this dataset (model=mlp "
+                    "fits any dataset)")
+        raise ConfigError(
+            f"model ({cfg.model._target_}) cannot be built from the settings {settings}"
+            f"{_shapes_given(cfg.model, data)}: {_one_line(cause)}; {fix}"
+        ) from err
+    try:
+        with torch.no_grad():
+            logits = model(torch.zeros(2, *data.input_shape))
+    except Exception as err:  # noqa: BLE001 - any failure here means the pair does not fit
         raise ConfigError(
             f"model ({cfg.model._target_}) cannot take this dataset's samples of shape "
-            f"{data.input_shape}: {cause}; pick a model that fits (model=mlp fits any dataset)"
+            f"{tuple(data.input_shape)} (a batch of 2: {(2, *data.input_shape)}): "
+            f"{_one_line(err)}; pick a model whose input fits (model=mlp fits any dataset)"
         ) from err
     spec = RunSpec(cfg, model, tuple(data.input_shape), data.num_classes)
     check_run([get_class(cfg[group]._target_) for group in CHECKED_GROUPS], spec)
@@ -82,6 +112,19 @@ def check_model_fits(cfg: DictConfig, data: FederatedData) -> None:
             f"model ({cfg.model._target_}) returns shape {tuple(logits.shape)[1:]} per sample, "
             f"expected ({data.num_classes},) logits"
         )
+
+
+def _shapes_given(model_cfg: DictConfig, data: FederatedData) -> str:
+    target = get_object(model_cfg._target_)
+    given = [f"{k}={v}" for k, v in (("input_shape", list(data.input_shape)),
+                                     ("num_classes", data.num_classes))
+             if takes_argument(target, k)]
+    return f" and {', '.join(given)}" if given else ""
+
+
+def _one_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
 def _check_reported_classes(cfg: DictConfig, num_classes: int) -> None:
@@ -221,7 +264,7 @@ def check_trainer(cfg: DictConfig, data: FederatedData) -> None:
     if make_optimizer is None:
         return
     try:
-        make_optimizer([nn.Parameter(torch.zeros(2, 2))], 1)
+        make_optimizer([nn.Parameter(torch.zeros(2, 2))], trainer.round_settings(ConfigRecord()))
     except (ValueError, TypeError) as err:
         raise ConfigError(
             f"optimizer ({cfg.optimizer._target_}) refuses its settings (with client.lr="

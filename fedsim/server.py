@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from fedsim import checkpoint
@@ -32,6 +33,7 @@ from fedsim.recording import RunRecorder, code_fingerprint
 from fedsim.reply_check import ReplyGuard
 from fedsim.runtime import build_strategy, initial_model, server_preflight
 from fedsim.state import checkpoint_state, load_checkpoint_state
+from fedsim.train_config import conventional_train_config, message_config
 
 NO_TIMEOUT = 7 * 24 * 3600.0
 #: config field -> object: the server's checkpointed state (`fedsim.state`)
@@ -118,6 +120,7 @@ def run_server(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
             strategy, done=done, malicious=malicious,
             on_train=(recorder.record_train, guard.after_train),
             on_evaluate=(recorder.record_client_eval,),
+            round_train_config=partial(conventional_train_config, cfg.client),
         )
         after_round = checkpointing(cfg, recorder, stateful, grid)
         if resumed is not None:
@@ -127,8 +130,9 @@ def run_server(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
             initial_arrays=arrays,
             num_rounds=cfg.num_rounds - done,
             timeout=cfg.faults.timeout_s or NO_TIMEOUT,
-            train_config=ConfigRecord(),
-            evaluate_config=ConfigRecord(),
+            train_config=ConfigRecord(message_config(plain(cfg.train_config), "train_config")),
+            evaluate_config=ConfigRecord(message_config(plain(cfg.evaluate_config),
+                                                          "evaluate_config")),
             evaluate_fn=after_round,
         )
     except BaseException:
@@ -137,6 +141,11 @@ def run_server(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
     summary = recorder.finish()
     (run_dir / checkpoint.CHECKPOINT_FILE).unlink(missing_ok=True)  # finished: never resumed
     return summary
+
+
+def plain(node: DictConfig) -> dict:
+    """A config map as plain Python values (what a Flower record takes)."""
+    return OmegaConf.to_container(node, resolve=True)
 
 
 def checkpointing(

@@ -229,8 +229,9 @@ def test_a_data_file_node_builds_its_trainer_like_a_simulated_client(tiny_cfg, t
     simulated = client_runtime(cfg)[1]
     node = local_file_runtime(cfg, str(tmp_path / "site.npz"), 0)
     probe = [torch.nn.Parameter(torch.zeros(2))]
-    assert type(node.trainer.make_optimizer(probe, 1)) is \
-        type(simulated.make_optimizer(probe, 1))
+    first = ConfigRecord({"server-round": 1})
+    assert type(node.trainer.make_optimizer(probe, node.trainer.round_settings(first))) is \
+        type(simulated.make_optimizer(probe, simulated.round_settings(first)))
     arrays = ArrayRecord(initial_model(cfg, data).state_dict())
     assert set(node.shapes) == set(arrays.keys())
     check_node_model(node, arrays, str(tmp_path / "site.npz"))

@@ -208,7 +208,7 @@ def test_every_optimizer_trains_any_trainer(tiny_cfg, optimizer, method):
     trainer = build_trainer(cfg, data)
     expected = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "adamp": "AdamP",
                 "conda": "Conda"}[optimizer]
-    built = trainer.make_optimizer(list(trainer.model_fn().parameters()), 1)
+    built = trainer.make_optimizer(list(trainer.model_fn().parameters()), round_one(trainer))
     assert type(built).__name__ == expected
     from flwr.app import ArrayRecord
 
@@ -224,14 +224,15 @@ def test_optimizer_learning_rate_follows_the_client_schedule(tiny_cfg):
     cfg = tiny_cfg("optimizer=adamw", "client.lr=0.01", "client.lr_decay=0.5",
                    "client.weight_decay=0.02")
     trainer = build_trainer(cfg, build_federated_data(cfg))
-    group = trainer.make_optimizer([torch.nn.Parameter(torch.ones(2))], 3).param_groups[0]
+    group = trainer.make_optimizer([torch.nn.Parameter(torch.ones(2))],
+                                   trainer.round_settings(ConfigRecord({"server-round": 3}))).param_groups[0]
     assert group["lr"] == pytest.approx(0.01 * 0.5**2) and group["weight_decay"] == 0.02
 
 
 def test_sgd_optimizer_group_takes_the_client_momentum(tiny_cfg):
     cfg = tiny_cfg("client.momentum=0.7")
     trainer = build_trainer(cfg, build_federated_data(cfg))
-    group = trainer.make_optimizer([torch.nn.Parameter(torch.ones(2))], 1).param_groups[0]
+    group = trainer.make_optimizer([torch.nn.Parameter(torch.ones(2))], round_one(trainer)).param_groups[0]
     assert group["momentum"] == 0.7
 
 
@@ -300,3 +301,8 @@ def test_centralized_is_a_single_client_run_of_the_same_trainer(tiny_cfg):
     assert len(trained) == 3 and all(r["bytes_up"] == r["bytes_down"] > 0 for r in trained)
     accuracy = [r["server/accuracy"] for r in rows]
     assert accuracy[-1] > accuracy[0] + 0.2
+
+
+def round_one(trainer):
+    """The trainer's own settings for round 1 (no server values)."""
+    return trainer.round_settings(ConfigRecord({"server-round": 1}))

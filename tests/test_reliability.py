@@ -265,7 +265,10 @@ def test_the_cli_says_why_a_failing_run_stopped(tmp_path):
     )
     assert done.returncode == 2
     assert "fedsim: error: round 3: 3 rounds in a row applied no update" in done.stderr
-    assert "failed (train): InjectedFaultError('injected crash" in done.stdout  # with node ids
+    assert "failed (train): InjectedFaultError: injected crash (faults.crash_prob) in round 1 " \
+        "(at fault_injection.py:" in done.stdout  # with node ids, the cause and its frame
+    assert "the run had no checkpoint yet" in done.stderr  # checkpoint.every=5 > 3 rounds
+    assert "resume=" not in done.stderr
     assert "run finished" not in done.stderr + done.stdout
 
 

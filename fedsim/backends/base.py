@@ -10,10 +10,12 @@ replies exist instead of polling a message store.
 from __future__ import annotations
 
 import logging
+import re
 import traceback
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterable
+from pathlib import Path
 from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -65,16 +67,54 @@ def content_nbytes(content: RecordDict) -> int:
     )
 
 
+class ClientAppFailed(Exception):  # noqa: N818 - reads as what happened, in Flower's logs
+    """A ClientApp raised: the message names the original exception and where it was
+    raised, since Flower's engines pass on only `type: message` of what a ClientApp raises."""
+
+
+def describe_failure(err: BaseException) -> str:
+    """`Type: message (at file.py:line in function)`, the raising frame being the last of
+    the traceback (one line; the message's first line)."""
+    lines = str(err).strip().splitlines()
+    text = f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    frames = traceback.extract_tb(err.__traceback__)
+    if frames:
+        last = frames[-1]
+        text += f" (at {Path(last.filename).name}:{last.lineno} in {last.name})"
+    return text
+
+
+_FLOWER_REASON = re.compile(r"<class '([\w.]+)'>:<'(.*)'>", re.DOTALL)
+_RAISED_LINE = re.compile(r"^\s*(?:[\w]+\.)*(\w*(?:Error|Exception|Failed|Exit|Interrupt))"
+                          r"(?:\([^)]*\))?: ?(.*)$")
+
+
+def failure_cause(reason: str, limit: int = 500) -> str:
+    """The cause in a failed reply's reason, on one line: the exception and where it was
+    raised. Reads Flower's `<class 'T'>:<'message'>` form (its Ray engine wraps a whole
+    remote traceback in it), tracebacks, and fedsim's own `describe_failure` lines."""
+    text = reason.strip()
+    while (match := _FLOWER_REASON.fullmatch(text)) is not None:
+        name, text = match.group(1).rsplit(".", 1)[-1], match.group(2).strip()
+        if "\n" not in text and _RAISED_LINE.match(text) is None and name != "ClientAppFailed":
+            text = f"{name}: {text}"
+    raised = [m for line in text.splitlines() if (m := _RAISED_LINE.match(line))]
+    if raised:
+        name, message = raised[-1].group(1), raised[-1].group(2).strip()
+        text = message if name == "ClientAppFailed" else f"{name}: {message}"
+    else:
+        text = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def run_client_app(app: ClientApp, message: Message, context: Context) -> Message:
     """Call the ClientApp; turn an exception into an error reply, as Flower's engines do."""
     try:
         reply = app(message, context)
     except Exception as err:  # noqa: BLE001 - a client's failure must not stop the server
-        detail = traceback.format_exc(limit=3)
-        reply = Message(
-            Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{err!r}\n{detail}"),
-            reply_to=message,
-        )
+        reason = f"<class '{type(err).__module__}.{type(err).__qualname__}'>:<'{err}'>"
+        reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
+                        reply_to=message)
     reply.metadata.__dict__["_message_id"] = uuid4().hex
     return reply
 
@@ -250,7 +290,7 @@ class MeteredGrid(GridWrapper):
         for msg in failed[:MAX_LOGGED_FAILURES]:
             log.warning(
                 "client node %d failed (%s): %s", msg.metadata.src_node_id,
-                msg.metadata.message_type, msg.error.reason.splitlines()[0][:300],
+                msg.metadata.message_type, failure_cause(msg.error.reason),
             )
         if len(failed) > MAX_LOGGED_FAILURES:
             log.warning("... and %d more client failures", len(failed) - MAX_LOGGED_FAILURES)

@@ -21,6 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import nn
 
 from fedsim.datasets.federated import ClientData
+from fedsim.errors import MessageError
 from fedsim.metrics import NUM_EXAMPLES, classification_metrics
 from fedsim.spec import RunSpec
 
@@ -150,6 +151,13 @@ class Trainer(ABC):
             with torch.random.fork_rng(devices=[]):
                 self._model = self.model_fn().to(self.device)
         if arrays is not self._received:
+            model_shapes = {k: tuple(t.shape) for k, t in self._model.state_dict().items()}
+            problem = fit_problem({k: tuple(a.shape) for k, a in arrays.items()}, model_shapes)
+            if problem is not None:
+                raise MessageError(
+                    f"the server's arrays do not fit this client's model "
+                    f"({type(self._model).__name__}): {problem}; the server must send the "
+                    "model this client's config builds (model, dataset, client)")
             self._received_state = arrays.to_torch_state_dict()
             self._received = arrays
         self._model.load_state_dict(self._received_state)
@@ -162,6 +170,21 @@ class Trainer(ABC):
     def generator(self, data: ClientData, server_round: int) -> torch.Generator:
         """A torch RNG unique to (run seed, client, round): same draws on any backend."""
         return torch.Generator().manual_seed(round_seed(self.seed, data.partition_id, server_round))
+
+
+def fit_problem(sent: Mapping[str, tuple[int, ...]], model: Mapping[str, tuple[int, ...]],
+                shown: int = 3) -> str | None:
+    """How the sent arrays' keys and shapes differ from the model's state (its first
+    `shown` differences of each kind), or None when they fit."""
+    missing = [k for k in model if k not in sent]
+    unexpected = [k for k in sent if k not in model]
+    reshaped = [f"'{k}' {sent[k]} sent, {model[k]} here"
+                for k in model if k in sent and tuple(sent[k]) != tuple(model[k])]
+    parts = [f"{name} {items[:shown]}" + (f" and {len(items) - shown} more"
+                                          if len(items) > shown else "")
+             for name, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                                 ("other shapes:", reshaped)) if items]
+    return "; ".join(parts) or None
 
 
 def resolve_device(device: str) -> torch.device:

@@ -234,8 +234,7 @@ class FedLoGeTrainer(SGDTrainer):
 
         parameters = [p for p in model.parameters() if p.requires_grad]
         parameters += list(local_head.parameters())
-        server_round = int(config.get("server-round", 0))
-        train_loss = self.sgd_epochs(parameters, data, server_round, loss_of)
+        train_loss = self.sgd_epochs(parameters, data, self.round_settings(config), loss_of)
         new_state = RecordDict(dict(state.items()))
         new_state[LOCAL_HEAD] = ArrayRecord(local_head.state_dict())
         return TrainOutput(

@@ -95,8 +95,7 @@ class FineTuneTrainer(SGDTrainer):
         def loss_of(idx: torch.Tensor) -> torch.Tensor:
             return nn.functional.cross_entropy(head(train_feats[idx]), y[idx])
 
-        server_round = int(config.get("server-round", 0))
-        self.sgd_epochs(list(head.parameters()), data, server_round, loss_of,
+        self.sgd_epochs(list(head.parameters()), data, self.round_settings(config), loss_of,
                         self.finetune_epochs)
         with torch.no_grad():
             return received, self._masked(head(test_feats).cpu(), data)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -12,8 +13,16 @@ from torch import nn
 
 from fedsim.clients.base import NUM_EXAMPLES, Trainer, TrainOutput, minibatches
 from fedsim.datasets.federated import ClientData
-from fedsim.errors import is_int, is_number, require
+from fedsim.errors import MessageError, is_int, is_number, require
 from fedsim.inversion import LocalProcedure
+from fedsim.train_config import (
+    BATCH_SIZE,
+    LOCAL_EPOCHS,
+    LR,
+    PROXIMAL_MU,
+    SERVER_ROUND,
+    round_lr,
+)
 
 
 def proximal_term(model: nn.Module, anchor: list[torch.Tensor]) -> torch.Tensor:
@@ -37,13 +46,40 @@ def check_sgd_settings(*, lr: float, momentum: float, weight_decay: float, local
             "a number > 0 (round r trains at lr * lr_decay^(r-1))", lr_decay)
 
 
+@dataclass(frozen=True)
+class RoundSettings:
+    """One round's local SGD settings: the trainer's own, except where the server's train
+    config sends a value under Flower's name (`fedsim.train_config`): the server's wins."""
+
+    server_round: int
+    lr: float
+    local_epochs: int
+    batch_size: int
+    proximal_mu: float
+
+
+def sent_value(config: ConfigRecord, key: str, own: float, integer: bool = False) -> float:
+    """`config[key]` when the server sent it (checked: a number >= 0, whole and > 0 for
+    `integer`), else `own`."""
+    if key not in config:
+        return own
+    value = config[key]
+    ok = is_int(value) and value > 0 if integer else is_number(value) and value >= 0
+    if not ok:
+        wanted = "an integer > 0" if integer else "a number >= 0"
+        raise MessageError(f"the server's train config '{key}' must be {wanted} "
+                           f"(got {value!r})")
+    return int(value) if integer else float(value)
+
+
 class SGDTrainer(Trainer):
     """Local epochs of minibatch SGD on cross-entropy; uploads the trained weights.
 
-    `proximal_mu` adds mu/2 * ||w - w_global||^2; a `proximal-mu` value in the
-    round's config (sent by Flower's FedProx) takes precedence. The learning rate
-    of round r (from 1) is `lr * lr_decay**(r - 1)`; `cosine_epochs` anneals it to 0
-    over the local epochs with a cosine, stepped once per epoch.
+    `proximal_mu` adds mu/2 * ||w - w_global||^2. The learning rate of round r
+    (from 1) is `lr * lr_decay**(r - 1)`; `cosine_epochs` anneals it to 0 over the
+    local epochs with a cosine, stepped once per epoch. Where the server's train
+    config sends `lr` (that round's), `local-epochs`, `batch-size` or `proximal-mu`,
+    Flower's convention, the server's value is used (`round_settings`).
 
     `optimizer` builds the optimizer from (parameters, lr=, weight_decay=): the
     `optimizer` config group (sgd, adam, adamw, adamp, conda) as a partial; by
@@ -91,9 +127,9 @@ class SGDTrainer(Trainer):
     ) -> TrainOutput:
         model = self.load_model(arrays)
         model.train()
-        mu = float(config.get("proximal-mu", self.proximal_mu))
+        settings = self.round_settings(config)
+        mu = settings.proximal_mu
         anchor = [p.detach().clone() for p in model.parameters()] if mu > 0 else []
-        server_round = int(config.get("server-round", 0))
         x, y = data.x_train.to(self.device), data.y_train.to(self.device)
 
         def loss_of(idx: torch.Tensor) -> torch.Tensor:
@@ -101,11 +137,22 @@ class SGDTrainer(Trainer):
             return loss + mu / 2 * proximal_term(model, anchor) if mu > 0 else loss
 
         trainable = [p for p in model.parameters() if p.requires_grad]
-        train_loss = self.sgd_epochs(trainable, data, server_round, loss_of)
+        train_loss = self.sgd_epochs(trainable, data, settings, loss_of)
         return TrainOutput(
             arrays=self.upload(model),
             metrics={"train_loss": train_loss, NUM_EXAMPLES: data.num_train},
             state=state,
+        )
+
+    def round_settings(self, config: ConfigRecord) -> RoundSettings:
+        """This round's settings: the server's where its train config sends them."""
+        server_round = int(config.get(SERVER_ROUND, 0))
+        return RoundSettings(
+            server_round=server_round,
+            lr=sent_value(config, LR, round_lr(self.lr, self.lr_decay, server_round)),
+            local_epochs=int(sent_value(config, LOCAL_EPOCHS, self.local_epochs, True)),
+            batch_size=int(sent_value(config, BATCH_SIZE, self.batch_size, True)),
+            proximal_mu=sent_value(config, PROXIMAL_MU, self.proximal_mu),
         )
 
     def local_procedure(self, num_train: int, server_round: int) -> LocalProcedure:
@@ -119,7 +166,7 @@ class SGDTrainer(Trainer):
         if getattr(self.optimizer, "func", None) is not torch.optim.SGD:
             raise ValueError("local_procedure: only the SGD optimizer is unrolled")
         return LocalProcedure(
-            lr=self.lr * self.lr_decay ** max(server_round - 1, 0),
+            lr=round_lr(self.lr, self.lr_decay, server_round),
             steps=self.local_epochs * math.ceil(num_train / self.batch_size),
             momentum=self.momentum,
             weight_decay=self.weight_decay,
@@ -129,7 +176,7 @@ class SGDTrainer(Trainer):
         self,
         parameters: list[torch.Tensor],
         data: ClientData,
-        server_round: int,
+        settings: RoundSettings,
         batch_loss: Callable[[torch.Tensor], torch.Tensor],
         epochs: int | None = None,
     ) -> float:
@@ -140,18 +187,19 @@ class SGDTrainer(Trainer):
         whose batch_loss runs its own backward passes (layer-local methods free each
         layer's graph as they go) returns it detached. Runs `epochs` (default
         `local_epochs`) epochs with this trainer's optimizer, lr schedule and weight
-        decay; returns the mean batch loss.
+        decay; returns the mean batch loss. `settings` (`round_settings`) gives the
+        round, its lr, epochs and batch size.
         """
-        optimizer = self.make_optimizer(parameters, server_round)
-        epochs = self.local_epochs if epochs is None else epochs
+        optimizer = self.make_optimizer(parameters, settings)
+        epochs = settings.local_epochs if epochs is None else epochs
         scheduler = (
             torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
             if self.cosine_epochs else None
         )
-        generator = self.generator(data, server_round)
+        generator = self.generator(data, settings.server_round)
         loss_sum, steps = torch.zeros((), device=self.device), 0
         for _ in range(epochs):
-            for idx in minibatches(data.num_train, self.batch_size, generator):
+            for idx in minibatches(data.num_train, settings.batch_size, generator):
                 optimizer.zero_grad(set_to_none=True)
                 loss = batch_loss(idx.to(self.device))
                 if loss.requires_grad:
@@ -164,14 +212,10 @@ class SGDTrainer(Trainer):
         return loss_sum.item() / max(steps, 1)
 
     def make_optimizer(
-        self, parameters: list[torch.Tensor], server_round: int
+        self, parameters: list[torch.Tensor], settings: RoundSettings
     ) -> torch.optim.Optimizer:
-        """A fresh optimizer over `parameters` at round `server_round`'s learning rate."""
-        return self.optimizer(
-            parameters,
-            lr=self.lr * self.lr_decay ** max(server_round - 1, 0),
-            weight_decay=self.weight_decay,
-        )
+        """A fresh optimizer over `parameters` at the round's learning rate."""
+        return self.optimizer(parameters, lr=settings.lr, weight_decay=self.weight_decay)
 
     def objective(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One batch's training loss: `batch_loss` of the model's logits.

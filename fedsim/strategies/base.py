@@ -91,6 +91,12 @@ class DeltaStrategy(UploadStrategy):
 
     expects_uploads = UPLOADS_DELTAS
 
+    def upload_problem(self, upload: ArrayRecord, sent: dict[str, np.ndarray]) -> str | None:
+        """The reply check's upload rule (`fedsim.hooks`): the sent keys and shapes, finite,
+        and not trained weights sent where a delta belongs (`weights_as_delta_problem`)."""
+        return same_arrays_problem(upload, sent) or weights_as_delta_problem(
+            {key: array.numpy() for key, array in upload.items()}, sent)
+
     def aggregate_uploads(
         self, server_round: int, uploads: list[tuple[int, ArrayRecord]]
     ) -> tuple[ArrayRecord, dict[str, float]]:
@@ -107,6 +113,30 @@ class DeltaStrategy(UploadStrategy):
         self, server_round: int, deltas: dict[str, np.ndarray]
     ) -> dict[str, np.ndarray]:
         """The server update for every state entry from the stacked client deltas."""
+
+
+#: an upload this much closer to the global weights than to zero is read as weights
+WEIGHTS_RATIO = 0.5
+
+
+def weights_as_delta_problem(upload: dict[str, np.ndarray], sent: dict[str, np.ndarray]
+                             ) -> str | None:
+    """Trained weights uploaded where a delta `w_i - w` belongs, or None.
+
+    Over the floating entries, weights `u = w + d` lie near the global `w`:
+    `||u - w|| = ||d||`, a fraction of `||u||`. A real delta lies near zero instead:
+    `||d - w|| < 0.5 ||d||` would need a delta longer than `2/3 ||w||` and aligned with
+    `w`, which local training does not produce. Applied as a delta, such an upload
+    adds the model to itself: the update's norm doubles every round.
+    """
+    floating = [k for k, v in sent.items() if np.issubdtype(v.dtype, np.floating)]
+    size = global_norm(upload[k] for k in floating)
+    off = global_norm(upload[k].astype(np.float64) - sent[k] for k in floating)
+    if size == 0 or off >= WEIGHTS_RATIO * size:
+        return None
+    return (f"uploads weights, not deltas: the upload is {off / size:.2g} x its own norm from "
+            "the global weights (a delta w_i - w lies near zero); this strategy needs a "
+            "client that uploads w_i - w, as fedsim's own client for it does (method=<name>)")
 
 
 def global_norm(arrays: Iterable[np.ndarray]) -> float:

@@ -1,0 +1,68 @@
+"""Flower's train-config convention: the client settings a server sends with each round.
+
+Flower apps read their local training settings from the train message's config
+(`msg.content["config"]["lr"]`) or from the run config
+(`context.run_config["local-epochs"]`). fedsim's server sends the configured
+client's `lr` (this round's, after `lr_decay`), `local-epochs`, `batch-size` and
+`proximal-mu` in every train config, beside `server-round`, and puts the same
+keys in the run config, so a stock Flower ClientApp trains as configured. The
+`train_config` / `evaluate_config` maps of the run config add any other keys.
+
+fedsim's trainers read these keys back (`fedsim.clients.sgd.RoundSettings`):
+where a server sends one, **the server's value wins** over the trainer's own
+setting, as Flower's FedProx already expects for `proximal-mu`. Under fedsim's own
+server both are the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from fedsim.errors import ConfigError
+
+SERVER_ROUND = "server-round"
+LR = "lr"
+LOCAL_EPOCHS = "local-epochs"
+BATCH_SIZE = "batch-size"
+PROXIMAL_MU = "proximal-mu"
+#: client config field -> the key Flower apps read
+CONVENTION = {"lr": LR, "local_epochs": LOCAL_EPOCHS, "batch_size": BATCH_SIZE,
+              "proximal_mu": PROXIMAL_MU}
+#: what a config value sent in a message may be (Flower's ConfigRecord and UserConfig)
+SCALARS = (bool, int, float, str)
+
+
+def round_lr(lr: float, lr_decay: float, server_round: int) -> float:
+    """The learning rate of round `server_round` (from 1): `lr * lr_decay^(r-1)`."""
+    return lr * lr_decay ** max(server_round - 1, 0)
+
+
+def client_settings(client: Mapping[str, Any]) -> dict[str, float | int]:
+    """The client's conventional settings under Flower's names (those the client has)."""
+    return {key: client[field] for field, key in CONVENTION.items() if field in client}
+
+
+def conventional_train_config(client: Mapping[str, Any], server_round: int
+                              ) -> dict[str, float | int]:
+    """What a train message's config carries for `server_round`: the client's settings,
+    with `lr` decayed to this round's by the client's `lr_decay`."""
+    settings = client_settings(client)
+    if LR in settings:
+        settings[LR] = round_lr(settings[LR], client.get("lr_decay", 1.0), server_round)
+    return settings
+
+
+def message_config(entries: Mapping[str, Any], field: str) -> dict[str, Any]:
+    """A user's `train_config` / `evaluate_config` map as ConfigRecord values, or a
+    `ConfigError` naming the first entry that a Flower message cannot carry."""
+    out: dict[str, Any] = {}
+    for key, value in entries.items():
+        items = list(value) if isinstance(value, list | tuple) else [value]
+        if not items or not all(isinstance(v, SCALARS) for v in items) \
+                or len({type(v) for v in items}) > 1:
+            raise ConfigError(
+                f"{field}.{key} must be a number, string or boolean, or a non-empty list of "
+                f"one of them (what a Flower ConfigRecord carries); got {value!r}")
+        out[str(key)] = value if not isinstance(value, tuple) else list(value)
+    return out
