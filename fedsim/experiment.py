@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ log = logging.getLogger("fedsim")
 
 def run_experiment(cfg: DictConfig) -> dict[str, Any]:
     """Check `cfg`, run it on `cfg.backend`, and return the run's summary."""
+    importable_working_directory()
     if cfg.output_dir is None:
         with open_dict(cfg):
             cfg.output_dir = cfg.resume or str(default_run_dir())
@@ -34,6 +37,18 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
         log.info("the run's outputs are in %s on the SuperLink's machine", cfg.output_dir)
         return {"final_server_accuracy": None}
     return json.loads(summary.read_text())
+
+
+def importable_working_directory() -> None:
+    """Put the working directory first on the import path of this process and of every
+    process the run starts (Ray workers, a local federation's SuperNodes), as `python -m`
+    does: a `model._target_` or `client_app` module beside the user's command is found."""
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if cwd not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([cwd, *filter(None, paths)])
 
 
 def shown_path(path: Path) -> str:

@@ -2,16 +2,15 @@
 
 fedsim's simulated nodes then run that app instead of fedsim's trainers; fedsim's
 ClientApp hands each message to it (`fedsim.client_app`). The module is imported
-as Python imports any module: from the installed packages or the working
-directory (Ray's workers and a local federation's SuperNodes get the same path).
+as Python imports any module: from the installed packages, or from the working
+directory, which a run puts on the import path of every process it starts
+(`fedsim.experiment.importable_working_directory`).
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
 from functools import lru_cache
-from pathlib import Path
 
 from flwr.clientapp import ClientApp
 
@@ -27,8 +26,6 @@ def load_client_app(spec: str) -> ClientApp:
     if not colon or not module_name or not attribute:
         raise ConfigError(f"{FIELD} must be module:attribute naming a Flower ClientApp, e.g. "
                           f"task:app (got {spec!r})")
-    if str(Path.cwd()) not in sys.path and "" not in sys.path:  # as `python -m` would find it
-        sys.path.insert(0, str(Path.cwd()))
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:

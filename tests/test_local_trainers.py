@@ -224,15 +224,16 @@ def test_optimizer_learning_rate_follows_the_client_schedule(tiny_cfg):
     cfg = tiny_cfg("optimizer=adamw", "client.lr=0.01", "client.lr_decay=0.5",
                    "client.weight_decay=0.02")
     trainer = build_trainer(cfg, build_federated_data(cfg))
-    group = trainer.make_optimizer([torch.nn.Parameter(torch.ones(2))],
-                                   trainer.round_settings(ConfigRecord({"server-round": 3}))).param_groups[0]
+    third = trainer.round_settings(ConfigRecord({"server-round": 3}))
+    group = trainer.make_optimizer([torch.nn.Parameter(torch.ones(2))], third).param_groups[0]
     assert group["lr"] == pytest.approx(0.01 * 0.5**2) and group["weight_decay"] == 0.02
 
 
 def test_sgd_optimizer_group_takes_the_client_momentum(tiny_cfg):
     cfg = tiny_cfg("client.momentum=0.7")
     trainer = build_trainer(cfg, build_federated_data(cfg))
-    group = trainer.make_optimizer([torch.nn.Parameter(torch.ones(2))], round_one(trainer)).param_groups[0]
+    probe = [torch.nn.Parameter(torch.ones(2))]
+    group = trainer.make_optimizer(probe, round_one(trainer)).param_groups[0]
     assert group["momentum"] == 0.7
 
 

@@ -84,24 +84,30 @@ def describe_failure(err: BaseException) -> str:
     return text
 
 
-_FLOWER_REASON = re.compile(r"<class '([\w.]+)'>:<'(.*)'>", re.DOTALL)
+_FLOWER_REASON = re.compile(r"<class '([\w.()]+)'>:<'(.*)'>", re.DOTALL)
 _RAISED_LINE = re.compile(r"^\s*(?:[\w]+\.)*(\w*(?:Error|Exception|Failed|Exit|Interrupt))"
                           r"(?:\([^)]*\))?: ?(.*)$")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+#: exceptions that only carry another one (Flower's and Ray's wrappers)
+_WRAPPERS = ("ClientAppException", "RayTaskError")
 
 
 def failure_cause(reason: str, limit: int = 500) -> str:
     """The cause in a failed reply's reason, on one line: the exception and where it was
     raised. Reads Flower's `<class 'T'>:<'message'>` form (its Ray engine wraps a whole
     remote traceback in it), tracebacks, and fedsim's own `describe_failure` lines."""
-    text = reason.strip()
+    text, name = _ANSI.sub("", reason).strip(), ""
     while (match := _FLOWER_REASON.fullmatch(text)) is not None:
         name, text = match.group(1).rsplit(".", 1)[-1], match.group(2).strip()
-        if "\n" not in text and _RAISED_LINE.match(text) is None and name != "ClientAppFailed":
-            text = f"{name}: {text}"
-    raised = [m for line in text.splitlines() if (m := _RAISED_LINE.match(line))]
-    if raised:
-        name, message = raised[-1].group(1), raised[-1].group(2).strip()
-        text = message if name == "ClientAppFailed" else f"{name}: {message}"
+    raised = [(m.group(1), m.group(2).strip()) for line in text.splitlines()
+              if (m := _RAISED_LINE.match(line))]
+    ours = [message for kind, message in raised if kind == "ClientAppFailed"]
+    theirs = [f"{kind}: {message}" for kind, message in raised
+              if message and kind not in _WRAPPERS and kind != "ClientAppFailed"]
+    if ours or theirs:
+        text = (ours or theirs)[-1]
+    elif "\n" not in text and name and not name.startswith(_WRAPPERS):
+        text = text if name == "ClientAppFailed" else f"{name}: {text}"
     else:
         text = next((line.strip() for line in text.splitlines() if line.strip()), "")
     return text if len(text) <= limit else text[: limit - 3] + "..."

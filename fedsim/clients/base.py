@@ -178,12 +178,18 @@ def fit_problem(sent: Mapping[str, tuple[int, ...]], model: Mapping[str, tuple[i
     `shown` differences of each kind), or None when they fit."""
     missing = [k for k in model if k not in sent]
     unexpected = [k for k in sent if k not in model]
-    reshaped = [f"'{k}' {sent[k]} sent, {model[k]} here"
+    reshaped = [f"'{k}' {tuple(sent[k])} sent, {tuple(model[k])} here"
                 for k in model if k in sent and tuple(sent[k]) != tuple(model[k])]
-    parts = [f"{name} {items[:shown]}" + (f" and {len(items) - shown} more"
-                                          if len(items) > shown else "")
-             for name, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                                 ("other shapes:", reshaped)) if items]
+
+    def first(items: list[str]) -> str:
+        more = f" and {len(items) - shown} more" if len(items) > shown else ""
+        return f"{items[:shown]}{more}"
+
+    parts = [f"missing keys {first(missing)}" if missing else "",
+             f"unexpected keys {first(unexpected)}" if unexpected else "",
+             *reshaped[:shown],
+             f"{len(reshaped) - shown} more shapes differ" if len(reshaped) > shown else ""]
+    parts = [part for part in parts if part]
     return "; ".join(parts) or None
 
 
