@@ -8,8 +8,6 @@ methods hand each call to `inner`, adding:
   observer, and `evaluate_fn`) as round `done + r`, so a resumed run sees the
   same round numbers as an uninterrupted one; the resumed loop's round 0 (the
   checkpoint's model, already evaluated and recorded) is not evaluated again;
-- each round's own train config entries (`round_train_config`: the client settings
-  Flower apps read, `fedsim.train_config`), under the strategy's own (which win);
 - the benign-majority cohort redraw of an attacked run (`malicious`);
 - observers of each aggregated round (`on_train`, `on_evaluate`): the recorder's
   metric capture, the reply guard's skipped-round accounting;
@@ -39,8 +37,6 @@ TrainObserver = Callable[[int, list[Message], ArrayRecord | None, MetricRecord |
 #: (round, aggregated client-eval metrics) after each aggregate_evaluate
 EvaluateObserver = Callable[[int, MetricRecord | None], None]
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
-#: round -> the train config entries of that round
-RoundConfig = Callable[[int], dict]
 
 
 def examples(reply: Message) -> float:
@@ -71,8 +67,6 @@ class EngineStrategy(Strategy):
     malicious : node ids of malicious clients; a training cohort with half or more
         of them is redrawn from `inner`'s own sampling.
     on_train, on_evaluate : called, in order, after each aggregation.
-    round_train_config : the entries added to round r's train config (the loop's
-        `train_config` and then the strategy's own entries win over them).
     """
 
     def __init__(
@@ -83,10 +77,8 @@ class EngineStrategy(Strategy):
         malicious: frozenset[int] = frozenset(),
         on_train: Sequence[TrainObserver] = (),
         on_evaluate: Sequence[EvaluateObserver] = (),
-        round_train_config: RoundConfig | None = None,
     ) -> None:
         check_round_loop(inner)
-        self.round_train_config = round_train_config
         self.inner = inner
         self.done = done
         self.malicious = malicious
@@ -100,8 +92,6 @@ class EngineStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         server_round += self.done
-        if self.round_train_config is not None:
-            config = ConfigRecord({**self.round_train_config(server_round), **config})
         if not self.malicious:
             return self.inner.configure_train(server_round, arrays, config, grid)
         return benign_majority_cohort(

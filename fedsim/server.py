@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Sequence
-from functools import partial
 from typing import Any
 
 import torch
@@ -33,7 +32,7 @@ from fedsim.recording import RunRecorder, code_fingerprint
 from fedsim.reply_check import ReplyGuard
 from fedsim.runtime import build_strategy, initial_model, server_preflight
 from fedsim.state import checkpoint_state, load_checkpoint_state
-from fedsim.train_config import conventional_train_config, message_config
+from fedsim.train_config import client_settings, message_config
 
 NO_TIMEOUT = 7 * 24 * 3600.0
 #: config field -> object: the server's checkpointed state (`fedsim.state`)
@@ -120,7 +119,6 @@ def run_server(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
             strategy, done=done, malicious=malicious,
             on_train=(recorder.record_train, guard.after_train),
             on_evaluate=(recorder.record_client_eval,),
-            round_train_config=partial(conventional_train_config, cfg.client),
         )
         after_round = checkpointing(cfg, recorder, stateful, grid)
         if resumed is not None:
@@ -130,7 +128,8 @@ def run_server(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
             initial_arrays=arrays,
             num_rounds=cfg.num_rounds - done,
             timeout=cfg.faults.timeout_s or NO_TIMEOUT,
-            train_config=ConfigRecord(message_config(plain(cfg.train_config), "train_config")),
+            train_config=ConfigRecord({**client_settings(cfg.client),
+                                       **message_config(plain(cfg.train_config), "train_config")}),
             evaluate_config=ConfigRecord(message_config(plain(cfg.evaluate_config),
                                                           "evaluate_config")),
             evaluate_fn=after_round,

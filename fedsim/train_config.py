@@ -3,15 +3,17 @@
 Flower apps read their local training settings from the train message's config
 (`msg.content["config"]["lr"]`) or from the run config
 (`context.run_config["local-epochs"]`). fedsim's server sends the configured
-client's `lr` (this round's, after `lr_decay`), `local-epochs`, `batch-size` and
-`proximal-mu` in every train config, beside `server-round`, and puts the same
-keys in the run config, so a stock Flower ClientApp trains as configured. The
-`train_config` / `evaluate_config` maps of the run config add any other keys.
+client's `lr`, `local-epochs`, `batch-size` and `proximal-mu` in every train
+config, beside `server-round`, and puts the same keys in the run config, so a stock
+Flower ClientApp trains as configured. The `train_config` / `evaluate_config` maps
+of the run config add any other keys (and win over these).
 
-fedsim's trainers read these keys back (`fedsim.clients.sgd.RoundSettings`):
+fedsim's trainers read these keys back (`fedsim.clients.sgd.SGDTrainer.round_settings`):
 where a server sends one, **the server's value wins** over the trainer's own
-setting, as Flower's FedProx already expects for `proximal-mu`. Under fedsim's own
-server both are the same numbers.
+setting, as Flower's FedProx already expects for `proximal-mu`. `lr` is the base
+learning rate: fedsim's trainers apply their `lr_decay` to it by `server-round`
+(a foreign ClientApp gets `client.lr` as it is). Under fedsim's own server both
+are the same numbers.
 """
 
 from __future__ import annotations
@@ -41,16 +43,6 @@ def round_lr(lr: float, lr_decay: float, server_round: int) -> float:
 def client_settings(client: Mapping[str, Any]) -> dict[str, float | int]:
     """The client's conventional settings under Flower's names (those the client has)."""
     return {key: client[field] for field, key in CONVENTION.items() if field in client}
-
-
-def conventional_train_config(client: Mapping[str, Any], server_round: int
-                              ) -> dict[str, float | int]:
-    """What a train message's config carries for `server_round`: the client's settings,
-    with `lr` decayed to this round's by the client's `lr_decay`."""
-    settings = client_settings(client)
-    if LR in settings:
-        settings[LR] = round_lr(settings[LR], client.get("lr_decay", 1.0), server_round)
-    return settings
 
 
 def message_config(entries: Mapping[str, Any], field: str) -> dict[str, Any]:

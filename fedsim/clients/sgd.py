@@ -78,8 +78,8 @@ class SGDTrainer(Trainer):
     `proximal_mu` adds mu/2 * ||w - w_global||^2. The learning rate of round r
     (from 1) is `lr * lr_decay**(r - 1)`; `cosine_epochs` anneals it to 0 over the
     local epochs with a cosine, stepped once per epoch. Where the server's train
-    config sends `lr` (that round's), `local-epochs`, `batch-size` or `proximal-mu`,
-    Flower's convention, the server's value is used (`round_settings`).
+    config sends `lr` (decayed here as `lr` is), `local-epochs`, `batch-size` or
+    `proximal-mu`, Flower's convention, the server's value is used (`round_settings`).
 
     `optimizer` builds the optimizer from (parameters, lr=, weight_decay=): the
     `optimizer` config group (sgd, adam, adamw, adamp, conda) as a partial; by
@@ -149,7 +149,7 @@ class SGDTrainer(Trainer):
         server_round = int(config.get(SERVER_ROUND, 0))
         return RoundSettings(
             server_round=server_round,
-            lr=sent_value(config, LR, round_lr(self.lr, self.lr_decay, server_round)),
+            lr=round_lr(sent_value(config, LR, self.lr), self.lr_decay, server_round),
             local_epochs=int(sent_value(config, LOCAL_EPOCHS, self.local_epochs, True)),
             batch_size=int(sent_value(config, BATCH_SIZE, self.batch_size, True)),
             proximal_mu=sent_value(config, PROXIMAL_MU, self.proximal_mu),
