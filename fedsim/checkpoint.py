@@ -1,16 +1,19 @@
 """Checkpoints of a run's state, and resuming a run from one.
 
-Every `checkpoint.every` rounds the server writes `checkpoint.pkl` into the run
-directory: the global arrays, the strategy's state (every plain-data attribute
-of the strategy object: aggregation histories, server optimizer moments, virtual
-clocks, clients in flight, stored model versions...), each
-simulated node's persistent state, the random generators of the server
+Every `checkpoint.every` rounds the server writes `checkpoint.npz` into the run
+directory: the experiment config it was made under, the global arrays, the
+strategy's state (every plain-data attribute of the strategy object: aggregation
+histories, server optimizer moments, virtual clocks, clients in flight, stored model
+versions...), each simulated node's persistent state, the random generators of the server
 process, and the recorder's counters. It is written to a temporary file and
 renamed over the last one, so a run killed at any moment leaves a whole
-checkpoint behind.
+checkpoint behind. The file is data only (`fedsim.codec`: tagged JSON plus arrays,
+loaded without pickle), so resuming a run directory someone sent you runs no code
+of theirs; an old `checkpoint.pkl` is refused, never opened.
 
 `fedsim resume=<run dir>` rebuilds the run from its stored `config.yaml`,
-restores that state, and runs the remaining rounds. Flower's round loop
+checks that the checkpoint belongs to it (its config, its model's arrays), restores
+that state, and runs the remaining rounds. Flower's round loop
 (`Strategy.start`, run on `fedsim.engine_strategy.EngineStrategy`) runs them,
 its round numbers shifted by the rounds already done, so the strategy and the
 clients see the same round numbers, and draw the same random numbers, as in an
@@ -21,10 +24,9 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import random
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +35,22 @@ import torch
 from flwr.app import ArrayRecord, RecordDict
 from flwr.serverapp import Grid
 from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
 
+from fedsim import codec
 from fedsim.errors import ConfigError
 
-CHECKPOINT_FILE = "checkpoint.pkl"
+CHECKPOINT_FILE = "checkpoint.npz"
+#: older fedsim pickled its checkpoints: refused, never opened (loading one runs its code)
+LEGACY_CHECKPOINT_FILE = "checkpoint.pkl"
 CONFIG_FILE = "config.yaml"
 #: keys that may change when a run resumes (how it runs, not what it computes)
 RESUMABLE_OVERRIDES = ("progress", "device", "torch_threads", "flwr_log_level", "backend",
                        "logger", "plots")
+#: keys a checkpoint's config is not compared on: the resumable ones, and where the run is
+NOT_COMPARED = (*RESUMABLE_OVERRIDES, "resume", "output_dir")
+#: how many differing keys or arrays a refusal names
+SHOWN = 5
 log = logging.getLogger("fedsim")
 
 
@@ -55,6 +65,15 @@ class Checkpoint:
     rng: dict[str, Any]
     counters: dict[str, Any] = field(default_factory=dict)
     code: str = ""
+    #: the experiment config (`experiment_config`); `save` reads config.yaml when empty
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+#: the type each of a loaded checkpoint's fields must have
+FIELD_TYPES: dict[str, type] = {
+    "server_round": int, "arrays": ArrayRecord, "objects": dict, "clients": dict, "rng": dict,
+    "counters": dict, "code": str, "config": dict,
+}
 
 
 # ---- state in and out -----------------------------------------------------------------
@@ -86,32 +105,184 @@ def restore_clients(grid: Grid, states: dict[int, RecordDict]) -> None:
 
 
 def save(run_dir: Path, checkpoint: Checkpoint) -> None:
-    """Write `checkpoint.pkl` atomically: a whole new one or the old one, never a part."""
+    """Write `checkpoint.npz` atomically: a whole new one or the old one, never a part.
+
+    A failed write (a full disk) removes its temporary file and raises; the last
+    checkpoint stays as it was.
+    """
     path = Path(run_dir) / CHECKPOINT_FILE
+    sections = {f.name: getattr(checkpoint, f.name) for f in fields(Checkpoint)}
+    sections["config"] = checkpoint.config or run_config(run_dir)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as out:
-        pickle.dump(checkpoint, out, protocol=pickle.HIGHEST_PROTOCOL)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as out:
+            codec.dump(sections, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load(run_dir: Path) -> Checkpoint:
-    """The run's checkpoint, or a `ConfigError` saying why there is none to resume from."""
-    path = Path(run_dir) / CHECKPOINT_FILE
-    try:
-        with open(path, "rb") as source:
-            checkpoint = pickle.load(source)  # noqa: S301 - the user's own run directory
-    except FileNotFoundError:
-        raise ConfigError(
-            f"resume: '{run_dir}' has no {CHECKPOINT_FILE} (a run writes one every "
-            "checkpoint.every rounds; this one stopped before its first)"
-        ) from None
-    except (OSError, pickle.UnpicklingError, EOFError, AttributeError) as err:
-        raise ConfigError(f"resume: '{path}' cannot be read ({err!r})") from None
-    if not isinstance(checkpoint, Checkpoint):
-        raise ConfigError(f"resume: '{path}' is not a fedsim checkpoint")
+    """The run's checkpoint, checked against its config.yaml, or a `ConfigError` saying why
+    there is none to resume from."""
+    path = checkpoint_path(run_dir)
+    checkpoint = read(path)
+    check_config(path, checkpoint.config, run_config(run_dir))
     return checkpoint
+
+
+def read(path: Path) -> Checkpoint:
+    """The checkpoint in the file `path` (no check that it fits a run)."""
+    sections = codec.load(path, tuple(FIELD_TYPES))
+    wrong = section_problems(sections)
+    if wrong:
+        raise ConfigError(f"cannot load '{path}': {'; '.join(wrong)}")
+    return Checkpoint(**sections)
+
+
+def section_problems(sections: Mapping[str, Any]) -> list[str]:
+    """What is wrong with a loaded checkpoint's sections: types, node states, generators."""
+    wrong = [f"{name} is a {type(sections[name]).__name__}, not a {kind.__name__}"
+             for name, kind in FIELD_TYPES.items() if not isinstance(sections[name], kind)]
+    if wrong:
+        return wrong
+    if not all(type(node) is int and isinstance(state, RecordDict)
+               for node, state in sections["clients"].items()):
+        wrong.append("clients is not a map of node ids to RecordDicts")
+    problem = rng_problem(sections["rng"])
+    return wrong + ([f"rng: {problem}"] if problem else [])
+
+
+def rng_problem(state: Mapping[str, Any]) -> str | None:
+    """Why `restore_rng` would fail on `state` (tried on fresh generators), or None."""
+    try:
+        random.Random().setstate(state["python"])
+        np.random.RandomState().set_state(state["numpy"])
+        torch.Generator().set_state(state["torch"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def checkpoint_path(run_dir: str | Path) -> Path:
+    """The run's checkpoint file; `ConfigError` when it has none, or only a legacy pickle
+    (which is never opened)."""
+    path = Path(run_dir) / CHECKPOINT_FILE
+    if path.is_file():
+        return path
+    legacy = Path(run_dir) / LEGACY_CHECKPOINT_FILE
+    if legacy.exists():
+        raise ConfigError(
+            f"resume: '{legacy}' is a pickle, an unsafe legacy checkpoint format that fedsim no "
+            "longer opens (loading it would run any code put in it); restart the run, or "
+            "resume it with the older fedsim that wrote it if you trust its source"
+        )
+    raise ConfigError(
+        f"resume: '{run_dir}' has no {CHECKPOINT_FILE} (a run writes one every "
+        "checkpoint.every rounds; this one stopped before its first, or is not a run)"
+    )
+
+
+# ---- does a checkpoint belong to the run? -----------------------------------------------
+
+
+def experiment_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """The resolved config as plain values, less what a resume may change (`NOT_COMPARED`)."""
+    plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    return {key: value for key, value in plain.items() if key not in NOT_COMPARED}
+
+
+def run_config(run_dir: str | Path) -> dict[str, Any]:
+    """The experiment config stored in a run directory's config.yaml."""
+    return experiment_config(stored_config(str(run_dir)))
+
+
+def config_differences(stored: Any, current: Any, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two plain configs (sorted)."""
+    if not (isinstance(stored, dict) and isinstance(current, dict)):
+        return [] if stored == current else [prefix]
+    differ: list[str] = []
+    for key in sorted(set(stored) | set(current), key=str):
+        here = f"{prefix}.{key}" if prefix else str(key)
+        if key not in stored or key not in current:
+            differ.append(here)
+        else:
+            differ += config_differences(stored[key], current[key], here)
+    return differ
+
+
+def dotted(config: Mapping[str, Any], key: str) -> Any:
+    """The value at a dotted `key` of a plain config ("<none>" where it has none)."""
+    value: Any = config
+    for part in key.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return "<none>"
+        value = value[part]
+    return value
+
+
+def check_config(path: Path, stored: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    """Refuse a checkpoint made under another experiment config than the run's."""
+    differ = config_differences(dict(stored), dict(current))
+    if differ:
+        first = differ[0]
+        more = f" (and {', '.join(differ[1:SHOWN])}{', ...' if len(differ) > SHOWN else ''})" \
+            if len(differ) > 1 else ""
+        raise ConfigError(
+            f"resume: '{path}' was made under another config than the run's {CONFIG_FILE}: "
+            f"{first} is {dotted(stored, first)!r} in the checkpoint, "
+            f"{dotted(current, first)!r} in the run{more}; a checkpoint resumes only the run "
+            "that wrote it, with its config unchanged"
+        )
+
+
+def array_shapes(arrays: ArrayRecord) -> dict[str, tuple[int, ...]]:
+    """Each array's name and shape."""
+    return {name: tuple(array.shape) for name, array in arrays.items()}
+
+
+def model_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Each entry of the model's state dict: its name and shape."""
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+
+
+def shape_differences(stored: Mapping[str, tuple[int, ...]],
+                      expected: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """How stored arrays differ from the expected names and shapes, one phrase each."""
+    missing = [f"no {name}" for name in expected if name not in stored]
+    extra = [f"an unknown {name}" for name in stored if name not in expected]
+    reshaped = [f"{name} of shape {stored[name]}, not {expected[name]}"
+                for name in expected if name in stored and stored[name] != expected[name]]
+    return missing + extra + reshaped
+
+
+def check_arrays(path: Path, arrays: ArrayRecord, model: nn.Module) -> None:
+    """Refuse a checkpoint whose global arrays do not fit the run's model."""
+    differ = shape_differences(array_shapes(arrays), model_shapes(model))
+    if differ:
+        shown = ", ".join(differ[:SHOWN]) + (", ..." if len(differ) > SHOWN else "")
+        raise ConfigError(
+            f"resume: '{path}' does not fit this run's model ({type(model).__name__}): its "
+            f"arrays have {shown}; a checkpoint resumes only the run that wrote it"
+        )
+
+
+def check_checkpoint(cfg: DictConfig, model: nn.Module | None = None) -> None:
+    """Refuse, before anything is written, a checkpoint in `cfg.resume` that was made under
+    another config than `cfg`'s, or (given the run's `model`) whose arrays do not fit it."""
+    path = checkpoint_path(cfg.resume)
+    wanted = ("config",) if model is None else ("config", "arrays")
+    stored = codec.load(path, wanted)
+    if not isinstance(stored["config"], dict):
+        raise ConfigError(f"cannot load '{path}': its config is not a mapping")
+    check_config(path, stored["config"], experiment_config(cfg))
+    if model is not None:
+        if not isinstance(stored["arrays"], ArrayRecord):
+            raise ConfigError(f"cannot load '{path}': its arrays are not an ArrayRecord")
+        check_arrays(path, stored["arrays"], model)
 
 
 # ---- resuming -----------------------------------------------------------------------
@@ -125,11 +296,7 @@ def resumable_run_dir(run_dir: str) -> Path:
     if (path / SUMMARY_FILE).exists():
         raise ConfigError(f"resume: the run in '{path}' is finished ({SUMMARY_FILE} exists); "
                           "fedsim never overwrites a finished run's outputs")
-    if not (path / CHECKPOINT_FILE).is_file():
-        raise ConfigError(
-            f"resume: '{path}' has no {CHECKPOINT_FILE} (a run writes one every "
-            "checkpoint.every rounds; this one stopped before its first, or is not a run)"
-        )
+    checkpoint_path(path)  # one to resume from, not a legacy pickle
     return path
 
 
@@ -177,15 +344,15 @@ def resumed_config(
 
 def check_same_experiment(cfg: DictConfig) -> None:
     """A config resuming a run must be that run's, but for `RESUMABLE_OVERRIDES`
-    (`resumed_config` makes one; a hand-made one may differ)."""
-    stored = OmegaConf.to_container(stored_config(cfg.resume), resolve=True)
-    current = OmegaConf.to_container(cfg, resolve=True)
-    ignored = {*RESUMABLE_OVERRIDES, "resume", "output_dir"}
+    (`resumed_config` makes one; a hand-made one may differ), and so must the config its
+    checkpoint was made under (`check_checkpoint`)."""
+    stored, current = run_config(cfg.resume), experiment_config(cfg)
     differ = sorted(key for key in set(stored) | set(current)
-                    if key not in ignored and stored.get(key) != current.get(key))
+                    if stored.get(key) != current.get(key))
     if differ:
         raise ConfigError(
             f"resume: {differ[0]} differs from the stored config of '{cfg.resume}' (and "
             f"{differ[1:] or 'nothing else'}); resume with `fedsim resume=<run dir>` or "
             "fedsim.checkpoint.resumed_config, which take the stored config"
         )
+    check_checkpoint(cfg)

@@ -11,12 +11,12 @@ otherwise resume refuses it with one line, before any round runs.
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Iterable
 from typing import Any
 
 from flwr.serverapp import Grid
 
+from fedsim.codec import fingerprint
 from fedsim.errors import ConfigError
 
 
@@ -51,11 +51,20 @@ def checkpoint_state(obj: object) -> dict[str, Any]:
     return own() if callable(own) else plain_state(obj)
 
 
+def same_value(a: Any, b: Any) -> bool:
+    """Whether two attribute values are stored alike by a checkpoint (`fedsim.codec`); a
+    value a checkpoint cannot hold is never the same as one it holds."""
+    try:
+        return fingerprint(a) == fingerprint(b)
+    except ConfigError:
+        return False
+
+
 def changed_attributes(obj: object, state: dict[str, Any]) -> list[str]:
-    """The attributes of `obj` whose value differs from `state`'s (compared pickled)."""
+    """The attributes of `obj` whose value differs from `state`'s (compared as stored)."""
     now = plain_state(obj)
     return sorted(name for name, value in state.items()
-                  if name not in now or pickle.dumps(now[name]) != pickle.dumps(value))
+                  if name not in now or not same_value(now[name], value))
 
 
 def load_checkpoint_state(obj: object, state: dict[str, Any], field: str) -> None:

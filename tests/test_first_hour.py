@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from fedsim.checkpoint import CHECKPOINT_FILE
 from fedsim.cli import explain, interrupted_line
 
 FEDSIM = [sys.executable, "-c", "from fedsim.cli import main; main()"]
@@ -46,7 +47,7 @@ def test_ctrl_c_prints_one_line_with_the_resume_command_and_exits_130(tmp_path):
     run_dirs: list[Path] = []
     while time.monotonic() < deadline and proc.poll() is None:
         run_dirs = list(tmp_path.glob("outputs/*/*"))
-        if run_dirs and (run_dirs[0] / "checkpoint.pkl").exists() and rounds_written(
+        if run_dirs and (run_dirs[0] / CHECKPOINT_FILE).exists() and rounds_written(
                 run_dirs[0]) >= 4:
             break
         time.sleep(0.05)
@@ -75,7 +76,7 @@ def test_a_resumed_run_logs_into_its_own_folder(tmp_path):
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         dirs = list(tmp_path.glob("outputs/*/*"))
-        if dirs and (dirs[0] / "checkpoint.pkl").exists():
+        if dirs and (dirs[0] / CHECKPOINT_FILE).exists():
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
