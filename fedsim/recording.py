@@ -299,6 +299,7 @@ class RunRecorder:
 
     def summary(self) -> dict[str, Any]:
         last = self.rows[-1]
+        destroyed = [r["round"] for r in self.rows if r.get("model_destroyed")]
         accuracies = [r["server/accuracy"] for r in self.rows if "server/accuracy" in r]
         evaluated = [r for r in self.rows if "server/accuracy" in r]
         return {
@@ -316,6 +317,7 @@ class RunRecorder:
             "client": str(self.cfg.client._target_).rsplit(".", 1)[-1],
             "clients": clients_description(self.cfg),
             "seed": self.cfg.seed,
+            **({"model_destroyed_round": destroyed[0]} if destroyed else {}),
             **({"class_groups": self.class_groups} if self.class_groups else {}),
             "code": code_fingerprint(),
         }

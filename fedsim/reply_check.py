@@ -9,6 +9,12 @@ crashes on it. A round with fewer valid train replies than `faults.min_replies`
 is skipped: every reply is dropped and the global model is kept. After
 `faults.max_skipped_rounds` rounds in a row that applied no update, the run stops.
 
+A model destroyed by an attack is a result, not a fault: once the global arrays are
+not finite, or every train reply of a round is not finite after an applied update
+that included a malicious client's upload (`model_destroyed`), the guard logs it
+once, marks every later row `model_destroyed`, and skipped rounds no longer stop the
+run, which goes on to its last round at the accuracy the model really has.
+
 The checks themselves (`reply_problem`, `keys_problem`, `same_arrays_problem`,
 `stored_like`, `alike`...) are pure functions of records and arrays; strategies
 use them for their own `upload_problem`. The client side, faults injected to
@@ -169,6 +175,38 @@ def reply_problem(
         return f"arrays cannot be decoded ({err!r})"
 
 
+def finite_values(values: Iterable[object]) -> bool:
+    """Whether every number in `values` (numbers or lists of numbers) is finite."""
+    return all(math.isfinite(v) for value in values
+               for v in (value if isinstance(value, list) else [value])
+               if isinstance(v, int | float))
+
+
+def finite_arrays(arrays: Iterable[np.ndarray]) -> bool:
+    """Whether every floating array holds only finite values (other dtypes always do)."""
+    return all(np.isfinite(a).all() for a in arrays if np.issubdtype(a.dtype, np.floating))
+
+
+def nonfinite_reply(content: RecordDict) -> bool:
+    """Whether a reply carries a NaN or inf, in a metric or in a floating array (an
+    undecodable array is not counted as one)."""
+    if not all(finite_values(record.values()) for record in content.metric_records.values()):
+        return True
+    try:
+        return not all(finite_arrays(a.numpy() for a in record.values())
+                       for record in content.array_records.values())
+    except Exception:  # noqa: BLE001 - undecodable bytes from a peer: another problem
+        return False
+
+
+def model_destroyed(global_finite: bool, poisoned: bool, nonfinite: list[bool]) -> bool:
+    """Whether a round shows the global model destroyed: its arrays are not finite, or,
+    once an applied update included a malicious upload (`poisoned`), every one of the
+    round's train replies (`nonfinite`: one flag per reply, at least one reply) was not
+    finite. Honest faults alone (`poisoned` false) never destroy a finite model."""
+    return not global_finite or (poisoned and bool(nonfinite) and all(nonfinite))
+
+
 def rejected(reply: Message, reason: str) -> Message:
     """An error reply in place of `reply`, which the strategies then drop."""
     error = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
@@ -202,6 +240,9 @@ class ReplyGuard(GridWrapper):
         `upload_problem`, else `same_arrays_problem`).
     min_replies, max_skipped_rounds, timeout_s : `faults.*`; `timeout_s` also bounds the
         calls that come without a timeout (an asynchronous strategy's mid-round starts).
+    malicious : node ids of the attack's malicious clients (none: no attack). Once an
+        update that included one of their uploads was applied, a round whose train
+        replies are all non-finite means the model is destroyed (`model_destroyed`).
     """
 
     def __init__(
@@ -213,6 +254,7 @@ class ReplyGuard(GridWrapper):
         min_replies: int = 1,
         max_skipped_rounds: int = 3,
         timeout_s: float | None = None,
+        malicious: frozenset[int] = frozenset(),
     ) -> None:
         super().__init__(grid)
         self.weight_key = weight_key
@@ -221,8 +263,18 @@ class ReplyGuard(GridWrapper):
         self.min_replies = min_replies
         self.max_skipped_rounds = max_skipped_rounds
         self.timeout_s = timeout_s
+        self.malicious = frozenset(malicious)
         self.skipped_in_a_row = 0
         self.skipped_rounds = 0  # since the last `take_counts`
+        self.malicious_passed = False  # a valid malicious upload went to the strategy
+        self.poisoned = False  # an applied update included a malicious upload
+        self.destroyed_round: int | None = None  # the round the model was found destroyed
+        self.nonfinite: list[bool] = []  # per train reply of the current round
+
+    @property
+    def model_destroyed(self) -> bool:
+        """Whether the global model was found destroyed (see `model_destroyed`)."""
+        return self.destroyed_round is not None
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -238,6 +290,8 @@ class ReplyGuard(GridWrapper):
         replies = alike(replies)
         if messages and messages[0].metadata.message_type == MessageType.TRAIN:
             replies = self._apply_min_replies(replies)
+            self.malicious_passed |= any(not r.has_error() and r.metadata.src_node_id
+                                         in self.malicious for r in replies)
         return replies
 
     def _checked(self, reply: Message, sent: Message | None, decoded: dict[int, Arrays]
@@ -256,6 +310,8 @@ class ReplyGuard(GridWrapper):
             arrays = decoded[id(record)]
         problem = reply_problem(reply.content, arrays, self.weight_key, self.max_examples,
                                 self.check_upload)
+        if arrays is not None:
+            self.nonfinite.append(problem is not None and nonfinite_reply(reply.content))
         return reply if problem is None else rejected(reply, problem)
 
     def _apply_min_replies(self, replies: list[Message]) -> list[Message]:
@@ -263,8 +319,9 @@ class ReplyGuard(GridWrapper):
         valid = sum(not reply.has_error() for reply in replies)
         if valid >= self.min_replies:
             return replies
-        log.warning("only %d valid train replies, fewer than faults.min_replies=%d: the round "
-                    "is skipped and the global model kept", valid, self.min_replies)
+        log.log(logging.DEBUG if self.model_destroyed else logging.WARNING,
+                "only %d valid train replies, fewer than faults.min_replies=%d: the round "
+                "is skipped and the global model kept", valid, self.min_replies)
         reason = f"round skipped: {valid} valid replies < faults.min_replies={self.min_replies}"
         return [reply if reply.has_error() else rejected(reply, reason) for reply in replies]
 
@@ -272,9 +329,22 @@ class ReplyGuard(GridWrapper):
                     arrays: ArrayRecord | None, metrics: MetricRecord | None) -> None:
         """Count a round without a valid train reply that applied no update (an
         asynchronous round may still apply held ones) as a skipped round, and stop the run
-        after `max_skipped_rounds` of them in a row. The engine's `EngineStrategy` calls it
-        after each `aggregate_train`."""
+        after `max_skipped_rounds` of them in a row, unless the model is destroyed (then
+        the run goes on to its last round). The engine's `EngineStrategy` calls it after
+        each `aggregate_train`."""
         no_reply = all(reply.has_error() for reply in replies)
+        nonfinite, self.nonfinite = self.nonfinite, []
+        if arrays is not None and self.malicious_passed:
+            self.poisoned = True
+        global_finite = arrays is None or finite_arrays(a.numpy() for a in arrays.values())
+        if not self.model_destroyed and model_destroyed(global_finite, self.poisoned, nonfinite):
+            self.destroyed_round = server_round
+            log.warning(
+                "round %d: the global model is destroyed (%s); the run goes on to its last "
+                "round and records it (model_destroyed), rounds without a valid reply no "
+                "longer stop it, and client failures are no longer logged one by one",
+                server_round, "its arrays are not finite" if not global_finite else
+                "every train reply is NaN or inf after an update with a malicious upload")
         self._count(server_round, skipped=no_reply and arrays is None)
 
     def _count(self, server_round: int, skipped: bool) -> None:
@@ -282,6 +352,8 @@ class ReplyGuard(GridWrapper):
             self.skipped_in_a_row = 0
             return
         self.skipped_rounds += 1
+        if self.model_destroyed:  # a result to record to the last round, not a fault
+            return
         self.skipped_in_a_row += 1
         if self.skipped_in_a_row >= self.max_skipped_rounds:
             raise RunFailedError(
@@ -291,9 +363,11 @@ class ReplyGuard(GridWrapper):
                 "failures logged above"
             )
 
-    def take_counts(self) -> dict[str, int]:
-        """skipped_rounds since the last call."""
-        counts = {"skipped_rounds": self.skipped_rounds}
+    def take_counts(self) -> dict[str, int | bool]:
+        """skipped_rounds since the last call; `model_destroyed` (true) once it is."""
+        counts: dict[str, int | bool] = {"skipped_rounds": self.skipped_rounds}
+        if self.model_destroyed:
+            counts["model_destroyed"] = True
         self.skipped_rounds = 0
         return counts
 

@@ -40,8 +40,10 @@ Stateful = dict[str, object]
 log = logging.getLogger("fedsim")
 
 
-def guarded(cfg: DictConfig, strategy: Strategy, grid: Grid, data: FederatedData) -> ReplyGuard:
-    """`grid` behind a `ReplyGuard` with the strategy's weight key and upload check."""
+def guarded(cfg: DictConfig, strategy: Strategy, grid: Grid, data: FederatedData,
+            malicious: frozenset[int] = frozenset()) -> ReplyGuard:
+    """`grid` behind a `ReplyGuard` with the strategy's weight key and upload check, which
+    knows the attack's `malicious` nodes (to tell a destroyed model from failing clients)."""
     splits, hooks = data.splits, strategy_hooks(strategy)
     return ReplyGuard(
         grid,
@@ -51,6 +53,7 @@ def guarded(cfg: DictConfig, strategy: Strategy, grid: Grid, data: FederatedData
         min_replies=cfg.faults.min_replies,
         max_skipped_rounds=cfg.faults.max_skipped_rounds,
         timeout_s=cfg.faults.timeout_s,
+        malicious=malicious,
     )
 
 
@@ -96,7 +99,7 @@ def run_server(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
     hooks = strategy_hooks(strategy)
     hooks.bind_run(cfg, data)  # simulated device delays and what else the rule reads
     attacked, malicious = attach_attack(cfg, strategy, grid)
-    guard = guarded(cfg, strategy, attacked, data)
+    guard = guarded(cfg, strategy, attacked, data, malicious)
     # the server's objects that change as rounds go by, each checkpointed by fedsim.state
     stateful: Stateful = {"strategy": strategy, "guard": guard}
     if attacked is not grid:

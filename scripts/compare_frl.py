@@ -12,7 +12,9 @@ NDSS-21 aggregation-tailored attack on trimmed mean and Multi-Krum.
         --out docs/results/frl-wide                # FRL on a 4x wider 1-D CNN
 
 Runs land in --runs-dir (default outputs/compare_frl); finished runs are reused,
-so an interrupted comparison resumes where it stopped.
+so an interrupted comparison resumes where it stopped. A model an attack destroys
+(`model_destroyed_round` in the run's summary) is a result: the run goes on to its
+last round, and the report lists such runs.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import argparse
 import json
 import math
 import statistics
+from collections import Counter
 
 from fedsim.comparison import (
     Grid,
@@ -165,12 +168,34 @@ def bytes_table(grid: Grid, cells) -> str:
     return "\n".join(lines)
 
 
+def destroyed_round(cell) -> int | None:
+    """The round in which the run's model was found destroyed (None: it never was)."""
+    summary = cell.run_dir / "summary.json"
+    return json.loads(summary.read_text()).get("model_destroyed_round") \
+        if summary.exists() else None
+
+
+def destroyed(cells) -> list[str]:
+    """Per dataset, fraction and method: the seeds whose model an attack destroyed."""
+    runs = Counter((cell.dataset, cell.value, cell.method) for cell in cells)
+    found: dict[tuple, list[str]] = {}
+    for cell in cells:
+        first = destroyed_round(cell)
+        if first is not None:
+            found.setdefault((cell.dataset, cell.value, cell.method), []).append(
+                f"seed {cell.seed} in round {first}")
+    return [f"- {dataset}, {100 * value:g}% malicious, {method}: {len(seeds)} of "
+            f"{runs[(dataset, value, method)]} runs ({', '.join(seeds)})"
+            for (dataset, value, method), seeds in found.items()]
+
+
 def raw_result(cell, rows: list[dict], rounds: int) -> dict:
     """One run's identity and results, for the .json file."""
     return {"dataset": cell.dataset, "method": cell.method, "fraction": cell.value,
             "seed": cell.seed, "overrides": list(cell.overrides[:-1]),
             f"accuracy_round{rounds}": metric_at(rows, ACCURACY, rounds),
-            "accuracy_last3_evals": mean_last(rows, ACCURACY, 3, rounds)}
+            "accuracy_last3_evals": mean_last(rows, ACCURACY, 3, rounds),
+            "model_destroyed_round": destroyed_round(cell)}
 
 
 def write_report(args: argparse.Namespace, grid: Grid) -> None:
@@ -214,6 +239,15 @@ best-scored updates.
 
 {markdown_table(smooth, methods, "malicious")}
 
+## Destroyed models
+
+A run whose global model an attack destroyed (its arrays not finite, or every client's
+reply NaN or inf after an update with a malicious upload) goes on to its last round
+at the accuracy that model really has; its rounds without a usable reply do not stop
+it (`model_destroyed` in metrics.jsonl, `model_destroyed_round` in summary.json):
+
+{chr(10).join(destroyed(cells)) or "(no run's model was destroyed)"}
+
 ## Change from each method's own unattacked accuracy (points)
 
 {chr(10).join(drops(final, methods)) or "(this grid has no attacked fraction)"}
@@ -249,6 +283,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     grid = build_grid(args)
     run_missing(grid.cells(), args.workers)
+    for line in destroyed(grid.cells()):
+        print(f"model destroyed {line[2:]}")
     if args.report:
         write_report(args, grid)
         print(f"wrote {args.out.with_suffix('.md')}")

@@ -1,6 +1,9 @@
 """Poisoning attacks: who is malicious, cohort redraws, the collusion grid, each attack's math."""
 
+import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -229,6 +232,32 @@ def test_scaling_destroys_fedavg_and_a_trimmed_mean_survives_it(tiny_cfg):
     assert loss is None or not math.isfinite(loss) or loss > 100  # the model is destroyed
     assert accuracy["fedavg"] < 0.2 < accuracy["honest"] - 0.2
     assert accuracy["trimmed"] > accuracy["honest"] - 0.15
+
+
+def test_fedavg_destroyed_by_scaling_finishes_and_records_it(tmp_path):
+    """The scaled update makes every later reply NaN: the run still goes to its last round
+    (exit 0, a summary), records model_destroyed, and says so once."""
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-c", "from fedsim.cli import main; main()", "logger=none",
+         "progress=false", "model=mlp", "dataset=digits", "num_clients=10",
+         "clients_per_round=5", "evaluation.clients_per_round=2", "num_rounds=8",
+         "client.lr=0.1", "client.momentum=0.9", "client.local_epochs=2", "attack=scaling",
+         "attack.fraction=0.2", "faults.max_skipped_rounds=2", f"output_dir={out}"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    rows = read_metrics(out)
+    first = summary["model_destroyed_round"]
+    assert summary["num_rounds"] == 8 and first < 8
+    assert [bool(r.get("model_destroyed")) for r in rows] == [r["round"] >= first for r in rows]
+    assert summary["skipped_rounds"] > 2  # more than faults.max_skipped_rounds in a row
+    assert summary["final_server_accuracy"] < 0.2  # chance level, recorded
+    text = done.stdout + done.stderr
+    assert text.count("the global model is destroyed") == 1
+    after = text.split("the global model is destroyed")[1]
+    assert "failed (train)" not in after and "valid train replies" not in after
 
 
 def test_tailored_attack_runs_against_multikrum(tiny_cfg):

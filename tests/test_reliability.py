@@ -14,14 +14,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import read_metrics, without_timing
-from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common import MessageType
 
 from fedsim import checkpoint
+from fedsim.backends.base import SimulationGrid
 from fedsim.errors import ConfigError, RunFailedError
 from fedsim.experiment import run_experiment
 from fedsim.fault_injection import draw_faults
 from fedsim.recording import SUMMARY_FILE
-from fedsim.reply_check import reply_problem, same_arrays_problem
+from fedsim.reply_check import (
+    ReplyGuard,
+    model_destroyed,
+    nonfinite_reply,
+    reply_problem,
+    same_arrays_problem,
+)
 
 FEDSIM = [sys.executable, "-c", "from fedsim.cli import main; main()"]
 SENT = {"w": np.zeros((2, 3), np.float32), "steps": np.zeros((), np.int64)}
@@ -162,6 +170,119 @@ def test_frl_checks_rankings_not_weights():
     repeated = ArrayRecord({"scores": Array(np.array([3, 3, 0, 2], np.int64))})
     assert FRL().upload_problem(ok, sent) is None
     assert "every edge id 0..3 exactly once" in FRL().upload_problem(repeated, sent)
+
+
+# ---- a model destroyed by an attack is recorded, honest faults still stop the run -------
+
+
+def test_model_destroyed_hand_worked():
+    # a non-finite global model is destroyed, attack or not
+    assert model_destroyed(global_finite=False, poisoned=False, nonfinite=[])
+    # after a poisoned update: every reply of the round NaN/inf, at least one reply
+    assert model_destroyed(True, True, [True, True, True])
+    assert not model_destroyed(True, True, [True, False, True])  # one usable reply
+    assert not model_destroyed(True, True, [])  # no reply at all: a fault, not a result
+    # honest faults alone never destroy a finite model
+    assert not model_destroyed(True, False, [True, True, True])
+
+
+def test_a_nonfinite_reply_is_told_from_other_bad_replies():
+    nan_w = {"w": np.full((2, 3), np.nan, np.float32), "steps": np.ones((), np.int64)}
+    assert nonfinite_reply(_reply(arrays=nan_w))
+    assert nonfinite_reply(_reply(metrics={"num-examples": 10, "train_loss": float("inf")}))
+    assert nonfinite_reply(_reply(metrics={"num-examples": 10, "losses": [0.1, float("nan")]}))
+    assert not nonfinite_reply(_reply())  # finite
+    assert not nonfinite_reply(_reply(arrays={"w": np.ones(6, np.float32)}))  # badly shaped
+    assert not nonfinite_reply(_reply(arrays={"r": np.array([3, 1, 0, 2], np.uint16)}))
+
+
+class ScriptedGrid(SimulationGrid):
+    """Node n uploads `uploads[n]` (NaN train loss when the upload has a NaN)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(n, {})
+        self.uploads: dict[int, np.ndarray] = {}
+
+    def execute(self, messages, timeout=None):
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            upload = self.uploads[node].astype(np.float32)
+            loss = float(np.sum(upload)) if np.isnan(upload).any() else 0.5
+            reply = Message(RecordDict({
+                "arrays": ArrayRecord({"w": Array(upload)}),
+                "metrics": MetricRecord({"num-examples": 1, "train_loss": loss}),
+            }), reply_to=msg)
+            reply.metadata.__dict__["_src_node_id"] = node
+            replies.append(reply)
+        return replies
+
+
+def _guarded_round(guard: ReplyGuard, grid: ScriptedGrid, server_round: int,
+                   uploads: dict[int, list[float]], w=(1.0, 2.0)) -> None:
+    """One FedAvg-like round: send w to the nodes of `uploads`, average the valid replies."""
+    grid.uploads = {node: np.array(values) for node, values in uploads.items()}
+    content = RecordDict({"arrays": ArrayRecord({"w": Array(np.array(w, np.float32))}),
+                          "config": ConfigRecord({"server-round": server_round})})
+    replies = list(guard.send_and_receive(
+        [grid.create_message(content, MessageType.TRAIN, node, "1") for node in uploads]))
+    valid = [r.content["arrays"]["w"].numpy() for r in replies if not r.has_error()]
+    with np.errstate(over="ignore"):
+        arrays = ArrayRecord({"w": Array(np.mean(valid, axis=0))}) if valid else None
+    guard.after_train(server_round, replies, arrays, None)
+
+
+NAN = [float("nan"), float("nan")]
+
+
+def test_guard_records_a_model_destroyed_after_a_malicious_update(caplog):
+    """Node 1 is malicious: its scaled upload is applied in round 1, then every reply is
+    NaN; the guard records it once and never stops the run (max_skipped_rounds=2)."""
+    grid = ScriptedGrid(4)
+    guard = ReplyGuard(grid, "num-examples", 100, max_skipped_rounds=2, malicious=frozenset({1}))
+    _guarded_round(guard, grid, 1, {1: [1e5, 2e5], 2: [1.1, 2.1]})  # applied, malicious in it
+    assert guard.poisoned and not guard.model_destroyed
+    assert guard.take_counts() == {"skipped_rounds": 0}
+    with caplog.at_level(logging.DEBUG, logger="fedsim"):
+        for server_round in range(2, 7):
+            _guarded_round(guard, grid, server_round, {2: NAN, 3: NAN})
+            assert guard.take_counts() == {"skipped_rounds": 1, "model_destroyed": True}
+    assert guard.destroyed_round == 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 2  # round 2's skip, then one line for the rest of the run
+    assert warnings[0].startswith("only 0 valid train replies")
+    assert warnings[1].startswith("round 2: the global model is destroyed (every train reply")
+
+
+def test_honest_nan_replies_still_stop_the_run():
+    """The same NaN rounds without a malicious upload applied: a fault, the run stops."""
+    for malicious, first in ((frozenset(), {1: [1.0, 2.0], 2: [1.1, 2.1]}),
+                             (frozenset({1}), {2: [1.0, 2.0], 3: [1.1, 2.1]})):
+        grid = ScriptedGrid(4)
+        guard = ReplyGuard(grid, "num-examples", 100, max_skipped_rounds=2,
+                           malicious=malicious)
+        _guarded_round(guard, grid, 1, first)
+        _guarded_round(guard, grid, 2, {2: NAN, 3: NAN})
+        with pytest.raises(RunFailedError, match="round 3: 2 rounds in a row applied no"):
+            _guarded_round(guard, grid, 3, {2: NAN, 3: NAN})
+        assert not guard.model_destroyed
+
+
+def test_a_round_with_one_usable_reply_does_not_destroy_the_model():
+    grid = ScriptedGrid(4)
+    guard = ReplyGuard(grid, "num-examples", 100, malicious=frozenset({1}))
+    _guarded_round(guard, grid, 1, {1: [1e5, 2e5], 2: [1.1, 2.1]})
+    _guarded_round(guard, grid, 2, {2: NAN, 3: [1.0, 2.0, 3.0]})  # NaN + badly shaped
+    assert not guard.model_destroyed
+
+
+def test_a_nonfinite_global_model_is_destroyed_without_an_attack():
+    grid = ScriptedGrid(4)
+    guard = ReplyGuard(grid, "num-examples", 100, max_skipped_rounds=1)
+    _guarded_round(guard, grid, 1, {1: [3e38, 1.0], 2: [3e38, 1.0]})  # the mean overflows
+    assert guard.destroyed_round == 1
+    for server_round in (2, 3):  # skipped rounds no longer stop the run
+        _guarded_round(guard, grid, server_round, {1: NAN})
 
 
 # ---- hostile and failing clients in whole runs ------------------------------------------
@@ -441,7 +562,7 @@ def test_resume_refuses_a_finished_run_a_run_without_checkpoint_and_other_settin
     with pytest.raises(Exception):  # noqa: B017 - stop it mid-way without a checkpoint
         run_experiment(tiny_cfg("checkpoint.every=0", "faults.crash_prob=1.0",
                                 "faults.max_skipped_rounds=1", f"output_dir={never.output_dir}"))
-    with pytest.raises(ConfigError, match="has no checkpoint.pkl"):
+    with pytest.raises(ConfigError, match=f"has no {checkpoint.CHECKPOINT_FILE}"):
         run_experiment(checkpoint.resumed_config(never.output_dir))
     with pytest.raises(ConfigError, match="fedsim run directory"):
         checkpoint.resumed_config(str(Path(never.output_dir) / "nowhere"))

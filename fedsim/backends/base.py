@@ -232,6 +232,11 @@ class GridWrapper(Checkpointed, Grid):
     def get_node_ids(self) -> Iterable[int]:
         return self.grid.get_node_ids()
 
+    @property
+    def model_destroyed(self) -> bool:
+        """Whether a wrapped `ReplyGuard` found the global model destroyed."""
+        return bool(getattr(self.grid, "model_destroyed", False))
+
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self.grid.push_messages(messages)
 
@@ -250,7 +255,9 @@ class MeteredGrid(GridWrapper):
     Flower samples clients with `random.sample(list(grid.get_node_ids()), k)`;
     sorting the ids makes that draw depend only on the seed and the node set.
     A client that answers with an error, or not at all, is counted per message
-    type and logged with its node id, so a failure is never silent.
+    type and logged with its node id, so a failure is never silent. Once the model
+    is destroyed (`model_destroyed`, logged once), failures are still counted but
+    logged at debug level: every round would repeat them.
     """
 
     def __init__(self, grid: Grid) -> None:
@@ -284,8 +291,8 @@ class MeteredGrid(GridWrapper):
         silent = sorted({m.metadata.dst_node_id for m in messages} - answered)
         if silent:
             self.counts[f"{kind}_failures"] += len(silent)
-            log.warning("client node(s) %s sent no %s reply before the round's deadline "
-                        "(faults.timeout_s)", silent, kind)
+            log.log(self._level(), "client node(s) %s sent no %s reply before the round's "
+                    "deadline (faults.timeout_s)", silent, kind)
         return replies
 
     def _count_replies(self, replies: list[Message]) -> None:
@@ -294,14 +301,18 @@ class MeteredGrid(GridWrapper):
             content_nbytes(m.content) for m in replies if m.has_content()
         )
         for msg in failed[:MAX_LOGGED_FAILURES]:
-            log.warning(
-                "client node %d failed (%s): %s", msg.metadata.src_node_id,
+            log.log(
+                self._level(), "client node %d failed (%s): %s", msg.metadata.src_node_id,
                 msg.metadata.message_type, failure_cause(msg.error.reason),
             )
         if len(failed) > MAX_LOGGED_FAILURES:
-            log.warning("... and %d more client failures", len(failed) - MAX_LOGGED_FAILURES)
+            log.log(self._level(), "... and %d more client failures",
+                    len(failed) - MAX_LOGGED_FAILURES)
         for msg in failed:
             self.counts[f"{msg.metadata.message_type.split('.')[0]}_failures"] += 1
+
+    def _level(self) -> int:
+        return logging.DEBUG if self.model_destroyed else logging.WARNING
 
     def take_counts(self) -> dict[str, int]:
         """bytes_down, bytes_up, train_failures, evaluate_failures since the last call, and
