@@ -98,7 +98,8 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors here instead of exit 1
     args = sys.argv[1:]
     try:
-        sys.argv[1:] = [*args, *resume_overrides(args)]
+        extra = resume_overrides(args)
+        sys.argv[1:] = [*args, *extra, *claimed_run_dir([*args, *extra])]
         _main()
     except (HydraException, OmegaConfBaseException, FedsimError) as err:
         if _STARTED or wants_traceback:
@@ -125,6 +126,53 @@ def resume_overrides(args: Sequence[str]) -> list[str]:
     return [f"hydra.run.dir={_quoted(run_dir.resolve())}", f"hydra.output_subdir={subdir}"]
 
 
+# ---- one run per directory, claimed before Hydra writes into it -------------------------
+
+
+def claimed_run_dir(args: Sequence[str]) -> list[str]:
+    """Claim the run directory Hydra is about to write into, and pin it (an override).
+
+    Hydra writes `.hydra/` and its log before fedsim runs a line; a run refused there (the
+    directory holds a finished run, or another run holds it now) must not have touched it.
+    The directory is composed here, with Hydra's own config and the user's overrides, then
+    claimed (`fedsim.run_dir.claim`); pinned, a `${now:...}` in it resolves only once. A
+    sweep (`-m`) refuses a sweep folder that already holds one; each of its runs claims its
+    own folder. A command line Hydra cannot read is left to Hydra's own message.
+    """
+    from fedsim.run_dir import claim
+
+    hydra_cfg = _hydra_config([a for a in args if a not in ("-m", "--multirun")])
+    if hydra_cfg is None:
+        return []
+    if "-m" in args or "--multirun" in args:
+        sweep_dir = Path(hydra_cfg.sweep.dir)
+        if (sweep_dir / "multirun.yaml").exists():
+            raise ConfigError(f"hydra.sweep.dir '{sweep_dir}' already holds a sweep; choose a "
+                              "new hydra.sweep.dir (fedsim never overwrites a run's outputs)")
+        return [f"hydra.sweep.dir={_quoted(sweep_dir.resolve())}"]
+    run_dir = Path(hydra_cfg.run.dir)
+    resume = next((a.split("=", 1)[1] for a in args if a.startswith("resume=")), None)
+    fresh = resume in (None, "", "null")
+    claim(run_dir, fresh=fresh, field="hydra.run.dir" if fresh else "resume")
+    return [f"hydra.run.dir={_quoted(run_dir.resolve())}"]
+
+
+def _hydra_config(args: Sequence[str]) -> DictConfig | None:
+    """Hydra's own config (`hydra.run`, `hydra.sweep`) as the command line sets it, or None
+    when Hydra cannot compose it (Hydra's run then reports why)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    overrides = [a for a in args if not a.startswith("-")]
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = hydra_compose("config", overrides=overrides, return_hydra_config=True)
+        return OmegaConf.create({"run": {"dir": str(cfg.hydra.run.dir)},
+                                 "sweep": {"dir": str(cfg.hydra.sweep.dir)}})
+    except (HydraException, OmegaConfBaseException, ValueError):
+        return None
+
+
 def _quoted(path: Path) -> str:
     return "'" + str(path).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
@@ -145,9 +193,12 @@ def discard_unused_outputs(run_dir: Path, resume: str | None, hydra_cfg: DictCon
             shutil.rmtree(run_dir / subdir)
             return True
         return False
-    hydra_files = {_HYDRA_OUTPUT, f"{hydra_cfg.job.name}.log"}
+    from fedsim.run_dir import CLAIM_FILE, release
+
+    hydra_files = {_HYDRA_OUTPUT, f"{hydra_cfg.job.name}.log", CLAIM_FILE}
     if not run_dir.is_dir() or not set(os.listdir(run_dir)) <= hydra_files:
         return False
+    release(run_dir)
     shutil.rmtree(run_dir)
     _remove_empty_parents(run_dir.parent)
     return True
@@ -284,9 +335,20 @@ def _known_keys(key: str, other_args: Sequence[str]) -> tuple[list[str], list[st
         cfg = compose()
     parent = key.rpartition(".")[0]
     node = OmegaConf.select(cfg, parent) if parent else cfg
-    siblings = [str(k) for k in node if k not in ("hydra", "defaults")] if isinstance(
-        node, DictConfig) else []
-    return siblings, _dotted(cfg)
+    siblings = [str(k) for k in node if k not in ("hydra", "defaults") and not str(
+        k).startswith("_")] if isinstance(node, DictConfig) else []
+    return siblings + _unset_settings(node, siblings), _dotted(cfg)
+
+
+def _unset_settings(node: object, present: Sequence[str]) -> list[str]:
+    """A group's constructor settings its yaml leaves out, as `+group.key=...` (a key that
+    is not in the yaml yet is added with `+`)."""
+    from fedsim.config import GROUPS, settings_of
+
+    if not isinstance(node, DictConfig) or node._key() not in GROUPS or "_target_" not in node:
+        return []
+    names = settings_of(node._key(), str(node._target_))
+    return [f"+{node._key()}.{n}" for n in names if n not in present]
 
 
 def _dotted(node: DictConfig, prefix: str = "") -> list[str]:

@@ -21,7 +21,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from fedsim.errors import ConfigError, require
+from fedsim.errors import ConfigError, is_number, require
 from fedsim.spec import client_uploads
 
 RUN_CONFIG_KEY = "fedsim-config"
@@ -86,8 +86,11 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+_is_number = is_number  # finite: no setting takes inf or nan
+#: seeds go to numpy's and torch's generators, which take 32 (numpy) / 64 (torch) bits
+SEED_MAX = 2**32 - 1
+#: a torch thread pool larger than this is a typo, and torch aborts on a huge one
+MAX_THREADS = 1024
 
 
 def _check_target(cfg: DictConfig, group: str) -> None:
@@ -115,7 +118,7 @@ _SET_BY_FEDSIM = {
 
 _SIMPLE_TYPES: dict[Any, tuple[Callable[[Any], bool], str, str]] = {
     int: (lambda v: _is_int(v), "an integer", "integers"),
-    float: (lambda v: _is_number(v), "a number", "numbers"),
+    float: (lambda v: _is_number(v), "a finite number", "finite numbers"),
     bool: (lambda v: isinstance(v, bool), "true or false", "booleans"),
     str: (lambda v: isinstance(v, str), "a string", "strings"),
     type(None): (lambda v: v is None, "null", "nulls"),
@@ -168,6 +171,19 @@ def _expected(annotation: Any) -> tuple[Callable[[Any], bool], str] | None:
         return (lambda v: OmegaConf.is_list(v) and all(item[0](x) for x in v)), \
             f"a list of {item[2]}"
     return None
+
+
+def settings_of(group: str, target: str) -> list[str]:
+    """The keys a `group` whose `_target_` is `target` may set (its constructor's keyword
+    parameters, less those fedsim passes itself); [] when unknown or open-ended."""
+    from hydra.utils import get_object
+
+    try:
+        params = _settings(get_object(target))
+    except Exception:  # noqa: BLE001 - an unimportable target is reported elsewhere
+        return []
+    injected = _SET_BY_FEDSIM.get(group, (set(), ""))[0]
+    return sorted(set(params or ()) - injected)
 
 
 def _check_settings(cfg: DictConfig, group: str) -> None:
@@ -229,6 +245,45 @@ def _check_known_keys(cfg: DictConfig) -> None:
                 if sub not in base[key]:
                     raise ConfigError(f"{key}.{sub} is not a fedsim setting (the {key} "
                                       f"settings: {', '.join(base[key])})")
+
+
+def _check_no_key_missing(cfg: DictConfig) -> None:
+    """Every setting of fedsim/conf/config.yaml and every group is there: `~seed` would
+    otherwise fail later as a broken interpolation somewhere else (`partition.seed`). A
+    resumed run's stored config may predate newer settings; it is checked as it is."""
+    if cfg.get("resume") is not None:
+        return
+    base = _base_config()
+    for key in [*(k for k in base if k not in ("defaults", "hydra")), *GROUPS]:
+        _require(key in cfg, str(key), "kept (a fedsim setting cannot be removed with "
+                 f"~{key}; set it instead)", f"~{key}")
+
+
+#: Hydra's instantiation keys a group may set, with the values fedsim's construction allows
+_HYDRA_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "_target_": (lambda v: isinstance(v, str), "a dotted import path"),
+    "_recursive_": (lambda v: isinstance(v, bool), "true or false"),
+    "_convert_": (lambda v: v in ("none", "partial", "object", "all"),
+                  "one of none, partial, object, all"),
+    "_partial_": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def _check_hydra_keys(node: DictConfig, group: str) -> None:
+    """A group's `_..._` keys are Hydra's, with values Hydra takes; the optimizer is built
+    later with the model's parameters, so it must stay a partial."""
+    for key in node:
+        if not str(key).startswith("_"):
+            continue
+        check = _HYDRA_KEYS.get(str(key))
+        _require(check is not None, f"{group}.{key}",
+                 f"one of Hydra's keys ({', '.join(_HYDRA_KEYS)}), or a setting without a "
+                 "leading underscore", node[key])
+        _require(check[0](node[key]), f"{group}.{key}", check[1], node[key])
+    if group == "optimizer":
+        _require(node.get("_partial_") is True, "optimizer._partial_",
+                 "true (fedsim builds the optimizer once it has the model's parameters)",
+                 node.get("_partial_"))
 
 
 def _check_interpolations(cfg: DictConfig) -> None:
@@ -307,6 +362,7 @@ def validate(cfg: DictConfig) -> None:
     Run-wide fields first, so that a bad `seed` or `num_clients` is reported as
     itself and not as the group key that interpolates it.
     """
+    _check_no_key_missing(cfg)
     _check_interpolations(cfg)
     missing = sorted(OmegaConf.missing_keys(cfg))
     _require(not missing, missing[0] if missing else "", "set (it has no default)", "???")
@@ -314,6 +370,7 @@ def validate(cfg: DictConfig) -> None:
     _validate_run(cfg)
     for group in GROUPS:
         _check_target(cfg, group)
+        _check_hydra_keys(cfg[group], group)
     for group in GROUPS:
         _check_settings(cfg, group)
     _validate_messages(cfg)
@@ -350,7 +407,15 @@ def _count(value: Any) -> bool:
 
 
 def _seed_value(value: Any) -> bool:
+    return _is_int(value) and 0 <= value <= SEED_MAX
+
+
+def _natural(value: Any) -> bool:
+    """An integer >= 0 (a count that may be 0; seeds are `_seed_value`)."""
     return _is_int(value) and value >= 0
+
+
+SEEDS = f"an integer in [0, {SEED_MAX}]"
 
 
 def _check_each(node: DictConfig, group: str, keys: tuple[str, ...],
@@ -366,7 +431,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 def _validate_run(cfg: DictConfig) -> None:
     """The run-wide fields of fedsim/conf/config.yaml (faults, checkpoints: `_validate_faults`)."""
-    _require(_is_int(cfg.seed) and cfg.seed >= 0, "seed", "an integer >= 0", cfg.seed)
+    _require(_seed_value(cfg.seed), "seed", SEEDS, cfg.seed)
     _require(_is_int(cfg.num_clients) and cfg.num_clients >= 1, "num_clients",
              "an integer >= 1", cfg.num_clients)
     _require(_is_int(cfg.clients_per_round) and 1 <= cfg.clients_per_round <= cfg.num_clients,
@@ -396,8 +461,8 @@ def _validate_run(cfg: DictConfig) -> None:
 
         _require(torch.cuda.is_available(), "device", "auto or cpu (this machine has no CUDA)",
                  cfg.device)
-    _require(_is_int(cfg.torch_threads) and cfg.torch_threads >= 1, "torch_threads",
-             "an integer >= 1", cfg.torch_threads)
+    _require(_is_int(cfg.torch_threads) and 1 <= cfg.torch_threads <= MAX_THREADS,
+             "torch_threads", f"an integer in [1, {MAX_THREADS}]", cfg.torch_threads)
     _require(isinstance(cfg.progress, bool), "progress", "true or false", cfg.progress)
     _require(cfg.flwr_log_level in LOG_LEVELS, "flwr_log_level", f"one of {list(LOG_LEVELS)}",
              cfg.flwr_log_level)
@@ -416,7 +481,7 @@ def _validate_dataset(cfg: DictConfig) -> None:
                 lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string")
     _check_each(dataset, "dataset", ("test_fraction", "train_split"), _open_unit,
                 "a number in (0, 1)")
-    _check_each(dataset, "dataset", ("split_seed", "data_seed"), _seed_value, "an integer >= 0")
+    _check_each(dataset, "dataset", ("split_seed", "data_seed"), _seed_value, SEEDS)
     _check_each(dataset, "dataset", ("num_samples",), lambda v: _is_int(v) and v >= 2,
                 "an integer >= 2")
     _check_each(dataset, "dataset", ("num_features", "num_informative"), _count,
@@ -462,9 +527,9 @@ def _validate_partition(cfg: DictConfig) -> None:
                  f"{column} for {partition._target_}", partition.partition_by)
     _check_each(partition, "partition", ("num_classes_per_partition",), _count,
                 "an integer >= 1")
-    _check_each(partition, "partition", ("min_partition_size",), _seed_value, "an integer >= 0")
+    _check_each(partition, "partition", ("min_partition_size",), _natural, "an integer >= 0")
     _check_each(partition, "partition", ("seed",), lambda v: v is None or _seed_value(v),
-                "an integer >= 0, or null")
+                f"{SEEDS}, or null")
     _check_each(partition, "partition", ("num_shards_per_partition", "shard_size"),
                 lambda v: v is None or _count(v), "an integer >= 1, or null")
     if "shard_size" in partition:
@@ -482,7 +547,7 @@ def _validate_model(cfg: DictConfig) -> None:
                 "an integer >= 1 (a list of them where the model takes one per layer)")
     _check_each(model, "model", ("num_layers", "kernel_size", "width", "depth", "num_blocks",
                                  "k"), _count, "an integer >= 1")
-    _check_each(model, "model", ("seed", "class_seed"), _seed_value, "an integer >= 0")
+    _check_each(model, "model", ("seed", "class_seed"), _seed_value, SEEDS)
     _check_each(model, "model", ("sparsity",), _below_one,
                 "a number in [0, 1) (the share of edges masked)")
 
@@ -551,7 +616,7 @@ def _validate_faults(cfg: DictConfig) -> None:
                  "backend", "a backend with worker processes (ray) for "
                  "faults.kill_worker_round", str(cfg.backend._target_))
     every = cfg.checkpoint.every
-    _require(_seed_value(every), "checkpoint.every", "an integer >= 0 (0 = never)", every)
+    _require(_natural(every), "checkpoint.every", "an integer >= 0 (0 = never)", every)
     if cfg.resume is not None:
         _require(isinstance(cfg.resume, str) and cfg.resume != "", "resume",
                  "the path of a run directory, or null", cfg.resume)

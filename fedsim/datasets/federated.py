@@ -165,7 +165,17 @@ def instantiate_input(node: DictConfig, **kwargs: Any) -> Any:
     except InstantiationException as err:
         if isinstance(err.__cause__, FedsimError):
             raise err.__cause__ from None
-        raise
+        raise ConfigError(instantiation_failure(node, err.__cause__ or err)) from None
+
+
+def instantiation_failure(node: Any, cause: BaseException) -> str:
+    """One line for a group whose `_target_` refused its settings: the group (its key in the
+    config), the target, and the first line of the target's own error."""
+    group = node._key() if OmegaConf.is_dict(node) and node._key() else "config"
+    target = node.get("_target_", "?") if OmegaConf.is_dict(node) else "?"
+    text = str(cause).strip()
+    reason = text.splitlines()[0] if text else type(cause).__name__
+    return f"{group} ({target}) refuses its settings: {reason}"
 
 
 def check_partition_fits(
@@ -206,9 +216,32 @@ def check_partition_fits(
         )
 
 
+def check_long_tail_keeps_every_class(class_counts: np.ndarray, imbalance_factor: float) -> None:
+    """The rarest class keeps n_max * IF >= 1 sample: a smaller factor would delete classes
+    (the partitioner then fails on the gap, far from the setting that caused it)."""
+    largest = int(class_counts.max(initial=0))
+    if largest and imbalance_factor < 1 and np.floor(largest * imbalance_factor + 1e-9) < 1:
+        raise ConfigError(
+            f"data.imbalance_factor must be at least 1/{largest} = {1 / largest:.3g} for this "
+            f"data (its largest class has {largest} training samples, so a smaller factor keeps "
+            f"no sample of the rarest class) (got {imbalance_factor!r})")
+
+
+def check_client_test_ratio(ratio: float, largest_client: int, test_pool: int) -> None:
+    """A client's test set (ratio x its training samples, drawn from the test pool with the
+    client's label mix) must not ask for more samples than the pool holds."""
+    if ratio * largest_client > test_pool:
+        raise ConfigError(
+            f"data.client_test_ratio must be at most {test_pool / largest_client:.3g} for this "
+            f"data (the largest client has {largest_client} training samples and the test pool "
+            f"{test_pool}) (got {ratio!r})")
+
+
 def _build(cfg: DictConfig) -> FederatedData:
     splits: ArraySplits = instantiate_input(cfg.dataset)
     labels, ids = splits.y_train, splits.train_ids
+    check_long_tail_keeps_every_class(np.bincount(labels, minlength=splits.num_classes),
+                                      cfg.data.imbalance_factor)
     if cfg.data.imbalance_factor < 1.0:
         keep = long_tail_indices(labels, splits.num_classes, cfg.data.imbalance_factor, cfg.seed)
     else:
@@ -225,6 +258,8 @@ def _build(cfg: DictConfig) -> FederatedData:
         labels[keep], splits.num_classes, None if ids is None else ids[keep]
     )
     parts = [keep[p] for p in partition_indices(partitioner, cfg.num_clients)]
+    check_client_test_ratio(cfg.data.client_test_ratio, max(len(p) for p in parts),
+                            len(splits.y_test))
     return FederatedData(
         splits=splits,
         train_parts=parts,

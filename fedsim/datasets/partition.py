@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import warnings
+from typing import Any
 
 import numpy as np
 
@@ -94,7 +95,7 @@ def partition_indices(partitioner, num_partitions: int) -> list[np.ndarray]:
         try:
             available = partitioner.num_partitions
         except ValueError as err:  # e.g. Dirichlet could not satisfy min_partition_size
-            raise ConfigError(f"partition: {err}") from err
+            raise ConfigError(partition_failure(partitioner, err)) from None
     _report_redraws(caught)
     if available != num_partitions:
         raise ConfigError(
@@ -115,6 +116,17 @@ def partition_indices(partitioner, num_partitions: int) -> list[np.ndarray]:
             "or raise partition.alpha / partition.min_partition_size"
         )
     return parts
+
+
+def partition_failure(partitioner: Any, err: Exception) -> str:
+    """flwr-datasets' reason in fedsim's words: a Dirichlet partitioner that gave up after its
+    redraws names the settings that make a feasible split."""
+    if "max number of attempts" not in str(err):
+        return f"partition: {err}"
+    floor = getattr(partitioner, "_min_partition_size", "?")
+    return ("partition: no Dirichlet draw gave every client partition.min_partition_size="
+            f"{floor} samples (flwr-datasets gave up after its redraws); raise partition.alpha, "
+            "or lower partition.min_partition_size or num_clients")
 
 
 def _report_redraws(caught: list[warnings.WarningMessage]) -> None:
