@@ -15,6 +15,7 @@ to resume it.
 from __future__ import annotations
 
 import difflib
+import errno
 import json
 import logging
 import os
@@ -73,6 +74,11 @@ def _main(cfg: DictConfig) -> float | None:
             else ""
         print(f"fedsim: error: {err}{hint}", file=sys.stderr)
         raise SystemExit(2) from None
+    except OSError as err:
+        if err.errno not in STORAGE_ERRNOS and err.filename is None:
+            raise
+        print(storage_failure(err, Path(cfg.output_dir or run_dir)), file=sys.stderr)
+        raise SystemExit(1) from None
     except KeyboardInterrupt as stop:
         unused = cfg.resume is None and discard_unused_outputs(run_dir, None, hydra_cfg)
         print(interrupted_line(Path(cfg.output_dir or run_dir), cfg.num_rounds, not unused),
@@ -217,6 +223,21 @@ def _remove_empty_parents(folder: Path) -> None:
             return
         folder.rmdir()
         folder = folder.parent
+
+
+# ---- the disk ---------------------------------------------------------------------------
+
+#: a file the run writes could not be written: full disk, quota, read-only, no permission
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
+                  errno.ENOTDIR, errno.EISDIR, errno.EFBIG)
+
+
+def storage_failure(err: OSError, run_dir: Path) -> str:
+    """One line for a write that failed mid-run: the file, the reason, and how to go on
+    (the last checkpoint is whole: it is replaced only by a complete new one)."""
+    where = err.filename or f"into the run directory {run_dir}"
+    return (f"fedsim: error: cannot write {where}: {err.strerror or err}"
+            f"{resume_hint(run_dir)}")
 
 
 # ---- Ctrl-C -----------------------------------------------------------------------------
