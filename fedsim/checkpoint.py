@@ -226,7 +226,8 @@ def dotted(config: Mapping[str, Any], key: str) -> Any:
 
 def check_config(path: Path, stored: Mapping[str, Any], current: Mapping[str, Any]) -> None:
     """Refuse a checkpoint made under another experiment config than the run's."""
-    differ = config_differences(dict(stored), dict(current))
+    differ = sorted(config_differences(dict(stored), dict(current)),
+                    key=lambda key: (key.count("."), key))  # top-level keys first
     if differ:
         first = differ[0]
         more = f" (and {', '.join(differ[1:SHOWN])}{', ...' if len(differ) > SHOWN else ''})" \
