@@ -481,7 +481,7 @@ def test_a_failed_write_removes_its_temp_file_and_keeps_the_last_checkpoint(run,
     assert not path.with_name(path.name + ".tmp").exists()
     loaded.objects["strategy"]["thing"] = Unregistered()
     with pytest.raises(ConfigError, match=r"cannot store objects\.strategy\.thing: a "
-                                          r"test_checkpoint\.Unregistered is not a plain value"):
+                                          r"\S*Unregistered is not a plain value"):
         checkpoint.save(run_dir, loaded)
     assert path.read_bytes() == before
     assert sorted(p.name for p in run_dir.glob("checkpoint*")) == [checkpoint.CHECKPOINT_FILE]
