@@ -9,7 +9,7 @@ must record, round by round, with the process's memory after each round.
 Workload W2 (`../shared/specs/workloads.md`) is W1 with a large registered population:
 MNIST-1D's training split resampled with replacement so that each client holds about
 40 samples (`resampled_mnist1d`), split IID. flwr-datasets' `IidPartitioner` builds
-one Hugging Face dataset per client when fedsim reads the partitions, about 5 ms a
+one Hugging Face dataset per client when fedsim reads the partitions, about 7 ms a
 client at 100,000 clients; `ContiguousIidPartitioner` gives the same split as index
 ranges, so registering 100,000 clients costs what the data costs.
 """
