@@ -257,7 +257,9 @@ def interrupted_line(run_dir: Path, num_rounds: int, started: bool = True) -> st
     if checkpoint is None:
         return (f"{head}; no checkpoint yet (one is written every checkpoint.every rounds), so "
                 f"a rerun starts over; outputs in {where}")
-    return (f"{head}; last checkpoint: round {checkpoint} ({where}/checkpoint.pkl); "
+    from fedsim.checkpoint import CHECKPOINT_FILE
+
+    return (f"{head}; last checkpoint: round {checkpoint} ({where}/{CHECKPOINT_FILE}); "
             f"go on with: fedsim resume={where}")
 
 

@@ -192,11 +192,12 @@ def preflight(cfg: DictConfig) -> tuple[FederatedData, Path]:
     instantiate_input(cfg.devices).delays(data.label_counts(), cfg.seed)  # e.g. slow_class fits
     _check_max_examples(cfg, data)
     if cfg.resume is not None:
-        from fedsim.checkpoint import check_same_experiment, resumable_run_dir
+        from fedsim.checkpoint import check_checkpoint, check_same_experiment, resumable_run_dir
         from fedsim.run_dir import claim
 
         run_dir = resumable_run_dir(cfg.resume)
         check_same_experiment(cfg)
+        check_checkpoint(cfg, model_factory(cfg, data)())
         return data, claim(run_dir, fresh=False)
     return data, prepare_run_dir(cfg.output_dir)
 
