@@ -43,6 +43,8 @@ def refused(cfg, error: type[Exception]) -> str:
         (["torch_threads=100000000"], "torch_threads", "an integer in [1, 1024]"),
         (["client.lr=inf"], "client.lr", "a finite number"),
         (["client.lr=nan"], "client.lr", "a finite number"),
+        (["client.local_epochs=99999999999999999999"], "client.local_epochs",
+         "an integer in [1, 10000]"),
         (["partition=dirichlet", "partition.alpha=inf"], "partition.alpha", "a number > 0"),
         (["faults.crash_prob=nan"], "faults.crash_prob", "a probability in [0, 1]"),
         (["optimizer._partial_=false"], "optimizer._partial_", "true"),

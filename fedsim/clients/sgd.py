@@ -32,11 +32,17 @@ def proximal_term(model: nn.Module, anchor: list[torch.Tensor]) -> torch.Tensor:
     )
 
 
+#: more local epochs than this per round is a typo (1e20 would train for ever, unstoppable)
+MAX_LOCAL_EPOCHS = 10_000
+
+
 def check_sgd_settings(*, lr: float, momentum: float, weight_decay: float, local_epochs: int,
                        batch_size: int, proximal_mu: float, lr_decay: float) -> None:
     """The local SGD settings in range; a bad one raises the one-line `ConfigError`."""
-    for name, value in (("batch_size", batch_size), ("local_epochs", local_epochs)):
-        require(is_int(value) and value > 0, f"client.{name}", "an integer > 0", value)
+    require(is_int(batch_size) and batch_size > 0, "client.batch_size", "an integer > 0",
+            batch_size)
+    require(is_int(local_epochs) and 0 < local_epochs <= MAX_LOCAL_EPOCHS, "client.local_epochs",
+            f"an integer in [1, {MAX_LOCAL_EPOCHS}]", local_epochs)
     # lr = 0 is allowed, as torch allows it: a control run whose clients upload what they got.
     for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay),
                         ("proximal_mu", proximal_mu)):
