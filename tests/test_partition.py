@@ -87,3 +87,18 @@ def test_dirichlet_redraws_are_one_log_line_not_a_warning_each(caplog, recwarn):
     assert [str(w.message) for w in recwarn] == []
     (line,) = [r.getMessage() for r in caplog.records]
     assert line.startswith("partition: 2 Dirichlet draw(s)") and "min_partition_size=2" in line
+
+
+def test_contiguous_shards_cut_as_iid_partitioner_does():
+    """10 samples in 3 shards: the first 10 % 3 = 1 shard gets the extra one (hand-worked),
+    and every shard matches flwr-datasets' own per-partition read."""
+    from fedsim.datasets.partition import INDEX, contiguous_shards, label_dataset
+
+    shards = contiguous_shards(np.arange(10), 3)
+    assert [s.tolist() for s in shards] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    for samples, parts in ((1003, 7), (40, 40), (5000, 999)):
+        partitioner = IidPartitioner(num_partitions=parts)
+        partitioner.dataset = label_dataset(np.arange(samples) % 5, 5)
+        fast = contiguous_shards(partitioner.dataset.data.column(INDEX).to_numpy(), parts)
+        for pid in (0, parts // 2, parts - 1):
+            assert fast[pid].tolist() == list(partitioner.load_partition(pid)[INDEX])

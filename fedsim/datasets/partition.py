@@ -14,6 +14,7 @@ import warnings
 from typing import Any
 
 import numpy as np
+from flwr_datasets.partitioner import IidPartitioner
 
 from fedsim.errors import ConfigError
 
@@ -102,13 +103,11 @@ def partition_indices(partitioner, num_partitions: int) -> list[np.ndarray]:
             f"partition: the partitioner produced {available} partitions but "
             f"num_clients={num_partitions}"
         )
-    parts = []
-    for pid in range(num_partitions):
-        try:
-            part = partitioner.load_partition(pid)
-        except ValueError as err:
-            raise ConfigError(f"partition: {err}") from err
-        parts.append(np.asarray(part[INDEX], dtype=np.int64))
+    if type(partitioner) is IidPartitioner:  # not a subclass: it may cut otherwise
+        parts = contiguous_shards(partitioner.dataset.data.column(INDEX).to_numpy(),
+                                  num_partitions)
+    else:
+        parts = [_partition_index(partitioner, pid) for pid in range(num_partitions)]
     empty = [pid for pid, p in enumerate(parts) if len(p) == 0]
     if empty:
         raise ConfigError(
@@ -116,6 +115,22 @@ def partition_indices(partitioner, num_partitions: int) -> list[np.ndarray]:
             "or raise partition.alpha / partition.min_partition_size"
         )
     return parts
+
+
+def contiguous_shards(index: np.ndarray, num_shards: int) -> list[np.ndarray]:
+    """`Dataset.shard(num_shards, i, contiguous=True)` for every i at once, as
+    `IidPartitioner` cuts: the first `len % num_shards` shards get one extra sample. Reading
+    them one by one builds a Hugging Face dataset per client: 7 ms each, so 100,000
+    clients took 703 s; this takes well under a second."""
+    return [np.asarray(part, dtype=np.int64) for part in np.array_split(index, num_shards)]
+
+
+def _partition_index(partitioner: Any, partition_id: int) -> np.ndarray:
+    try:
+        part = partitioner.load_partition(partition_id)
+    except ValueError as err:
+        raise ConfigError(f"partition: {err}") from err
+    return np.asarray(part[INDEX], dtype=np.int64)
 
 
 def partition_failure(partitioner: Any, err: Exception) -> str:
