@@ -228,13 +228,16 @@ def check_long_tail_keeps_every_class(class_counts: np.ndarray, imbalance_factor
 
 
 def check_client_test_ratio(ratio: float, largest_client: int, test_pool: int) -> None:
-    """A client's test set (ratio x its training samples, drawn from the test pool with the
-    client's label mix) must not ask for more samples than the pool holds."""
-    if ratio * largest_client > test_pool:
+    """A client's test set is ratio x its training samples, drawn from the test pool with
+    the client's label mix (with replacement once the pool runs out). Up to 1 any ratio
+    works; above 1 the test set must still fit in the pool: a larger ratio only repeats
+    samples, and 1e6 would build millions of them per client."""
+    limit = max(1.0, test_pool / largest_client)
+    if ratio > limit:
         raise ConfigError(
-            f"data.client_test_ratio must be at most {test_pool / largest_client:.3g} for this "
-            f"data (the largest client has {largest_client} training samples and the test pool "
-            f"{test_pool}) (got {ratio!r})")
+            f"data.client_test_ratio must be at most {limit:.3g} for this data (up to 1, or "
+            f"as many test samples as the pool's {test_pool} for the largest client's "
+            f"{largest_client} training samples) (got {ratio!r})")
 
 
 def _build(cfg: DictConfig) -> FederatedData:
