@@ -8,7 +8,7 @@ Everything here starts Flower's own executables (`flower-superlink`,
 - `flwr_cli`: Flower's executables and environment, the `flwr` CLI against a
   `FLWR_HOME` (its connection config, JSON answers), and `flwr run` of the app bundle.
 - `federation`: a SuperLink and SuperNodes on loopback, started, waited for, and
-  stopped by pid (the pids file).
+  stopped by pid (the pids file); any one of them killed and restarted (faults).
 - `signals`: Ctrl-C, SIGTERM and SIGHUP held while processes start or stop.
 - `errors`: `DeploymentError`, raised by all of them.
 """

@@ -3,11 +3,15 @@ executables, waited for until online, and stopped by pid (recorded in a pids fil
 
 Stopping a started process by pid also stops every process below it (the
 SuperExec, which Flower starts in a session of its own, and the app processes).
+Any one of them can also be killed and restarted with the same arguments (`kill`,
+`restart`): the faults a real federation meets, on loopback.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
+import signal
 import socket
 import subprocess
 import time
@@ -31,6 +35,9 @@ from fedsim.recording import set_aside
 
 STOP_GRACE_S = 10.0
 REFUSED = "Failed to activate SuperNode"  # what a SuperNode logs when the SuperLink refuses it
+NODE_ID = re.compile(r"SuperNode ID: (\d+)")  # what a SuperNode logs once the SuperLink took it
+RESTARTED_MARK = "--- restarted by fedsim ---"  # a restarted process's log goes on after it
+RESTART_RETRY_S = 5.0  # between starts of a SuperNode the SuperLink still counts as online
 STOPPED_MARK = "# stopped"  # last line of the pids file once every process is gone
 
 
@@ -53,6 +60,7 @@ class Started:
     name: str
     process: subprocess.Popen
     log: Path
+    args: list[str] = field(default_factory=list)  # what `restart` starts again
 
 
 @dataclass
@@ -63,7 +71,10 @@ class LocalFederation:
     `node_auth`, each node's key is made and registered before it starts;
     `unregistered_nodes` extra nodes start with keys the SuperLink never saw (they
     must be refused). Processes run in the caller's working directory, so relative
-    paths in the run config mean what they meant to the caller.
+    paths in the run config mean what they meant to the caller. With `state_db`, the
+    SuperLink keeps its state (registered nodes, runs) in `superlink.db` instead of in
+    memory, so its SuperNodes reconnect when it is restarted; without, a restarted
+    SuperLink knows no node, and its SuperNodes never come back online.
     """
 
     directory: Path
@@ -72,6 +83,7 @@ class LocalFederation:
     node_auth: bool = True
     unregistered_nodes: int = 0
     node_timeout_s: float = 120.0  # how long SuperNodes may take to come online
+    state_db: bool = False
     started: list[Started] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -142,13 +154,17 @@ class LocalFederation:
                 if REFUSED in node.log.read_text():  # the process lingers after a refusal
                     raise DeploymentError(f"the SuperLink refused {node.name} ('{REFUSED}'); "
                                           f"is its key registered? Log: {node.log}")
-            listed = flwr_json(["supernode", "ls", CONNECTION], self.flwr_home).get("nodes", [])
-            online = sum(node.get("status") == "online" for node in listed)
+            online = len(self.online_nodes())
             if online >= self.num_nodes:
                 return
             time.sleep(0.5)
         raise DeploymentError(f"{online} of {self.num_nodes} SuperNodes came online within "
                               f"{timeout:.0f} s; their logs are in {self.directory / 'logs'}")
+
+    def online_nodes(self) -> list[int]:
+        """Ids of the SuperNodes the SuperLink lists as online."""
+        listed = flwr_json(["supernode", "ls", CONNECTION], self.flwr_home).get("nodes", [])
+        return [int(node["node-id"]) for node in listed if node.get("status") == "online"]
 
     def _security_args(self, server: bool) -> list[str]:
         """TLS flags for the SuperLink (`server`) or a SuperNode; `--insecure` without TLS."""
@@ -169,7 +185,11 @@ class LocalFederation:
                 "--disable-runtime-dependency-installation"]  # the app's deps are installed here
         if self.node_auth:
             args.append("--enable-supernode-auth")
-        superlink = self._spawn("superlink", args)
+        if self.state_db:
+            args += ["--database", str(self.directory / "superlink.db")]
+        self._wait_for_superlink(self._spawn("superlink", args))
+
+    def _wait_for_superlink(self, superlink: Started) -> None:
         for address in (self.fleet_address, self.control_address):
             _wait_for_port(address, superlink)
 
@@ -183,23 +203,116 @@ class LocalFederation:
             args += ["--auth-supernode-private-key", str(key.private)]
         self._spawn(name, args)
 
-    def _spawn(self, name: str, args: list[str]) -> Started:
-        """Start a process logging to `logs/<name>.log` and record its pid at once.
+    def _spawn(self, name: str, args: list[str], mode: str = "w") -> Started:
+        """Start a process logging to `logs/<name>.log` and record its pid at once
+        (`mode="a"`: its log goes on after what an earlier process of that name wrote).
 
         Signals are held, not blocked, meanwhile: a blocked mask would be inherited
         and the process could not be stopped gracefully.
         """
         log = self.directory / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        with self._guard.deferred(), log.open("w") as out:
+        with self._guard.deferred(), log.open(mode) as out:
             process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
                                        env=flower_environment(self.flwr_home),
                                        start_new_session=True)
-            started = Started(name, process, log)
+            started = Started(name, process, log, list(args))
             self.started.append(started)
             with self.pids_file.open("a") as pids:
                 pids.write(f"{process.pid} {name}\n")
         return started
+
+    # ---- faults: one process killed, then started again ----------------------------
+
+    def process(self, name: str) -> Started:
+        """The started process named `name` ("superlink", "supernode-<i>")."""
+        for started in self.started:
+            if started.name == name:
+                return started
+        raise KeyError(f"no started process named {name!r} "
+                       f"(started: {[s.name for s in self.started]})")
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> list[int]:
+        """Send `sig` (SIGKILL: a crash, a machine lost) to the process `name` and to every
+        process below it, by pid; return once they are gone, with their pids.
+
+        Flower starts a SuperLink's or SuperNode's SuperExec in a session of its own, so
+        it is found by ancestry before the signal, not by process group.
+        """
+        started = self.process(name)
+        with self._guard.deferred():
+            members = [proc for proc in _with_descendants(started) if _is_running(proc)]
+            for proc in members:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.send_signal(sig)
+            left = _still_running(members, timeout=STOP_GRACE_S)
+            for proc in left:  # a SIGTERM not obeyed in time
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.kill()
+            _still_running(left, timeout=STOP_GRACE_S)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                started.process.wait(timeout=STOP_GRACE_S)
+        return [proc.pid for proc in members]
+
+    def restart(self, name: str) -> Started:
+        """Start the process `name` again with the arguments it had (its log goes on), and
+        return once it serves again: the SuperLink's ports open, a SuperNode online.
+
+        A process still running is killed first. The SuperLink refuses a SuperNode whose
+        previous process it still counts as online (until that one misses its heartbeats,
+        up to 60 s); such a node is started again every `RESTART_RETRY_S` seconds until
+        it is taken, or `node_timeout_s` has passed. Without `state_db`, a restarted
+        SuperLink has lost every node and run (the SuperNodes do not come back by
+        themselves).
+        """
+        if self.process(name).process.poll() is None:
+            self.kill(name)
+        deadline = time.monotonic() + self.node_timeout_s
+        while True:
+            started, log_start = self._respawn(name)
+            if name == "superlink":
+                self._wait_for_superlink(started)
+                return started
+            if not name.startswith("supernode-") or \
+                    self._wait_for_node_back(started, log_start, deadline):
+                return started
+            self.kill(name)  # refused: it lingers after a refusal
+            time.sleep(RESTART_RETRY_S)
+
+    def _respawn(self, name: str) -> tuple[Started, int]:
+        """Start `name` again as it was started; return it and where its new log begins."""
+        old = self.process(name)
+        self.started.remove(old)
+        with old.log.open("a") as log:
+            log.write(f"\n{RESTARTED_MARK}\n")
+        log_start = old.log.stat().st_size
+        return self._spawn(name, old.args, mode="a"), log_start
+
+    def node_id(self, name: str) -> int | None:
+        """The node id the SuperLink gave SuperNode `name` (its log's last `SuperNode ID`),
+        None before it was taken."""
+        ids = NODE_ID.findall(self.process(name).log.read_text(errors="replace"))
+        return int(ids[-1]) if ids else None
+
+    def _wait_for_node_back(self, node: Started, log_start: int, deadline: float) -> bool:
+        """True once the restarted `node` logged its node id after `log_start` and the
+        SuperLink lists that node online; False if the SuperLink refused it; raise on
+        its exit or at `deadline`."""
+        while time.monotonic() < deadline:
+            with node.log.open("rb") as log:
+                log.seek(log_start)
+                text = log.read().decode(errors="replace")
+            if REFUSED in text:
+                return False
+            if node.process.poll() is not None:
+                raise DeploymentError(f"{node.name} exited with {node.process.returncode} after "
+                                      f"its restart: {_tail(text)}")
+            found = NODE_ID.findall(text)
+            if found and int(found[-1]) in self.online_nodes():
+                return True
+            time.sleep(0.5)
+        raise DeploymentError(f"{node.name} did not come back online within "
+                              f"{self.node_timeout_s:.0f} s of its restart; log: {node.log}")
 
     def stop(self) -> None:
         """Stop every started process and everything below it: SIGTERM, then SIGKILL.

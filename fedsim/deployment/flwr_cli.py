@@ -10,19 +10,24 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import tomli_w
 
-from fedsim.deployment.errors import DeploymentError
+from fedsim.deployment.errors import DeploymentError, SuperLinkLostError
 
 APP_DIR = Path(__file__).resolve().parents[2]  # pyproject.toml with [tool.flwr.app]
 CONNECTION = "fedsim"  # the SuperLink connection fedsim writes into its FLWR_HOME
+#: what `flwr` prints when it cannot reach the SuperLink (or loses it mid-stream)
+UNREACHABLE = "Connection to the SuperLink is unavailable"
+STOP_TIMEOUT_S = 30.0  # `flwr stop` after a failed run: never wait long on a lost SuperLink
 
 
 def write_connection(flwr_home: Path, address: str, root_certificates: Path | None,
@@ -36,6 +41,15 @@ def write_connection(flwr_home: Path, address: str, root_certificates: Path | No
     flwr_home.mkdir(parents=True, exist_ok=True)
     config = {"superlink": {"default": CONNECTION, CONNECTION: connection}}
     (flwr_home / "config.toml").write_text(tomli_w.dumps(config))
+
+
+def connection_address(flwr_home: Path) -> str:
+    """The address of the SuperLink connection `write_connection` wrote (for messages)."""
+    try:
+        config = tomllib.loads((flwr_home / "config.toml").read_text())
+        return str(config["superlink"][CONNECTION]["address"])
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return "?"
 
 
 def _executable(name: str) -> str:
@@ -90,9 +104,14 @@ def flwr_json(args: Sequence[str], flwr_home: Path, log_file: Path | None = None
     return answer
 
 
+_BOX = re.compile(r"[\u2500-\u257f]+")  # the box drawing of Flower's error panels
+
+
 def _tail(text: str, lines: int = 8) -> str:
-    """The last lines of a process's output, on one line (for error messages)."""
-    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
+    """The last lines of a process's output, on one line (for error messages), without
+    the frames Flower draws around its errors."""
+    kept = [" ".join(_BOX.sub(" ", line).split()) for line in text.strip().splitlines()]
+    return " | ".join([line for line in kept if line][-lines:])
 
 
 @dataclass(frozen=True)
@@ -121,18 +140,64 @@ def submit_run(run_config: Mapping[str, str], flwr_home: Path, work_dir: Path, t
                         flwr_home, log_file=log_file)
     run_id = int(started["run-id"])
     try:
-        flwr_cli(["log", str(run_id), CONNECTION, "--stream"], flwr_home, timeout=timeout,
-                 log_file=log_file)
+        follow_log(run_id, flwr_home, log_file, timeout)
+        status = run_status(run_id, flwr_home)
     except DeploymentError:
         with contextlib.suppress(DeploymentError):
-            flwr_cli(["stop", str(run_id), CONNECTION], flwr_home, log_file=log_file)
+            flwr_cli(["stop", str(run_id), CONNECTION], flwr_home, timeout=STOP_TIMEOUT_S,
+                     log_file=log_file)
         raise
-    return RunResult(run_id, run_status(run_id, flwr_home))
+    return RunResult(run_id, status)
+
+
+def follow_log(run_id: int, flwr_home: Path, log_file: Path, timeout: float) -> None:
+    """Append the ServerApp's log to `log_file` as it comes (`flwr log --stream`) until the
+    run ends.
+
+    Raises `SuperLinkLostError` when the SuperLink goes away meanwhile, and a
+    `DeploymentError` after `timeout` seconds (the `flwr` process is stopped by pid first).
+    """
+    args = ["log", str(run_id), CONNECTION, "--stream"]
+    with log_file.open("ab") as log:
+        log.write(f"$ flwr {' '.join(args)}\n".encode())
+        log.flush()
+        start = log.tell()
+        process = subprocess.Popen([_executable("flwr"), *args], stdout=log,
+                                   stderr=subprocess.STDOUT, env=flower_environment(flwr_home))
+        try:
+            code = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise DeploymentError(f"run {run_id} did not finish within {timeout:.0f} s "
+                                  "(backend.timeout_s); it was stopped") from None
+        finally:
+            if process.poll() is None:  # timeout, Ctrl-C, SIGTERM
+                process.kill()
+                process.wait()
+    if code != 0:
+        with log_file.open("rb") as log:
+            log.seek(start)
+            output = log.read().decode(errors="replace")
+        if UNREACHABLE in output:
+            raise SuperLinkLostError(f"{lost_message(run_id, flwr_home)} (the ServerApp's log "
+                                     f"up to then is in {log_file})")
+        raise DeploymentError(f"`flwr {' '.join(args)}` failed (exit {code}): {_tail(output)}")
+
+
+def lost_message(run_id: int, flwr_home: Path) -> str:
+    """Why a run cannot go on when its SuperLink went away."""
+    return (f"lost the SuperLink at {connection_address(flwr_home)} during run {run_id}: it "
+            "stopped or restarted, and the run cannot go on there")
 
 
 def run_status(run_id: int, flwr_home: Path) -> str:
     """The SuperLink's status string for `run_id`."""
-    runs = flwr_json(["ls", CONNECTION, "--run-id", str(run_id)], flwr_home).get("runs", [])
+    try:
+        runs = flwr_json(["ls", CONNECTION, "--run-id", str(run_id)], flwr_home).get("runs", [])
+    except DeploymentError as err:
+        if UNREACHABLE in str(err) or "not found" in str(err).lower():
+            raise SuperLinkLostError(lost_message(run_id, flwr_home)) from None
+        raise
     if not runs:
-        raise DeploymentError(f"the SuperLink does not list run {run_id}")
+        raise SuperLinkLostError(f"the SuperLink at {connection_address(flwr_home)} no longer "
+                                 f"lists run {run_id}: it restarted without the run's state")
     return str(runs[0].get("status"))
