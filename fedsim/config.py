@@ -622,9 +622,10 @@ def _validate_faults(cfg: DictConfig) -> None:
                  "the path of a run directory, or null", cfg.resume)
         _require(cfg.output_dir in (None, cfg.resume), "output_dir",
                  f"the resumed run's directory {cfg.resume!r} or null", cfg.output_dir)
-        _require(getattr(get_class(cfg.backend._target_), "partition_node_ids", False),
-                 "backend", "inprocess or ray to resume a run (fedsim holds the clients' state "
-                 "only for simulated nodes)", str(cfg.backend._target_))
+        _require(getattr(get_class(cfg.backend._target_), "resumable", False),
+                 "backend", "inprocess, ray or deployment to resume a run (under Flower's "
+                 "own engine fedsim holds no server state to checkpoint)",
+                 str(cfg.backend._target_))
 
 
 def _build_self_checking_groups(cfg: DictConfig) -> None:

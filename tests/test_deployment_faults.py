@@ -64,10 +64,6 @@ def test_the_restarted_supernode_rejoins_and_trains_in_the_next_round(faulted):
     assert _train_replies(round_2) == NODES and round_2["train_failures"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "fedsim/backends/base.py MeteredGrid: the error reply the SuperLink makes for a lost "
-    "node has src_node_id 1 (the SuperLink's), so it is logged as 'client node 1 failed' "
-    "and the node, having sent nothing itself, is counted again as silent"))
 def test_a_lost_node_is_counted_once_under_its_own_id(faulted):
     assert faulted["rows_at_failure"][1]["train_failures"] == 1
     assert "client node 1 failed" not in faulted["server_log"]
@@ -88,9 +84,6 @@ def test_a_superlink_restart_fails_the_run_with_one_line_and_the_resume_command(
     assert len(faulted["nodes_online_after_restart"]) == NODES
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "fedsim/config.py _validate_faults refuses resume unless the backend has "
-    "partition_node_ids (inprocess, ray): 'backend must be inprocess or ray to resume a run'"))
 def test_resume_goes_on_from_the_checkpoint_on_the_restarted_federation(faulted):
     assert faulted["resume_exit_code"] == 0, faulted["resume_stderr"]
     assert [row["round"] for row in faulted["rows"]] == list(range(ROUNDS + 1))

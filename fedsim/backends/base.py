@@ -48,6 +48,8 @@ class Backend(ABC):
     outputs_elsewhere: bool = False
     #: clients run in worker processes that `faults.kill_worker_round` may kill
     worker_processes: bool = False
+    #: `resume=` may go on with this backend from a checkpoint of fedsim's ServerApp
+    resumable: bool = False
 
     @abstractmethod
     def run(self, cfg: DictConfig) -> None:
@@ -249,6 +251,12 @@ class GridWrapper(Checkpointed, Grid):
         return self.grid.send_and_receive(messages, timeout=timeout)
 
 
+def replier(reply: Message, addressee: dict[str, int]) -> int:
+    """The node a reply answers for: the node its message was sent to. An error reply the
+    SuperLink makes for a lost node carries the SuperLink's own id as its source."""
+    return addressee.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+
 class MeteredGrid(GridWrapper):
     """Wraps any Grid: meters each round's traffic and failures; lists nodes in a stable order.
 
@@ -285,9 +293,11 @@ class MeteredGrid(GridWrapper):
             return []
         self.counts["bytes_down"] += sum(content_nbytes(m.content) for m in messages)
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
-        self._count_replies(replies)
+        addressee = {m.metadata.message_id: m.metadata.dst_node_id for m in messages
+                     if m.metadata.message_id}
+        self._count_replies(replies, addressee)
         kind = messages[0].metadata.message_type.split(".")[0]
-        answered = {reply.metadata.src_node_id for reply in replies}
+        answered = {replier(reply, addressee) for reply in replies}
         silent = sorted({m.metadata.dst_node_id for m in messages} - answered)
         if silent:
             self.counts[f"{kind}_failures"] += len(silent)
@@ -295,14 +305,15 @@ class MeteredGrid(GridWrapper):
                     "deadline (faults.timeout_s)", silent, kind)
         return replies
 
-    def _count_replies(self, replies: list[Message]) -> None:
+    def _count_replies(self, replies: list[Message], addressee: dict[str, int] | None = None
+                       ) -> None:
         failed = [m for m in replies if m.has_error()]
         self.counts["bytes_up"] += sum(
             content_nbytes(m.content) for m in replies if m.has_content()
         )
         for msg in failed[:MAX_LOGGED_FAILURES]:
             log.log(
-                self._level(), "client node %d failed (%s): %s", msg.metadata.src_node_id,
+                self._level(), "client node %d failed (%s): %s", replier(msg, addressee or {}),
                 msg.metadata.message_type, failure_cause(msg.error.reason),
             )
         if len(failed) > MAX_LOGGED_FAILURES:

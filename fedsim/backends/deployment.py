@@ -81,6 +81,10 @@ class DeploymentBackend(Backend):
     timeout_s : longest the run may take once submitted; then it is stopped.
     """
 
+    #: the server's state resumes; a SuperNode's own state (a stateful trainer's) is its
+    #: process's, and a resumed run, a new Flower run, starts it afresh
+    resumable = True
+
     def __init__(self, superlink: str | None = None, root_certificates: str | None = None,
                  insecure: bool = False, node_auth: bool = True,
                  timeout_s: float = 3600.0) -> None:

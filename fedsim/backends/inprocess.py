@@ -39,6 +39,7 @@ class InProcessBackend(Backend):
     """Runs the ServerApp against an `InProcessGrid`: no Ray, no polling, no copies."""
 
     partition_node_ids = True  # node i + 1 holds partition i (attacks rely on it)
+    resumable = True  # the server process keeps the nodes' state: it is checkpointed
 
     def run(self, cfg: DictConfig) -> None:
         from fedsim.client_app import app as client_app

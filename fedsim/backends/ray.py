@@ -163,6 +163,7 @@ class RayBackend(Backend):
     """
 
     partition_node_ids = True  # node i + 1 holds partition i (attacks rely on it)
+    resumable = True  # the server process keeps the nodes' state: it is checkpointed
     worker_processes = True  # actors, which faults.kill_worker_round may kill
 
     def __init__(
