@@ -117,11 +117,17 @@ def main() -> None:
 # ---- resume: the run's own folder -------------------------------------------------------
 
 
+def resume_arg(args: Sequence[str]) -> str | None:
+    """The run directory a `resume=<dir>` argument names (None without one, or null)."""
+    resume = next((a.split("=", 1)[1] for a in args if a.startswith("resume=")), None)
+    return None if resume in (None, "", "null") else resume
+
+
 def resume_overrides(args: Sequence[str]) -> list[str]:
     """Hydra overrides that put a resumed run's Hydra files into the run's own directory
     (`.hydra.resumed<n>`, its log appended), instead of a new empty `outputs/` folder."""
-    resume = next((a.split("=", 1)[1] for a in args if a.startswith("resume=")), None)
-    if resume in (None, "", "null") or "-m" in args or "--multirun" in args:
+    resume = resume_arg(args)
+    if resume is None or "-m" in args or "--multirun" in args:
         return []
     run_dir = Path(resume)
     if not run_dir.is_dir():
@@ -157,8 +163,7 @@ def claimed_run_dir(args: Sequence[str]) -> list[str]:
                               "new hydra.sweep.dir (fedsim never overwrites a run's outputs)")
         return [f"hydra.sweep.dir={_quoted(sweep_dir.resolve())}"]
     run_dir = Path(hydra_cfg.run.dir)
-    resume = next((a.split("=", 1)[1] for a in args if a.startswith("resume=")), None)
-    fresh = resume in (None, "", "null")
+    fresh = resume_arg(args) is None
     claim(run_dir, fresh=fresh, field="hydra.run.dir" if fresh else "resume")
     return [f"hydra.run.dir={_quoted(run_dir.resolve())}"]
 

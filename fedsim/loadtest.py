@@ -8,10 +8,8 @@ must record, round by round, with the process's memory after each round.
 
 Workload W2 (`../shared/specs/workloads.md`) is W1 with a large registered population:
 MNIST-1D's training split resampled with replacement so that each client holds about
-40 samples (`resampled_mnist1d`), split IID. flwr-datasets' `IidPartitioner` builds
-one Hugging Face dataset per client when fedsim reads the partitions, about 7 ms a
-client at 100,000 clients; `ContiguousIidPartitioner` gives the same split as index
-ranges, so registering 100,000 clients costs what the data costs.
+40 samples (`resampled_mnist1d`), split IID (`partition=iid`, which fedsim cuts in one
+step: `fedsim.datasets.partition.contiguous_shards`).
 """
 
 from __future__ import annotations
@@ -26,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr_datasets.partitioner import IidPartitioner
 
 from fedsim.datasets.base import ArraySplits, as_splits
 from fedsim.fault_injection import CRASH, NAN, TIMEOUT, fault_plan, flower_cohorts
@@ -48,48 +45,6 @@ def resampled_mnist1d(train_size: int, resample_seed: int = 0, data_seed: int = 
         0, len(base.y_train), train_size)
     return as_splits(base.x_train[rows], base.y_train[rows], base.x_test, base.y_test,
                      num_classes=base.num_classes, source="mnist1d (resampled)")
-
-
-class IndexShard:
-    """One client's rows of a partitioner's dataset, read as numpy slices (what fedsim's
-    `partition_indices` and flwr-datasets' label plots read of a partition)."""
-
-    def __init__(self, partitioner: ContiguousIidPartitioner, start: int, stop: int) -> None:
-        self.features = partitioner.features()
-        self._partitioner, self._start, self._stop = partitioner, start, stop
-
-    def __len__(self) -> int:
-        return self._stop - self._start
-
-    def __getitem__(self, column: str) -> np.ndarray:
-        return self._partitioner.column(column)[self._start:self._stop]
-
-
-class ContiguousIidPartitioner(IidPartitioner):
-    """flwr-datasets' `IidPartitioner` split (contiguous shards, as `Dataset.shard`
-    cuts them), each partition read in O(1) as an index range."""
-
-    def features(self):
-        """The dataset's features, read once (`Dataset.features` deep-copies them)."""
-        cache = self.__dict__.setdefault("_read", {})
-        if "features" not in cache:
-            cache["features"] = self.dataset.features
-        return cache["features"]
-
-    def column(self, name: str) -> np.ndarray:
-        """A column of the dataset as one numpy array, read once."""
-        cache = self.__dict__.setdefault("_read", {})
-        if name not in cache:
-            cache[name] = self.dataset.data.column(name).to_numpy()
-        return cache[name]
-
-    def load_partition(self, partition_id: int) -> IndexShard:  # type: ignore[override]
-        total, parts = len(self.dataset), self.num_partitions
-        if not 0 <= partition_id < parts:
-            raise ValueError(f"partition_id {partition_id} outside [0, {parts - 1}]")
-        div, mod = divmod(total, parts)
-        start = div * partition_id + min(partition_id, mod)
-        return IndexShard(self, start, start + div + (1 if partition_id < mod else 0))
 
 
 def memory_kib() -> tuple[int | None, int | None]:
@@ -206,7 +161,7 @@ class LoadSpec:
             f"num_rounds={self.num_rounds}", f"seed={self.seed}",
             "dataset._target_=fedsim.loadtest.resampled_mnist1d",
             f"+dataset.train_size={self.num_clients * self.samples_per_client}",
-            "partition._target_=fedsim.loadtest.ContiguousIidPartitioner",
+            "partition=iid",
             f"faults.crash_prob={self.crash_prob}", f"faults.nan_prob={self.nan_prob}",
             f"faults.hang_prob={self.hang_prob}", f"faults.hang_s={self.hang_s}",
             f"faults.timeout_s={self.timeout_s}", f"output_dir={output_dir}",

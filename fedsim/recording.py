@@ -23,10 +23,8 @@ from fedsim.datasets.federated import FederatedData
 from fedsim.flower_apps import clients_description
 from fedsim.metrics import GROUPS
 from fedsim.plots import plot_curves, plot_label_distribution, plot_metrics, run_title
-from fedsim.run_dir import claim
+from fedsim.run_dir import METRICS_FILE, SUMMARY_FILE, claim
 
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
 CLASS_GROUPS_FILE = "class_groups.json"
 UPDATES_FILE = "updates.jsonl"  # one line per entry of a strategy's update_log hook
 

@@ -18,10 +18,11 @@ from pathlib import Path
 from fedsim.errors import ConfigError
 
 CLAIM_FILE = ".fedsim-run"
-#: files whose presence means the directory holds a run (one fedsim never overwrites)
-RUN_OUTPUTS = ("metrics.jsonl", "summary.json")
+METRICS_FILE = "metrics.jsonl"
 #: a finished run: it can be neither reused nor resumed
-FINISHED = "summary.json"
+SUMMARY_FILE = "summary.json"
+#: files whose presence means the directory holds a run (one fedsim never overwrites)
+RUN_OUTPUTS = (METRICS_FILE, SUMMARY_FILE)
 
 #: claims this process holds: resolved directory -> the open file that holds the lock
 _HELD: dict[Path, int] = {}
@@ -89,6 +90,6 @@ def _check_contents(run_dir: Path, fresh: bool, field: str) -> None:
     if fresh and any((run_dir / name).exists() for name in RUN_OUTPUTS):
         raise ConfigError(f"{field} '{run_dir}' already holds a run; choose a new {field} "
                           "(fedsim never overwrites a run's outputs)")
-    if not fresh and (run_dir / FINISHED).exists():
+    if not fresh and (run_dir / SUMMARY_FILE).exists():
         raise ConfigError(f"resume: the run in '{run_dir}' has finished (it has a "
-                          f"{FINISHED}); there is nothing to resume")
+                          f"{SUMMARY_FILE}); there is nothing to resume")

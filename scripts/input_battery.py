@@ -6,7 +6,7 @@ with exactly one `fedsim: error:` line, leaves no run folder behind, and answers
 within the time limit. Writes docs/results/input-battery.md (and .json).
 
     python scripts/input_battery.py                # every row, about 3 minutes on 2 cores
-    python scripts/input_battery.py --out /tmp/b   # elsewhere
+    python scripts/input_battery.py --out <path stem>   # elsewhere (.md and .json)
 """
 
 from __future__ import annotations

@@ -103,10 +103,7 @@ def render(result: LoadResult, command: str, tolerance: float) -> str:
         "every hung reply is lost). Expected counts come from the seeded fault plan "
         "(`fault_plan` over `flower_cohorts`, computed before the run); recorded ones "
         "from the failures the server logged with their node and cause, and "
-        "`train_failures` from metrics.jsonl. The partitions are read with "
-        "`fedsim.loadtest.ContiguousIidPartitioner` (the `partition=iid` split, as index "
-        "ranges): fedsim's stock path builds one Hugging Face dataset per client "
-        "(see docs/faults-and-resume.md, \"Load with faults\").",
+        "`train_failures` from metrics.jsonl. The split is fedsim's stock `partition=iid`.",
         "",
         "| | value |",
         "|---|---:|",

@@ -6,8 +6,6 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-import numpy as np
-import pytest
 from omegaconf import OmegaConf
 
 from fedsim.fault_injection import (
@@ -20,7 +18,7 @@ from fedsim.fault_injection import (
     flower_cohorts,
     plan_counts,
 )
-from fedsim.loadtest import ContiguousIidPartitioner, LoadSpec, expected_plan, run_load
+from fedsim.loadtest import LoadSpec, expected_plan, run_load
 
 FAULTS = OmegaConf.create({"crash_prob": 0.1, "nan_prob": 0.05, "hang_prob": 0.05,
                            "hang_s": 0.5})
@@ -56,22 +54,6 @@ def test_the_plan_is_pure_and_near_its_rates():
     totals = sum(plan_counts(plan).values(), Counter())
     # 2000 messages: hang 5%, then crash 10% and NaN 5% of the rest
     assert 60 < totals[TIMEOUT] < 140 and 140 < totals[CRASH] < 240 and 50 < totals[NAN] < 140
-
-
-def test_contiguous_iid_partitioner_splits_as_flower_datasets_does():
-    from flwr_datasets.partitioner import IidPartitioner
-
-    from fedsim.datasets.partition import INDEX, label_dataset, partition_indices
-
-    labels = np.random.default_rng(0).integers(0, 10, 1003)
-    ours, theirs = ContiguousIidPartitioner(num_partitions=10), IidPartitioner(num_partitions=10)
-    ours.dataset, theirs.dataset = label_dataset(labels, 10), label_dataset(labels, 10)
-    for a, b in zip(partition_indices(ours, 10), partition_indices(theirs, 10), strict=True):
-        assert np.array_equal(a, b)
-    assert np.array_equal(ours.load_partition(3)["label"], theirs.load_partition(3)["label"])
-    assert ours.load_partition(9)[INDEX][-1] == 1002
-    with pytest.raises(ValueError, match="outside"):
-        ours.load_partition(10)
 
 
 def test_100k_clients_with_faults_record_exactly_the_seeded_plan(tmp_path):
