@@ -26,9 +26,12 @@ $(STAMP): $(LOCK) pyproject.toml
 run: $(STAMP)
 	$(BIN)/fedsim $(ARGS)
 
+# one pytest worker per core, at most 4 (pytest-xdist): the deployment and Ray tests spend
+# much of their time waiting on other processes; `loadfile` keeps a module's fixtures in
+# one worker. A single test file runs as usual: `.venv/bin/python -m pytest tests/<file>`.
 test: $(STAMP)
 	$(BIN)/ruff check fedsim scripts tests
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses=4 --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py $(ARGS)

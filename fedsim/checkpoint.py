@@ -39,11 +39,11 @@ from torch import nn
 
 from fedsim import codec
 from fedsim.errors import ConfigError
+from fedsim.run_dir import CONFIG_FILE
 
 CHECKPOINT_FILE = "checkpoint.npz"
 #: older fedsim pickled its checkpoints: refused, never opened (loading one runs its code)
 LEGACY_CHECKPOINT_FILE = "checkpoint.pkl"
-CONFIG_FILE = "config.yaml"
 #: keys that may change when a run resumes (how it runs, not what it computes)
 RESUMABLE_OVERRIDES = ("progress", "device", "torch_threads", "flwr_log_level", "backend",
                        "logger", "plots")

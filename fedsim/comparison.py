@@ -31,6 +31,7 @@ from typing import Any
 
 from fedsim.recording import code_fingerprint, set_aside
 from fedsim.report import mean_std
+from fedsim.run_dir import CONFIG_FILE
 
 
 @dataclass(frozen=True)
@@ -46,11 +47,15 @@ class Cell:
 
     @property
     def finished(self) -> bool:
-        """A summary exists and was written by the current code (same fingerprint)."""
+        """A summary exists, written by the current code (same fingerprint) for this cell's
+        config (the stored one equals the cell's overrides composed, so a run made with
+        other `--set` overrides or rounds in the same folder is not taken for this one)."""
         summary = self.run_dir / "summary.json"
         if not summary.exists():
             return False
-        return json.loads(summary.read_text()).get("code") == code_fingerprint()
+        if json.loads(summary.read_text()).get("code") != code_fingerprint():
+            return False
+        return same_config(self.run_dir / CONFIG_FILE, self.overrides)
 
 
 @dataclass
@@ -85,6 +90,18 @@ class Grid:
                                      f"output_dir={run_dir.resolve()}")
                         cells.append(Cell(method, dataset, value, seed, overrides, run_dir))
         return cells
+
+
+def same_config(stored: Path, overrides: Sequence[str]) -> bool:
+    """Whether the config a run stored is the one `overrides` compose to (resolved)."""
+    from omegaconf import OmegaConf
+
+    from fedsim.config import compose
+
+    if not stored.exists():
+        return False
+    wanted = OmegaConf.to_container(compose(list(overrides)), resolve=True)
+    return OmegaConf.to_container(OmegaConf.load(stored)) == wanted
 
 
 def add_grid_arguments(parser: argparse.ArgumentParser, name: str, rounds: int) -> None:

@@ -23,7 +23,7 @@ from fedsim.datasets.federated import FederatedData
 from fedsim.flower_apps import clients_description
 from fedsim.metrics import GROUPS
 from fedsim.plots import plot_curves, plot_label_distribution, plot_metrics, run_title
-from fedsim.run_dir import METRICS_FILE, SUMMARY_FILE, claim
+from fedsim.run_dir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, claim
 
 CLASS_GROUPS_FILE = "class_groups.json"
 UPDATES_FILE = "updates.jsonl"  # one line per entry of a strategy's update_log hook
@@ -154,7 +154,7 @@ class RunRecorder:
         A single client (centralized training) has no label distribution to compare,
         so it gets no plot (which was a fifth of a short centralized run's cost).
         """
-        OmegaConf.save(self.cfg, self.run_dir / "config.yaml", resolve=True)
+        OmegaConf.save(self.cfg, self.run_dir / CONFIG_FILE, resolve=True)
         self.class_groups = group_members(data.class_groups)
         if self.class_groups:
             (self.run_dir / CLASS_GROUPS_FILE).write_text(json.dumps(self.class_groups))

@@ -19,6 +19,8 @@ from fedsim.errors import ConfigError
 
 CLAIM_FILE = ".fedsim-run"
 METRICS_FILE = "metrics.jsonl"
+#: the run's resolved config (resume and comparisons check it)
+CONFIG_FILE = "config.yaml"
 #: a finished run: it can be neither reused nor resumed
 SUMMARY_FILE = "summary.json"
 #: files whose presence means the directory holds a run (one fedsim never overwrites)

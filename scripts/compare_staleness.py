@@ -5,7 +5,9 @@ Every run is the `staleness` preset: 50 clients holding 2 classes each
 digits and MNIST-1D; the holders of class 5 are the slow devices. Per delay
 (rounds late: 10, 20, 40) and seed (0-2):
 
-- synchronous rounds, slow updates computed on the model of `delay` rounds ago:
+- synchronous rounds, slow updates computed on the model of `delay` rounds ago
+  (in the first `delay` rounds on the current one, as in the reference:
+  `strategy.startup=reference`; `--set strategy.startup=initial` for the other rule):
   direct stale aggregation, 2^(-tau/20) weighting, FedAsync's (1 + tau)^-1/2
   weighting, DC-ASGD's first-order correction (lam 4), staleness inversion
   (100 inversion steps, 64 dummy samples, warm starts, no fallback; its oracle
@@ -23,6 +25,8 @@ class), as the mean of the last 20 rounds and as the mean over the whole run.
 
     python scripts/compare_staleness.py                     # the full grid
     python scripts/compare_staleness.py --seeds 0 --rounds 20 --delays 10 --datasets digits
+    python scripts/compare_staleness.py --delays 40 --modes sync --set strategy.startup=initial \
+        --out docs/results/staleness-initial    # the sync part under the other start-up rule
 """
 
 from __future__ import annotations
@@ -75,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
     parser.add_argument("--delays", nargs="+", type=int, default=[10, 20, 40])
     parser.add_argument("--async-delays", nargs="+", type=int, default=[20])
+    parser.add_argument("--modes", nargs="+", default=list(BASELINE_OF), choices=list(BASELINE_OF),
+                        help="the parts to run and report (sync is always run: the others "
+                             "compare with it)")
     parser.add_argument("--fallback-delays", nargs="+", type=int, default=[40],
                         help="delays at which the oracle-free residual fallback also runs")
     add_grid_arguments(parser, "staleness", rounds=300)
@@ -94,13 +101,17 @@ def build_grids(args: argparse.Namespace) -> dict[str, Grid]:
                           *args.set])
 
     rounds, async_rounds = args.rounds, 2 * args.rounds
-    return {
+    grids = {
         "sync": grid(SYNC, args.delays, rounds, "sync"),
         "sync baseline": grid({NO_STALENESS: ["strategy=stale"]}, [0], rounds, "sync"),
-        "async": grid(ASYNC, args.async_delays, async_rounds, "async"),
-        "async baseline": grid({NO_STALENESS: ["strategy=fedbuff"]}, [0], async_rounds, "async"),
-        "fallback": grid(FALLBACK, args.fallback_delays, rounds, "sync"),
     }
+    if "async" in args.modes:
+        grids["async"] = grid(ASYNC, args.async_delays, async_rounds, "async")
+        grids["async baseline"] = grid({NO_STALENESS: ["strategy=fedbuff"]}, [0], async_rounds,
+                                       "async")
+    if "fallback" in args.modes:
+        grids["fallback"] = grid(FALLBACK, args.fallback_delays, rounds, "sync")
+    return grids
 
 
 def run_mean(rows: list[dict[str, Any]], key: str) -> float:
@@ -125,6 +136,8 @@ def measure(grids: dict[str, Grid], args: argparse.Namespace) -> dict[str, dict]
     baseline is repeated on every delay row."""
     out: dict[str, dict] = {}
     for mode, baseline_name in BASELINE_OF.items():
+        if mode not in grids:
+            continue
         grid, baseline = grids[mode], grids[baseline_name]
         rounds = 2 * args.rounds if mode == "async" else args.rounds
         out[mode] = {}
@@ -139,6 +152,8 @@ def measure(grids: dict[str, Grid], args: argparse.Namespace) -> dict[str, dict]
                         fn(read_rows(cell.run_dir), rounds))
             out[mode][name] = {key: (*mean_std(v), len(v)) if all(map(math.isfinite, v))
                                else (math.nan, math.nan, len(v)) for key, v in values.items()}
+    if "fallback" not in grids:
+        return out
     out["fallback"] = {name: {**{key: value for key, value in out["sync"][name].items()
                                  if key[1] in grids["fallback"].values
                                  and key[2] in ("direct", "inversion")},
@@ -237,7 +252,6 @@ def write_report(args: argparse.Namespace, grids: dict[str, Grid]) -> None:
     stats = measure(grids, args)
     sync_methods, async_methods = [NO_STALENESS, *SYNC], [NO_STALENESS, *ASYNC]
     cells = [c for g in grids.values() for c in g.cells()]
-    s, a = stats["sync"], stats["async"]
     lines = [
         "# Stale updates under intertwined data and device heterogeneity",
         "",
@@ -245,26 +259,32 @@ def write_report(args: argparse.Namespace, grids: dict[str, Grid]) -> None:
         "",
         __doc__.split("\n\n", 1)[1].split("    python")[0].strip(),
         "",
-        f"![curves](staleness.png)  \n*Sync mode, mean of {len(args.seeds)} seeds, "
-        "10-round moving average.*",
+        f"![curves]({args.out.with_suffix('.png').name})  \n*Sync mode, mean of "
+        f"{len(args.seeds)} seeds, 10-round moving average.*",
         "",
         f"## Synchronous rounds ({args.rounds} rounds)",
         "",
-        *mode_sections(s, sync_methods, "inversion"),
-        f"## Buffered asynchronous (FedBuff clock, {2 * args.rounds} server rounds)",
-        "",
-        *mode_sections(a, async_methods, "async inversion"),
-        "## Oracle-free fallback to the stale update",
-        "",
-        "`strategy.fallback=residual` keeps the inverted update only while the drift it "
-        "measures on the estimate exceeds the estimate's misfit; the share of stale "
-        "updates it converted:",
-        "",
-        table(stats["fallback"]["converted"], list(FALLBACK), 100.0, 0),
-        "",
-        *mode_sections(stats["fallback"], [NO_STALENESS, "direct", "inversion", *FALLBACK],
-                       "inversion, residual fallback"),
+        *mode_sections(stats["sync"], sync_methods, "inversion"),
     ]
+    if "async" in stats:
+        lines += [
+            f"## Buffered asynchronous (FedBuff clock, {2 * args.rounds} server rounds)",
+            "",
+            *mode_sections(stats["async"], async_methods, "async inversion"),
+        ]
+    if "fallback" in stats:
+        lines += [
+            "## Oracle-free fallback to the stale update",
+            "",
+            "`strategy.fallback=residual` keeps the inverted update only while the drift it "
+            "measures on the estimate exceeds the estimate's misfit; the share of stale "
+            "updates it converted:",
+            "",
+            table(stats["fallback"]["converted"], list(FALLBACK), 100.0, 0),
+            "",
+            *mode_sections(stats["fallback"], [NO_STALENESS, "direct", "inversion", *FALLBACK],
+                           "inversion, residual fallback"),
+        ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text("\n".join(lines))
     plot(grids, args.out.with_suffix(".png"))

@@ -5,6 +5,7 @@ import math
 
 import pytest
 from conftest import TINY
+from omegaconf import OmegaConf
 
 from fedsim.comparison import (
     Cell,
@@ -16,6 +17,7 @@ from fedsim.comparison import (
     run_missing,
     summarize,
 )
+from fedsim.config import compose
 from fedsim.recording import code_fingerprint
 
 ROWS = [{"round": 0, "acc": 0.1}, {"round": 1, "acc": 0.3}, {"round": 2, "acc": 0.5},
@@ -79,11 +81,16 @@ def test_run_missing_runs_once_and_sets_half_written_runs_aside(tmp_path):
     assert not cell.finished
 
 
-def test_cell_is_finished_only_with_a_summary(tmp_path):
-    cell = Cell("A", "d", 1.0, 0, (), tmp_path / "run")
+def test_cell_is_finished_only_with_a_summary_of_this_code_and_config(tmp_path):
+    overrides = ("num_rounds=3", f"output_dir={tmp_path / 'run'}")
+    cell = Cell("A", "d", 1.0, 0, overrides, tmp_path / "run")
     assert not cell.finished
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "summary.json").write_text("{}")
     assert not cell.finished  # no code fingerprint: unknown code
     (tmp_path / "run" / "summary.json").write_text(json.dumps({"code": code_fingerprint()}))
+    assert not cell.finished  # no stored config
+    OmegaConf.save(compose(list(overrides)), tmp_path / "run" / "config.yaml", resolve=True)
     assert cell.finished
+    # the same folder asked for with other overrides (another --set, other rounds)
+    assert not Cell("A", "d", 1.0, 0, ("num_rounds=4", overrides[1]), tmp_path / "run").finished

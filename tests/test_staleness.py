@@ -40,6 +40,7 @@ from fedsim.strategies.stale import (
     StaleUpdate,
     model_mixing_delta,
     summarize_updates,
+    sync_staleness,
 )
 from fedsim.strategies.staleness_inversion import StalenessInversion
 
@@ -401,19 +402,33 @@ def test_stale_aggregation_without_delays_equals_fedavg_to_float32_rounding():
     np.testing.assert_allclose(stale["w"].numpy(), plain["w"].numpy(), rtol=1e-6, atol=1e-6)
 
 
-def test_sync_slow_clients_train_on_the_model_of_delay_rounds_ago(tiny_cfg):
+def test_sync_staleness_by_hand():
+    """A client 3 rounds slow. reference: fresh in rounds 1-3 (no model of 3 rounds ago
+    yet), then 3 late (round 4 reads model 1). initial: as late as the run allows from
+    round 2 on (rounds 2, 3, 4 all read model 1), then 3 late."""
+    rounds = range(1, 7)
+    assert [sync_staleness(3, r) for r in rounds] == [0, 0, 0, 3, 3, 3]
+    assert [sync_staleness(3, r, "initial") for r in rounds] == [0, 1, 2, 3, 3, 3]
+    assert [sync_staleness(0, r, "initial") for r in rounds] == [0] * 6
+
+
+@pytest.mark.parametrize("startup", ["reference", "initial"])
+def test_sync_slow_clients_train_on_the_model_of_delay_rounds_ago(tiny_cfg, startup):
     cfg = tiny_cfg("num_rounds=5", "strategy=stale", "devices=fixed", "devices.delay=2",
-                   "devices.fraction=0.5", "clients_per_round=6")
+                   "devices.fraction=0.5", "clients_per_round=6", f"strategy.startup={startup}")
     run_experiment(cfg)
     delays = FixedDelay(delay=2, fraction=0.5).delays(np.ones((6, 1)), cfg.seed)
     updates = read_updates(cfg.output_dir)
     assert len(updates) == 5 * 6
     for update in updates:
-        expected = min(int(delays[update["node"] - 1]), update["round"] - 1)
-        assert update["staleness"] == expected
+        delay, round_ = int(delays[update["node"] - 1]), update["round"]
+        late = round_ > delay or (startup == "initial" and round_ > 1)
+        assert update["staleness"] == (min(delay, round_ - 1) if late else 0)
     rows = read_metrics(cfg.output_dir)
     assert rows[-1]["train/stale-updates"] == 3 and rows[-1]["train/staleness-max"] == 2
     assert rows[-1]["train/virtual-time"] == 5.0
+    stale_in_round_2 = rows[2]["train/stale-updates"]
+    assert stale_in_round_2 == (3 if startup == "initial" else 0)
 
 
 def test_async_replacements_start_at_once_from_the_current_model(tiny_cfg):
@@ -523,6 +538,7 @@ INVERSION = "strategy=staleness_inversion"
     ([INVERSION, "strategy.fallback=round"], "strategy.switch_round must be an integer"),
     ([INVERSION, "strategy.label_loss=mse"], "strategy.label_loss must be one of"),
     (["strategy=stale", "strategy.mode=semi"], "strategy.mode must be one of"),
+    (["strategy=stale", "strategy.startup=late"], "strategy.startup must be one of"),
     (["strategy=stale", "devices=fixed", "backend=flower"],
      "backend must be inprocess or ray for simulated delays"),
     (["evaluation.classes=[-1]"], "evaluation.classes must be a list of class indices"),

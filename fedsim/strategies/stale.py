@@ -50,6 +50,9 @@ from fedsim.strategies.base import apply_update, only_arrayrecord, stack_deltas
 
 Arrays = dict[str, np.ndarray]
 MODES = ("sync", "async")
+#: sync mode, the first `delay` rounds: slow clients fresh (the reference's fixed.py) or
+#: already `delay` late, all of them computed on the initial model (fedsim before 2026-12)
+STARTUPS = ("reference", "initial")
 
 
 @dataclass
@@ -93,6 +96,10 @@ class StaleFedAvg(Checkpointed, FedAvg):
         Mix the client's *model* into the current one instead of adding its delta:
         each update counts as `w_client - w_t` = `d - (w_t - w_old)` (FedAsync's
         `w <- (1 - a) w + a w_client`).
+    startup : str
+        sync: what a slow client does before `delay` rounds have passed (`sync_staleness`):
+        "reference" trains it on the current model, as the reference code does;
+        "initial" makes it `delay` late from round 2 on (computed on the initial model).
     """
 
     def __init__(
@@ -106,10 +113,13 @@ class StaleFedAvg(Checkpointed, FedAvg):
         exponent: float = 0.5,
         hinge_at: float = 10.0,
         mix_models: bool = False,
+        startup: str = "reference",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         check_stale_settings(mode, weighting, server_lr, half_life, exponent, hinge_at)
+        if startup not in STARTUPS:
+            raise ConfigError(f"strategy.startup must be one of {STARTUPS} (got {startup!r})")
         self.mode = mode
         self.concurrency = concurrency or self.min_train_nodes
         self.buffer_size = buffer_size or max(1, self.concurrency // 2)
@@ -119,6 +129,7 @@ class StaleFedAvg(Checkpointed, FedAvg):
         self.exponent = float(exponent)
         self.hinge_at = float(hinge_at)
         self.mix_models = mix_models
+        self.startup = startup
         self.delays: dict[int, float] = {}
         self.slow_classes: list[int] = []
         self.clock = VirtualClock()
@@ -199,8 +210,9 @@ class StaleFedAvg(Checkpointed, FedAvg):
                        dst_node_id=dispatch.node_id)
 
     def _sync_dispatch(self, node_id: int, server_round: int) -> Dispatch:
-        """A slow client sampled now started `delay` rounds ago (never before round 1)."""
-        staleness = min(whole_rounds(self.delays.get(node_id, 0.0)), server_round - 1)
+        """A slow client sampled now started `delay` rounds ago (see `sync_staleness`)."""
+        staleness = sync_staleness(whole_rounds(self.delays.get(node_id, 0.0)), server_round,
+                                   self.startup)
         version = server_round - staleness
         dispatch = Dispatch(node_id, version, float(version))
         self.in_flight[node_id] = dispatch
@@ -331,6 +343,20 @@ def model_mixing_delta(delta: Arrays, start: Arrays, current: Arrays) -> Arrays:
 def whole_rounds(delay: float) -> int:
     """A delay in whole rounds, halves rounded up (synchronous mode)."""
     return int(np.floor(delay + 0.5))
+
+
+def sync_staleness(delay_rounds: int, server_round: int, startup: str = "reference") -> int:
+    """How many rounds late a client `delay_rounds` slow is in synchronous round `server_round`.
+
+    From round `delay_rounds + 1` on, both rules make it `delay_rounds` late. Before
+    that, "reference" keeps it fresh (the reference's slow clients train on the
+    current model until `delay` models of history exist), and "initial" makes it as
+    late as the run allows, so every slow update of rounds 2 to `delay_rounds + 1`
+    is computed on the initial model.
+    """
+    if startup == "initial":
+        return min(delay_rounds, server_round - 1)
+    return delay_rounds if server_round > delay_rounds else 0
 
 
 def summarize_updates(infos: list[dict[str, float]], now: float) -> dict[str, float]:
