@@ -51,17 +51,17 @@ GROUPS: dict[str, tuple[list[str], dict[str, list[str]]]] = {
     "MLP": (["model=mlp"], {
         "backprop": ["client=sgd"],
         "tpSGD": ["client=tpsgd"],
-        "Mono-Forward": ["client=forward"],
+        "Mono-Forward": ["client=mono_forward"],
     }),
     "CNN1D": (["model=cnn1d"], {
         "backprop": ["client=sgd"],
         "tpSGD": ["client=tpsgd"],
-        "Mono-Forward": ["client=forward"],
+        "Mono-Forward": ["client=mono_forward"],
     }),
     "ResMLP": (["model=resmlp"], {
         "backprop": ["client=sgd"],
         "AugLocal": ["client=auglocal"],
-        "Mono-Forward": ["client=forward"],
+        "Mono-Forward": ["client=mono_forward"],
         "tpSGD": ["client=tpsgd"],
     }),
     "ResMLP, Adam family": (["model=resmlp"], {

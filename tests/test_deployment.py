@@ -218,8 +218,8 @@ def test_a_node_trains_on_its_own_data_file(tiny_cfg, tmp_path):
 
 @pytest.mark.parametrize("method", [
     ["client=noprop", "model=noprop"],  # its own optimizer (AdamW) and network
-    ["client=forward"],                 # Mono-Forward: projections added to the model
-], ids=["noprop", "forward"])
+    ["client=mono_forward"],                 # Mono-Forward: projections added to the model
+], ids=["noprop", "mono_forward"])
 def test_a_data_file_node_builds_its_trainer_like_a_simulated_client(tiny_cfg, tmp_path,
                                                                      method):
     """The same construction path: the configured optimizer and the extended global model."""

@@ -7,12 +7,12 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 
 from fedsim.clients.auglocal import AugLocalTrainer, aux_depths, num_local_blocks, picked_blocks
-from fedsim.clients.forward import MonoForwardTrainer
 from fedsim.clients.local_learning import (
     network_and_aux,
     saved_activation_peak,
     shared_generator,
 )
+from fedsim.clients.mono_forward import MonoForwardTrainer
 from fedsim.clients.sgd import SGDTrainer
 from fedsim.clients.tpsgd import TPSGDTrainer, projection_matrix, target_projection_loss
 from fedsim.datasets.federated import build_federated_data
@@ -26,7 +26,7 @@ from tests.test_trainer import blobs
 LAYER_LOCAL = {
     "tpsgd-ce": (TPSGDTrainer, {"loss": "ce"}),
     "tpsgd-mse": (TPSGDTrainer, {"loss": "mse", "local_epochs": 10}),  # slower to fit
-    "forward": (MonoForwardTrainer, {}),
+    "mono_forward": (MonoForwardTrainer, {}),
     "auglocal": (AugLocalTrainer, {"max_depth": 2}),
 }
 
@@ -191,10 +191,12 @@ def test_layer_local_training_holds_less_activation_memory_than_backprop():
     assert 0 < forward < backprop / 3
 
 
+MONO_FORWARD = ["client=mono_forward", "model=resmlp"]
+
+
 @pytest.mark.parametrize("optimizer,method", [
-    ("sgd", ["client=forward", "model=resmlp"]), ("adam", ["client=forward", "model=resmlp"]),
-    ("adamw", ["client=forward", "model=resmlp"]), ("adamp", ["client=forward", "model=resmlp"]),
-    ("conda", ["client=forward", "model=resmlp"]), ("adamw", ["client=noprop", "model=noprop"]),
+    ("sgd", MONO_FORWARD), ("adam", MONO_FORWARD), ("adamw", MONO_FORWARD),
+    ("adamp", MONO_FORWARD), ("conda", MONO_FORWARD), ("adamw", ["client=noprop", "model=noprop"]),
     ("adamw", ["client=forward_gnn", "model=gnn"]), ("conda", ["client=tpsgd", "model=mlp"]),
 ])
 def test_every_optimizer_trains_any_trainer(tiny_cfg, optimizer, method):
@@ -280,7 +282,7 @@ def test_staleness_inversion_refuses_another_optimizer(tiny_cfg):
         preflight(cfg)
 
 
-@pytest.mark.parametrize("client,model", [("tpsgd", "mlp"), ("forward", "cnn1d"),
+@pytest.mark.parametrize("client,model", [("tpsgd", "mlp"), ("mono_forward", "cnn1d"),
                                           ("auglocal", "resmlp")])
 def test_federated_run_with_a_layer_local_trainer(tiny_cfg, client, model):
     cfg = tiny_cfg(f"client={client}", f"model={model}", "model.depth=4"
@@ -293,8 +295,9 @@ def test_federated_run_with_a_layer_local_trainer(tiny_cfg, client, model):
 
 
 def test_centralized_is_a_single_client_run_of_the_same_trainer(tiny_cfg):
-    cfg = tiny_cfg("+experiment=centralized", "client=forward", "num_rounds=3", "num_clients=1",
-                   "clients_per_round=1", "evaluation.clients_per_round=0")  # as the preset
+    cfg = tiny_cfg("+experiment=centralized", "client=mono_forward", "num_rounds=3",
+                   "num_clients=1", "clients_per_round=1",
+                   "evaluation.clients_per_round=0")  # as the preset
     run_experiment(cfg)
     rows = read_metrics(cfg.output_dir)
     assert cfg.num_clients == cfg.clients_per_round == 1
