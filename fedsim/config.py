@@ -91,6 +91,8 @@ _is_number = is_number  # finite: no setting takes inf or nan
 SEED_MAX = 2**32 - 1
 #: a torch thread pool larger than this is a typo, and torch aborts on a huge one
 MAX_THREADS = 1024
+#: an injected hang sleeps for real: an hour is already far past any round deadline
+MAX_HANG_S = 3600
 
 
 def _check_target(cfg: DictConfig, group: str) -> None:
@@ -603,7 +605,8 @@ def _validate_faults(cfg: DictConfig) -> None:
     _require(faults.crash_prob + faults.nan_prob <= 1, "faults.nan_prob",
              f"at most 1 - faults.crash_prob = {1 - faults.crash_prob:g} (one fault per message)",
              faults.nan_prob)
-    _require(_non_negative(faults.hang_s), "faults.hang_s", "a number of seconds >= 0",
+    _require(_non_negative(faults.hang_s) and faults.hang_s <= MAX_HANG_S, "faults.hang_s",
+             f"a number of seconds in [0, {MAX_HANG_S}] (a simulated hang really sleeps)",
              faults.hang_s)
     _require(faults.hang_prob == 0 or faults.hang_s > 0, "faults.hang_s",
              f"> 0 with faults.hang_prob={faults.hang_prob} (how long a client hangs)",

@@ -51,11 +51,13 @@ GROUPS: dict[str, tuple[list[str], dict[str, list[str]]]] = {
     "MLP": (["model=mlp"], {
         "backprop": ["client=sgd"],
         "tpSGD": ["client=tpsgd"],
+        "tpSGD L2": ["client=tpsgd", "client.loss=mse"],
         "Mono-Forward": ["client=mono_forward"],
     }),
     "CNN1D": (["model=cnn1d"], {
         "backprop": ["client=sgd"],
         "tpSGD": ["client=tpsgd"],
+        "tpSGD L2": ["client=tpsgd", "client.loss=mse"],
         "Mono-Forward": ["client=mono_forward"],
     }),
     "ResMLP": (["model=resmlp"], {

@@ -435,6 +435,7 @@ def test_min_replies_and_kill_round_are_checked_before_any_work(tiny_cfg):
                        (["faults.timeout_s=0"], "faults.timeout_s"),
                        (["faults.timeout_s=inf"], "faults.timeout_s"),
                        (["faults.hang_prob=0.5"], "faults.hang_s"),
+                       (["faults.hang_prob=0.5", "faults.hang_s=1e9"], r"faults.hang_s.*3600"),
                        (["faults.max_num_examples=10"], "faults.max_num_examples")):
         cfg = tiny_cfg(*bad)
         with pytest.raises(ConfigError, match=field):
