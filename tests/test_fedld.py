@@ -23,13 +23,14 @@ from fedsim.config import compose, validate
 from fedsim.errors import ConfigError, DataError, MessageError
 from fedsim.experiment import run_experiment
 from fedsim.models import MLP
-from fedsim.strategies.base import apply_update, stack_deltas
+from fedsim.strategies.base import apply_update, global_cosine, stack_deltas
 from fedsim.strategies.fedld import (
     FedLD,
     gram_eigen,
     majority_sign_flips,
     num_directions,
     principal_gradient_update,
+    with_norm,
 )
 
 
@@ -215,6 +216,29 @@ def test_ablation_without_the_server_rule_always_takes_the_mean():
         np.testing.assert_allclose(update["w"], deltas["w"].mean(axis=0))
 
 
+def test_ablation_at_the_mean_length_keeps_the_direction_and_the_mean_norm():
+    """Two clients with orthogonal unit deltas e1, e2 in round 2 (history set): the rule
+    gives some update u; the mean (e1 + e2) / 2 has norm 1/sqrt(2), so the ablation
+    returns u scaled to that norm, in u's direction."""
+    deltas = {"w": np.array([[1.0, 0.0], [0.0, 1.0]])}
+    plain, rescaled = FedLD(), FedLD(match_mean_norm=True)
+    for strategy in (plain, rescaled):
+        strategy.history = {"w": np.ones(2)}
+    u = plain.aggregate_deltas(2, deltas)["w"]
+    v = rescaled.aggregate_deltas(2, deltas)["w"]
+    assert np.linalg.norm(v) == pytest.approx(1 / math.sqrt(2))
+    assert global_cosine({"w": u}, {"w": v}) == pytest.approx(1.0)
+    assert with_norm({"w": np.zeros(3)}, 2.0)["w"].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_global_cosine_by_hand():
+    """a = (1, 0 | 2), b = (1, 1 | 0): a.b = 1, |a| = sqrt(5), |b| = sqrt(2)."""
+    a = {"x": np.array([1.0, 0.0]), "y": np.array(2.0)}
+    b = {"x": np.array([1.0, 1.0]), "y": np.array(0.0)}
+    assert global_cosine(a, b) == pytest.approx(1 / math.sqrt(10))
+    assert global_cosine(a, {"x": np.zeros(2), "y": np.array(0.0)}) == 0.0
+
+
 def _instruction(node_id: int) -> Message:
     return Message(content=RecordDict(), dst_node_id=node_id, message_type=MessageType.TRAIN)
 
@@ -248,6 +272,7 @@ def test_aggregate_train_applies_the_update_over_the_clients_that_replied():
     assert new[0].dtype == np.float32 and new[1].dtype == np.int64 and int(new[1]) == 9
     assert metrics["train_loss"] == pytest.approx(1.0)
     assert metrics["update-norm"] == pytest.approx(math.sqrt(6 * 0.375**2 + 3.5**2))
+    assert metrics["update-cosine"] == pytest.approx(1.0)  # round 1 takes the mean itself
 
 
 def test_aggregate_train_rejects_a_reply_that_does_not_match_the_model():
@@ -300,6 +325,8 @@ def test_invalid_strategy_parameters_are_refused():
         FedLD(k_proportion=0.0)
     with pytest.raises(ValueError, match="history_decay"):
         FedLD(history_decay=1.0)
+    with pytest.raises(ValueError, match="strategy.match_mean_norm must be true or false"):
+        FedLD(match_mean_norm="yes")
 
 
 # --- the trainer -----------------------------------------------------------------------

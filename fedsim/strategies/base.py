@@ -79,9 +79,10 @@ class UploadStrategy(Checkpointed, FedAvg):
 class DeltaStrategy(UploadStrategy):
     """A rule for combining client deltas `d_i = w_i - w` into one server update.
 
-    Training metrics gain `update-norm` (the server update's L2 norm) and
-    `mean-delta-norm` (that of the plain mean of the deltas), so a run shows how
-    far the rule moves the model compared with averaging.
+    Training metrics gain `update-norm` (the server update's L2 norm),
+    `mean-delta-norm` (that of the plain mean of the deltas) and `update-cosine`
+    (the cosine between the two), so a run shows how far, and in which direction,
+    the rule moves the model compared with averaging.
 
     Subclasses implement `aggregate_deltas(server_round, deltas)`, which gets, for
     every state entry, the stacked deltas of the clients that replied (shape
@@ -103,9 +104,11 @@ class DeltaStrategy(UploadStrategy):
         """Stack the deltas, aggregate them, and apply the update to `w`."""
         deltas = stack_deltas(uploads, self.current_arrays)
         update = self.aggregate_deltas(server_round, deltas)
+        mean = {key: d.mean(axis=0) for key, d in deltas.items()}
         return apply_update(self.current_arrays, update), {
             "update-norm": global_norm(update.values()),
-            "mean-delta-norm": global_norm(d.mean(axis=0) for d in deltas.values()),
+            "mean-delta-norm": global_norm(mean.values()),
+            "update-cosine": global_cosine(update, mean),
         }
 
     @abstractmethod
@@ -142,6 +145,14 @@ def weights_as_delta_problem(upload: dict[str, np.ndarray], sent: dict[str, np.n
 def global_norm(arrays: Iterable[np.ndarray]) -> float:
     """The L2 norm of all arrays taken together as one flat vector."""
     return float(np.sqrt(sum(float(np.square(a).sum()) for a in arrays)))
+
+
+def global_cosine(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    """The cosine between `a` and `b`, each entry set taken as one flat vector (0 if
+    either is zero)."""
+    dot = sum(float(np.vdot(a[key].astype(np.float64), b[key])) for key in a)
+    norms = global_norm(a.values()) * global_norm(b[key] for key in a)
+    return dot / norms if norms > 0 else 0.0
 
 
 def only_arrayrecord(message: Message) -> ArrayRecord:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedsim.errors import is_number, require
-from fedsim.strategies.base import DeltaStrategy
+from fedsim.strategies.base import DeltaStrategy, global_norm
 
 
 def gram_eigen(gram: np.ndarray, num_clients: int) -> tuple[np.ndarray, np.ndarray]:
@@ -126,6 +126,9 @@ class FedLD(DeltaStrategy):
     principal_gradient : bool (default: True)
         False always takes the mean branch: an ablation that keeps FedLD's client
         (margin loss) and drops its server rule.
+    match_mean_norm : bool (default: False)
+        Rescale the whole update to the length of the plain mean of the deltas: an
+        ablation that keeps the rule's direction and restores averaging's step length.
     **kwargs
         FedAvg's sampling and record-key arguments.
     """
@@ -135,6 +138,7 @@ class FedLD(DeltaStrategy):
         k_proportion: float = 0.8,
         history_decay: float = 0.99,
         principal_gradient: bool = True,
+        match_mean_norm: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -142,9 +146,13 @@ class FedLD(DeltaStrategy):
                 "a number in (0, 1]", k_proportion)
         require(is_number(history_decay) and 0 <= history_decay < 1, "strategy.history_decay",
                 "a number in [0, 1)", history_decay)
+        for name, value in (("principal_gradient", principal_gradient),
+                            ("match_mean_norm", match_mean_norm)):
+            require(isinstance(value, bool), f"strategy.{name}", "true or false", value)
         self.k_proportion = k_proportion
         self.history_decay = history_decay
         self.principal_gradient = principal_gradient
+        self.match_mean_norm = match_mean_norm
         self.history: dict[str, np.ndarray] = {}
 
     def aggregate_deltas(
@@ -164,4 +172,12 @@ class FedLD(DeltaStrategy):
             base = history if history is not None else np.zeros_like(layer)
             self.history[key] = self.history_decay * base + (1.0 - self.history_decay) * layer
             update[key] = layer
+        if self.match_mean_norm:
+            update = with_norm(update, global_norm(d.mean(axis=0) for d in deltas.values()))
         return update
+
+
+def with_norm(update: dict[str, np.ndarray], norm: float) -> dict[str, np.ndarray]:
+    """`update` scaled to global L2 norm `norm` (unchanged if it is zero)."""
+    length = global_norm(update.values())
+    return update if length == 0 else {key: v * (norm / length) for key, v in update.items()}
