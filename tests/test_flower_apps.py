@@ -58,13 +58,13 @@ def test_a_stock_client_app_trains_under_fedsim_in_process(tiny_cfg, strategy):
     assert summary["clients"] == "ClientApp tests.stock_app.task:app"
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam"])
-def test_a_stock_client_app_trains_under_flowers_own_engine(tiny_cfg, strategy):
+def test_a_stock_client_app_trains_under_flowers_own_engine(tiny_cfg):
     """backend=flower gives ClientApps an empty run config: fedsim fills in the
-    conventional keys the stock app reads (`local-epochs`, `batch-size`)."""
+    conventional keys the stock app reads (`local-epochs`, `batch-size`). FedProx, whose
+    train messages also carry `proximal-mu`; the strategies themselves run the same on
+    every backend (the in-process test above runs all three)."""
     full = ["num_clients=4", "clients_per_round=4", "evaluation.clients_per_round=4"]
-    extra = ["strategy.eta=0.01"] if strategy == "fedadam" else []
-    summary, rows = stock_run(tiny_cfg, "backend=flower", f"strategy={strategy}", *full, *extra)
+    summary, rows = stock_run(tiny_cfg, "backend=flower", "strategy=fedprox", *full)
     assert_learned_without_failures(summary, rows)
 
 
