@@ -6,6 +6,7 @@ only its strategy and client swapped, on the same partitions and seeds:
 
     python scripts/compare_fedld.py                     # the full grid (about 25 min, 2 cores)
     python scripts/compare_fedld.py --seeds 0 --alphas 0.1 --rounds 5   # a smoke run
+    python scripts/compare_fedld.py --alphas 0.1 0.5 --out docs/results/fedld-direction
     python scripts/compare_fedld.py --set client.lr=0.01 client.momentum=0.5 \
         --out docs/results/fedld-reference-local      # the reference's local settings
 
@@ -197,7 +198,7 @@ FedLD has the best mean in {wins} of {len(final) // len(methods)} settings.
 
 {chr(10).join(verdicts(final, methods))}
 
-## Why: the direction of FedLD's update, more than its length
+## Why: the length and the direction of FedLD's update
 
 `update-norm / mean-delta-norm` is the length of FedLD's server update divided by that
 of the plain mean of the same deltas, and `update-cosine` the cosine between the two
