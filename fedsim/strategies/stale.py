@@ -117,9 +117,7 @@ class StaleFedAvg(Checkpointed, FedAvg):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        check_stale_settings(mode, weighting, server_lr, half_life, exponent, hinge_at)
-        if startup not in STARTUPS:
-            raise ConfigError(f"strategy.startup must be one of {STARTUPS} (got {startup!r})")
+        check_stale_settings(mode, weighting, server_lr, half_life, exponent, hinge_at, startup)
         self.mode = mode
         self.concurrency = concurrency or self.min_train_nodes
         self.buffer_size = buffer_size or max(1, self.concurrency // 2)
@@ -385,10 +383,13 @@ def check_stale_settings(
     half_life: float,
     exponent: float,
     hinge_at: float = 0.0,
+    startup: str = "reference",
 ) -> None:
     """One named error for a stale-aggregation setting out of range."""
     if mode not in MODES:
         raise ConfigError(f"strategy.mode must be one of {MODES} (got {mode!r})")
+    if startup not in STARTUPS:
+        raise ConfigError(f"strategy.startup must be one of {STARTUPS} (got {startup!r})")
     if weighting not in WEIGHTINGS:
         raise ConfigError(f"strategy.weighting must be one of {WEIGHTINGS} (got {weighting!r})")
     for name, value in (("server_lr", server_lr), ("half_life", half_life),
