@@ -181,6 +181,17 @@ def metric_at(rows: list[dict[str, Any]], key: str, round_: int) -> float:
     return float(usable[-1][key]) if usable else math.nan
 
 
+def first_round_at_least(rows: list[dict[str, Any]], key: str, target: float) -> float:
+    """The first round >= 1 whose `key` is at least `target` (nan: never)."""
+    hits = [r["round"] for r in rows if r["round"] >= 1 and r.get(key, -math.inf) >= target]
+    return float(hits[0]) if hits else math.nan
+
+
+def best_setting(finals: dict[Any, list[float]]) -> Any:
+    """The setting with the highest mean final value (the first such, on ties)."""
+    return max(finals, key=lambda setting: statistics.fmean(finals[setting]))
+
+
 def mean_last(rows: list[dict[str, Any]], key: str, count: int, round_: int) -> float:
     """Mean of `key` over the last `count` rounds up to `round_` (smooths round noise)."""
     values = [float(r[key]) for r in rows if key in r and 1 <= r["round"] <= round_]

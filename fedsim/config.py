@@ -547,8 +547,8 @@ def _validate_model(cfg: DictConfig) -> None:
     _check_each(model, "model", ("channels", "hidden"),
                 lambda v: _count(v) or (OmegaConf.is_list(v) and all(_count(x) for x in v)),
                 "an integer >= 1 (a list of them where the model takes one per layer)")
-    _check_each(model, "model", ("num_layers", "kernel_size", "width", "depth", "num_blocks",
-                                 "k"), _count, "an integer >= 1")
+    _check_each(model, "model", ("num_layers", "kernel_size", "width", "depth", "num_blocks"),
+                _count, "an integer >= 1")
     _check_each(model, "model", ("seed", "class_seed"), _seed_value, SEEDS)
     _check_each(model, "model", ("sparsity",), _below_one,
                 "a number in [0, 1) (the share of edges masked)")

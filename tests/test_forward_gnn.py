@@ -7,33 +7,19 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from fedsim.clients.forward_gnn import (
     ForwardGNN,
     ForwardGNNTrainer,
-    knn_graph,
     layer_logits,
     layer_losses,
     split_anchors,
     summed_softmax,
 )
 from fedsim.experiment import run_experiment
+from fedsim.graph import knn_graph
 from tests.conftest import read_metrics
 from tests.test_trainer import blobs
 
 
 def edge_set(edge_index: torch.Tensor) -> set[tuple[int, int]]:
     return {(int(s), int(t)) for s, t in edge_index.T}
-
-
-def test_knn_graph_links_nearest_points_both_ways():
-    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [10.0, 0.0], [12.0, 0.0], [0.0, 3.0]])
-    # nearest: 0->1, 1->0, 2->3, 3->2, 4->0 (3 < sqrt(10)); symmetrized
-    assert edge_set(knn_graph(x, 1)) == {(0, 1), (1, 0), (2, 3), (3, 2), (4, 0), (0, 4)}
-    # second nearest: 0->4, 1->4, 2->1, 3->1, 4->1
-    expected = {(0, 1), (0, 4), (1, 0), (1, 4), (2, 3), (2, 1), (3, 2), (3, 1), (4, 0), (4, 1)}
-    expected |= {(t, s) for s, t in expected}
-    edges = knn_graph(x, 2)
-    assert edge_set(edges) == expected and edges.shape[1] == len(expected)  # no duplicates
-    assert torch.equal(edges, knn_graph(x, 2))
-    assert knn_graph(x, 10).shape[1] == 5 * 4  # k capped at N - 1: complete graph, no loops
-    assert knn_graph(x[:1], 3).shape == (2, 0)
 
 
 def test_anchor_and_query_nodes_split_the_batch():

@@ -41,33 +41,11 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch_geometric.nn import GCNConv, SAGEConv
 
 from fedsim.clients.local_learning import shared_generator
 from fedsim.clients.sgd import SGDTrainer
 from fedsim.errors import ConfigError
-
-CONVS = {"sage": lambda n_in, n_out: SAGEConv(n_in, n_out, aggr="mean"), "gcn": GCNConv}
-
-
-def knn_graph(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Edges (2, E) of the symmetric k-NN graph over the rows of `x` (N, F), no self loops.
-
-    Each node links to its k nearest others in Euclidean distance (ties go to the
-    lower index), and every link goes both ways; the edges come sorted by (source,
-    target). k is capped at N - 1.
-    """
-    n = x.shape[0]
-    k = min(k, n - 1)
-    if k <= 0:
-        return torch.zeros(2, 0, dtype=torch.long, device=x.device)
-    dist = torch.cdist(x.flatten(1).float(), x.flatten(1).float())
-    dist.fill_diagonal_(math.inf)
-    nearest = torch.sort(dist, dim=1, stable=True).indices[:, :k]  # (N, k)
-    source = torch.arange(n, device=x.device).repeat_interleave(k)
-    target = nearest.reshape(-1)
-    codes = torch.cat([source * n + target, target * n + source]).unique()  # sorted
-    return torch.stack([codes // n, codes % n])
+from fedsim.graph import CONVS, knn_graph
 
 
 def class_edges(y: torch.Tensor, anchor_mask: torch.Tensor, num_nodes: int) -> torch.Tensor:
@@ -118,7 +96,7 @@ class ForwardGNN(nn.Module):
         self,
         input_shape: Sequence[int],
         num_classes: int,
-        hidden: Sequence[int] = (128, 128),
+        hidden: Sequence[int] = (128, 128, 128, 128),
         k: int = 10,
         class_seed: int = 0,
         conv: str = "sage",
