@@ -13,6 +13,8 @@ bind_run(cfg, data) nothing to do                    reads the run before round 
 upload_problem      `reply_check.same_arrays_problem` takes uploads other than weights
 weighted_by_key     `metrics.NUM_EXAMPLES`           weights replies by another metric
 evaluation_arrays   the arrays as they are           evaluates a transformed global model
+evaluation_variants none                             also scores other views of the model
+                                                     (`server/<name>-accuracy`, ...)
 slow_classes        none                             simulates slow holders of some classes
 update_log          None (no updates.jsonl)          logs every update it applies
 =================== ================================ ======================================
@@ -66,6 +68,11 @@ class StrategyHooks:
     def evaluation_arrays(self) -> Callable[[ArrayRecord], ArrayRecord] | None:
         """The arrays the server evaluates in place of the global ones (None: the global)."""
         return self._hook("evaluation_arrays", None)
+
+    @property
+    def evaluation_variants(self) -> dict[str, Callable[[ArrayRecord], ArrayRecord]]:
+        """Other views of the global arrays the server also evaluates, by metric prefix."""
+        return dict(self._hook("evaluation_variants", {}))
 
     @property
     def slow_classes(self) -> list[int]:

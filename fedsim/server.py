@@ -66,18 +66,25 @@ def make_evaluator(
     """Centralized evaluation of global arrays on the server's test split, in `model`.
 
     A strategy's `evaluation_arrays` hook (e.g. a realigned generic head)
-    decides which arrays are evaluated; reports head/middle/tail accuracy on
+    decides which arrays are evaluated, and its `evaluation_variants` adds other
+    views, each reported under its name as a prefix; reports head/middle/tail accuracy on
     long-tailed data, and `accuracy-class-<c>` for each of `classes`.
     """
     x_test, y_test = data.server_test()
-    transform = None if strategy is None else strategy_hooks(strategy).evaluation_arrays
+    hooks = None if strategy is None else strategy_hooks(strategy)
+    transform = None if hooks is None else hooks.evaluation_arrays
+    variants = {} if hooks is None else hooks.evaluation_variants
 
-    def evaluate(arrays: ArrayRecord) -> dict[str, float]:
-        if transform is not None:
-            arrays = transform(arrays)
+    def scored(arrays: ArrayRecord) -> dict[str, float]:
         model.load_state_dict(arrays.to_torch_state_dict())
         return measured(classification_metrics(
             predict(model, x_test), y_test, data.class_groups, classes))
+
+    def evaluate(arrays: ArrayRecord) -> dict[str, float]:
+        metrics = scored(arrays if transform is None else transform(arrays))
+        for name, view in variants.items():
+            metrics |= {f"{name}-{key}": value for key, value in scored(view(arrays)).items()}
+        return metrics
 
     return evaluate
 

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from fedsim.clients.fedloge import nearest_cosines, sparse_etf
+from fedsim.etf import nearest_cosines, sparse_etf
 
 
 def nearest_angle(matrix: torch.Tensor) -> float:

@@ -13,16 +13,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from fedsim.clients.fedloge import (
     LOCAL_HEAD,
     FedLoGeTrainer,
-    dense_etf,
-    nearest_cosines,
     norm_transfer,
     personalized_logits,
-    sparse_etf,
 )
 from fedsim.clients.finetune import FineTuneTrainer
 from fedsim.datasets.federated import ClientData
 from fedsim.datasets.partition import class_groups, long_tail_counts
 from fedsim.errors import ConfigError
+from fedsim.etf import dense_etf, nearest_cosines, sparse_etf
 from fedsim.experiment import run_experiment
 from fedsim.metrics import (
     aggregate_client_evaluations,
@@ -137,6 +135,23 @@ def test_generic_head_rows_get_one_norm_and_the_rest_is_untouched():
     assert np.array_equal(arrays["head.weight"].numpy(), weight)  # the global arrays stay raw
 
 
+def test_the_sse_c_view_swaps_in_the_clients_frozen_classifier():
+    arrays = ArrayRecord({"body.weight": Array(np.ones((12, 4), np.float32)),
+                          "head.weight": Array(np.ones((3, 12), np.float32)),
+                          "head.bias": Array(np.ones(3, np.float32))})
+    settings = {"seed": 5, "sparsity": 0.6, "norm": 1.0, "steps": 10, "lr": 1e-3}
+    strategy = FedLoGe(sse_c=settings)
+    assert set(strategy.evaluation_variants) == {"raw-aux", "sse-c"}
+    assert strategy.evaluation_variants["raw-aux"](arrays) is arrays
+    swapped = strategy.with_sse_c(arrays)
+    expected = sparse_etf(12, 3, **settings).T.numpy()  # what every client trains against
+    assert np.array_equal(swapped["head.weight"].numpy(), expected)
+    assert not swapped["head.bias"].numpy().any()  # SSE-C has no bias
+    assert np.array_equal(swapped["body.weight"].numpy(), arrays["body.weight"].numpy())
+    # a client without SSE-C (an interpolated setting left null): no such view
+    assert set(FedLoGe(sse_c={**settings, "norm": None}).evaluation_variants) == {"raw-aux"}
+
+
 # --- the trainer --------------------------------------------------------------------------
 
 def _client(seed: int = 0) -> ClientData:
@@ -196,6 +211,39 @@ def test_local_evaluation_rules_out_classes_the_client_never_trained_on():
                                                trained.state)).all()
 
 
+def test_the_reference_rule_masks_the_classes_absent_from_the_test_labels():
+    """fedsim rules out classes the client never trained on (3); the reference code rules
+    out those missing from the split it scores: here every class but 0."""
+    trainer = _trainer()
+    torch.manual_seed(0)
+    data = _client()
+    only_zero = ClientData(1, data.x_train, data.y_train, data.x_test[data.y_test == 0],
+                           data.y_test[data.y_test == 0], num_classes=4,
+                           class_groups=data.class_groups)
+    trained = trainer.train(ArrayRecord(trainer.model_fn().state_dict()),
+                            ConfigRecord({"server-round": 1}), only_zero, RecordDict())
+    metrics = trainer.evaluate(trained.arrays, ConfigRecord({}), only_zero, trained.state)
+    assert metrics["reference-accuracy"] == 1.0  # one class left: always right
+    logits = trainer.test_logits(trained.arrays, ConfigRecord({}), only_zero, trained.state)
+    assert metrics["accuracy"] == (logits.argmax(1) == 0).float().mean().item() < 1.0
+    assert "num-examples-reference" not in str(metrics.keys())  # counts are not repeated
+
+
+def test_fedavg_is_scored_unmasked_under_the_reference_rule():
+    model_fn = lambda: MLP([12], 4, hidden=[16])  # noqa: E731
+    torch.manual_seed(0)
+    arrays = ArrayRecord(model_fn().state_dict())
+    data = _client()
+    masked = FineTuneTrainer(model_fn, finetune_epochs=0, device="cpu")
+    unmasked = FineTuneTrainer(model_fn, finetune_epochs=0, mask_absent_classes=False,
+                               device="cpu")
+    a = masked.evaluate(arrays, ConfigRecord({}), data, RecordDict())
+    b = unmasked.evaluate(arrays, ConfigRecord({}), data, RecordDict())
+    for prefix in ("reference-", "reference-global-"):  # the reference never masks FedAvg
+        assert a[f"{prefix}accuracy"] == b["accuracy"] == b[f"{prefix}accuracy"]
+    assert a["accuracy"] == a["global-accuracy"]  # no fine-tuning: the same head
+
+
 def test_a_client_without_a_local_head_is_scored_by_the_global_model():
     trainer = _trainer(mask_absent_classes=False)
     torch.manual_seed(0)
@@ -234,7 +282,9 @@ def test_fedloge_run_reports_generic_and_local_accuracy_by_group(tiny_cfg):
     rows = read_metrics(cfg.output_dir)
     last = rows[-1]
     for key in ("server/accuracy-head", "server/accuracy-tail", "client_eval/mean-accuracy",
-                "client_eval/mean-accuracy-middle", "train/aux-norm-max"):
+                "client_eval/mean-accuracy-middle", "train/aux-norm-max",
+                "server/raw-aux-accuracy", "server/sse-c-accuracy-tail",
+                "client_eval/mean-reference-accuracy"):
         assert key in last, key
     assert last["client_eval/clients"] == 6
     groups = json.loads((Path(cfg.output_dir) / "class_groups.json").read_text())

@@ -29,82 +29,19 @@ from fedsim.clients.base import TrainOutput, predict
 from fedsim.clients.sgd import SGDTrainer
 from fedsim.datasets.federated import ClientData
 from fedsim.errors import ConfigError, is_int, is_number, require
-from fedsim.metrics import NUM_EXAMPLES, mask_absent_classes
+from fedsim.etf import sparse_etf
+from fedsim.metrics import (
+    NUM_EXAMPLES,
+    classification_metrics,
+    mask_absent_classes,
+    mask_unseen_test_classes,
+    prefixed,
+)
 from fedsim.models import classifier_layer, features
 from fedsim.spec import RunSpec
 from fedsim.strategies.fedloge import check_classifier_is_last
 
 LOCAL_HEAD = "fedloge-local-head"  # key of the local head in the client's state
-
-
-def dense_etf(feature_dim: int, num_classes: int, generator: torch.Generator) -> torch.Tensor:
-    """A (d, K) simplex ETF: sqrt(K/(K-1)) * P (I - 11^T/K), P with orthonormal columns.
-
-    Columns have unit norm and pairwise cosine -1/(K-1). Needs d >= K.
-    """
-    if feature_dim < num_classes:
-        raise ValueError(
-            f"an equiangular tight frame needs feature dimension >= classes "
-            f"(got {feature_dim} < {num_classes})"
-        )
-    gaussian = torch.randn(feature_dim, num_classes, generator=generator, dtype=torch.float64)
-    basis, _ = torch.linalg.qr(gaussian)
-    centering = torch.eye(num_classes, dtype=torch.float64) - 1.0 / num_classes
-    return math.sqrt(num_classes / (num_classes - 1)) * basis @ centering
-
-
-def nearest_cosines(matrix: torch.Tensor) -> torch.Tensor:
-    """For every column, its largest cosine with another column (nearest neighbour)."""
-    unit = matrix / matrix.norm(dim=0, keepdim=True)
-    cosines = unit.T @ unit
-    cosines = cosines - 3.0 * torch.eye(len(cosines), dtype=cosines.dtype)  # exclude self
-    return cosines.max(dim=1).values
-
-
-def etf_objective(matrix: torch.Tensor, norm: float) -> torch.Tensor:
-    """SSE-C's refinement loss: class-vector norms to `norm`, nearest angle maximized.
-
-    sum_c (||m_c|| - norm)^2 - mean_c arccos(max_{c' != c} cos(m_c, m_c')).
-    """
-    norm_term = (matrix.norm(dim=0) - norm).pow(2).sum()
-    angle_term = torch.arccos(nearest_cosines(matrix).clamp(-0.99999, 0.99999)).mean()
-    return norm_term - angle_term
-
-
-def sparse_etf(
-    feature_dim: int,
-    num_classes: int,
-    seed: int,
-    sparsity: float = 0.6,
-    norm: float = 0.1,
-    steps: int = 2000,
-    lr: float = 1e-3,
-) -> torch.Tensor:
-    """SSE-C: a dense ETF with `sparsity` of its d*K entries zeroed, then refined.
-
-    The zeroed entries are drawn uniformly over the flattened matrix; the others
-    are refined with Adam on `etf_objective` (zeros stay zero), its lr annealed
-    to 0 by a cosine. 2000 steps at lr 1e-3 reach the dense ETF's nearest angle
-    (the reference runs 10,000 constant steps at 1e-4, slightly short of it). Deterministic in
-    `seed`, so every party builds the same matrix without communicating it.
-    Returns a float32 (d, K) matrix, one column per class.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    etf = dense_etf(feature_dim, num_classes, generator)
-    num_zero = int(sparsity * feature_dim * num_classes)
-    zeroed = torch.randperm(feature_dim * num_classes, generator=generator)[:num_zero]
-    keep = torch.ones(feature_dim * num_classes, dtype=torch.float64)
-    keep[zeroed] = 0.0
-    keep = keep.view(feature_dim, num_classes)
-    values = (etf * keep).clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([values], lr=lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
-    for _ in range(steps):
-        optimizer.zero_grad(set_to_none=True)
-        etf_objective(values * keep, norm).backward()
-        optimizer.step()
-        schedule.step()
-    return (values.detach() * keep).float()
 
 
 def norm_transfer(local_weight: torch.Tensor, aux_weight: torch.Tensor) -> torch.Tensor:
@@ -144,7 +81,8 @@ class FedLoGeTrainer(SGDTrainer):
       norm 0.1 an unnormalized ReLU backbone grows its features to norm ~100,
       and the heads' SGD on those features diverges.
     - `mask_absent_classes`: at evaluation, rule out the classes absent from the
-      client's *training* set (the reference masks by its *test* labels).
+      client's *training* set. The reference masks by its *test* labels; that
+      score is reported too, as `reference-*`.
     """
 
     def __init__(
@@ -243,10 +181,30 @@ class FedLoGeTrainer(SGDTrainer):
             state=new_state,
         )
 
+    def evaluate(
+        self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData, state: RecordDict
+    ) -> dict[str, float | int]:
+        """Local metrics under fedsim's rule (`test_logits`), plus `reference-*` under the
+        reference code's: classes absent from the client's *test* labels masked."""
+        if len(data.y_test) == 0:
+            raw = torch.zeros(0, data.num_classes)
+        else:
+            raw = self.personalized_test_logits(arrays, data, state)
+        metrics = classification_metrics(self._masked(raw, data), data.y_test, data.class_groups)
+        reference = mask_unseen_test_classes(raw, data.y_test)
+        return metrics | prefixed(
+            classification_metrics(reference, data.y_test, data.class_groups), "reference-")
+
     def test_logits(
         self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData, state: RecordDict
     ) -> torch.Tensor:
-        """Personalized logits: the local head plus g_aux realigned to its row norms.
+        """Personalized logits, classes the client never trained on masked (by default)."""
+        return self._masked(self.personalized_test_logits(arrays, data, state), data)
+
+    def personalized_test_logits(
+        self, arrays: ArrayRecord, data: ClientData, state: RecordDict
+    ) -> torch.Tensor:
+        """Unmasked personalized logits: the local head plus g_aux realigned to its row norms.
 
         A client that has not trained yet has no local head: it is scored with g_aux
         alone (the global model), not with an untrained head.
@@ -255,11 +213,12 @@ class FedLoGeTrainer(SGDTrainer):
         aux_head = classifier_layer(model)
         feats = predict(model, data.x_test, self.eval_batch_size, partial(features, model))
         aux = _cpu_tensors(aux_head)
-        if LOCAL_HEAD in state:
-            local = _cpu_tensors(self.local_head(state, aux_head, data))
-            logits = personalized_logits(feats, local, aux)
-        else:
-            logits = feats @ aux["weight"].T + aux["bias"]
+        if LOCAL_HEAD not in state:
+            return feats @ aux["weight"].T + aux["bias"]
+        local = _cpu_tensors(self.local_head(state, aux_head, data))
+        return personalized_logits(feats, local, aux)
+
+    def _masked(self, logits: torch.Tensor, data: ClientData) -> torch.Tensor:
         return mask_absent_classes(logits, data.y_train) if self.mask_absent_classes else logits
 
 

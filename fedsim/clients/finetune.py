@@ -22,7 +22,7 @@ from fedsim.clients.base import predict
 from fedsim.clients.sgd import SGDTrainer
 from fedsim.datasets.federated import ClientData
 from fedsim.errors import is_int, require
-from fedsim.metrics import NUM_EXAMPLES, classification_metrics, mask_absent_classes
+from fedsim.metrics import classification_metrics, mask_absent_classes, prefixed
 from fedsim.models import classifier_layer, features
 
 
@@ -34,7 +34,8 @@ class FineTuneTrainer(SGDTrainer):
       batch size as training; 0 evaluates the global model as is).
     - `mask_absent_classes`: rule out the classes absent from the client's training
       set, as FedLoGe's local evaluation does, so the two compare like for like
-      (both the fine-tuned and the `global-*` metrics).
+      (both the fine-tuned and the `global-*` metrics). The `reference-*` metrics
+      are never masked, as the reference FedLoGe code scores FedAvg.
     """
 
     def __init__(
@@ -56,30 +57,31 @@ class FineTuneTrainer(SGDTrainer):
         self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData, state: RecordDict
     ) -> dict[str, float | int]:
         """The fine-tuned head's metrics, plus `global-loss` / `global-accuracy*` of the
-        received model (no fine-tuning; the same class mask)."""
+        received model (no fine-tuning; the same class mask), and both unmasked as the
+        reference FedLoGe code scores FedAvg (`reference-*`, `reference-global-*`)."""
         if len(data.y_test) == 0:
             received = tuned = torch.zeros(0, data.num_classes)
         else:
             received, tuned = self.received_and_tuned_logits(arrays, config, data)
-        metrics = classification_metrics(tuned, data.y_test, data.class_groups)
-        plain = classification_metrics(received, data.y_test, data.class_groups)
-        for key, value in plain.items():
-            if not key.startswith(NUM_EXAMPLES):
-                metrics[f"global-{key}"] = value
+        metrics = classification_metrics(self._masked(tuned, data), data.y_test,
+                                         data.class_groups)
+        for prefix, logits in (("global-", self._masked(received, data)),
+                               ("reference-", tuned), ("reference-global-", received)):
+            metrics |= prefixed(classification_metrics(logits, data.y_test, data.class_groups),
+                                prefix)
         return metrics
 
     def test_logits(
         self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData, state: RecordDict
     ) -> torch.Tensor:
         """Logits of the global backbone with a head fine-tuned on the client's training set."""
-        return self.received_and_tuned_logits(arrays, config, data)[1]
+        return self._masked(self.received_and_tuned_logits(arrays, config, data)[1], data)
 
     def received_and_tuned_logits(
         self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Test logits of the received head and of a copy fine-tuned on the training set.
-
-        Both read the same frozen backbone features, computed once.
+        """Test logits (unmasked) of the received head and of a copy fine-tuned on the
+        training set. Both read the same frozen backbone features, computed once.
         """
         model = self.load_model(arrays)
         head = copy.deepcopy(classifier_layer(model))
@@ -87,7 +89,7 @@ class FineTuneTrainer(SGDTrainer):
         test_feats = predict(model, data.x_test, self.eval_batch_size, read_features)
         test_feats = test_feats.to(self.device)
         with torch.no_grad():
-            received = self._masked(head(test_feats).cpu(), data)
+            received = head(test_feats).cpu()
         train_feats = predict(model, data.x_train, self.eval_batch_size, read_features)
         train_feats = train_feats.to(self.device)
         y = data.y_train.to(self.device)
@@ -98,7 +100,7 @@ class FineTuneTrainer(SGDTrainer):
         self.sgd_epochs(list(head.parameters()), data, self.round_settings(config), loss_of,
                         self.finetune_epochs)
         with torch.no_grad():
-            return received, self._masked(head(test_feats).cpu(), data)
+            return received, head(test_feats).cpu()
 
     def _masked(self, logits: torch.Tensor, data: ClientData) -> torch.Tensor:
         return mask_absent_classes(logits, data.y_train) if self.mask_absent_classes else logits

@@ -8,17 +8,24 @@ the backbone with `g_aux` realigned (GLA-FR): every class row of its weight
 rescaled to one common norm, the bias kept, which removes the norm advantage
 that frequent classes gain under a long tail. Training continues from the raw
 `g_aux`; the realignment is applied to what the server evaluates and reports.
+
+Beside that generic model the server also scores two other heads on the same
+backbone (`evaluation_variants`): the raw `g_aux` (`server/raw-aux-*`), and SSE-C,
+the frozen classifier the backbone trained against (`server/sse-c-*`), which is
+what the reference's logs score.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
 from fedsim.errors import ConfigError, is_number, require
+from fedsim.etf import sparse_etf
 from fedsim.spec import RunSpec
 from fedsim.state import Checkpointed
 
@@ -64,15 +71,24 @@ class FedLoGe(Checkpointed, FedAvg):
     generic_norm : float
         The common row norm of the generic head (reference: 1.7). Only the
         relative size of the rows and the kept bias matter for the prediction.
+    sse_c : mapping or None
+        The clients' SSE-C settings (`seed`, `sparsity`, `norm`, `steps`, `lr` of
+        `fedsim.etf.sparse_etf`), to also score backbone + SSE-C; None, or any
+        setting None (clients without SSE-C), leaves that score out.
     **kwargs
         Flower `FedAvg` arguments (fedsim fills in the cohort sizes).
     """
 
-    def __init__(self, generic_norm: float = 1.7, **kwargs) -> None:
+    def __init__(
+        self, generic_norm: float = 1.7, sse_c: Mapping[str, Any] | None = None, **kwargs
+    ) -> None:
         require(is_number(generic_norm) and generic_norm > 0, "strategy.generic_norm",
                 "a number > 0", generic_norm)
         super().__init__(**kwargs)
         self.generic_norm = generic_norm
+        usable = sse_c is not None and all(v is not None for v in sse_c.values())
+        self.sse_c = dict(sse_c) if usable else None
+        self._etf: dict[tuple[int, int], np.ndarray] = {}
 
     @classmethod
     def check(cls, spec: RunSpec) -> None:
@@ -86,6 +102,30 @@ class FedLoGe(Checkpointed, FedAvg):
         weight = arrays[weight_key].numpy()
         realigned[weight_key] = Array(realign_rows(weight, self.generic_norm).astype(weight.dtype))
         return realigned
+
+    @property
+    def evaluation_variants(self) -> dict[str, Callable[[ArrayRecord], ArrayRecord]]:
+        """The raw g_aux, and backbone + SSE-C when the clients' SSE-C is known."""
+        variants = {"raw-aux": lambda arrays: arrays}
+        if self.sse_c is not None:
+            variants["sse-c"] = self.with_sse_c
+        return variants
+
+    def with_sse_c(self, arrays: ArrayRecord) -> ArrayRecord:
+        """`arrays` with the classifier replaced by SSE-C (weight ETF^T, bias 0), the head
+        the backbone trained against."""
+        weight_key = classifier_key(arrays)
+        weight = arrays[weight_key].numpy()
+        shape = weight.shape  # (classes, features)
+        if shape not in self._etf:
+            etf = sparse_etf(shape[1], shape[0], **self.sse_c)
+            self._etf[shape] = etf.T.numpy().astype(weight.dtype)
+        swapped = ArrayRecord({key: array for key, array in arrays.items()})
+        swapped[weight_key] = Array(self._etf[shape].copy())
+        bias_key = weight_key.removesuffix("weight") + "bias"
+        if bias_key in arrays:
+            swapped[bias_key] = Array(np.zeros_like(arrays[bias_key].numpy()))
+        return swapped
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
