@@ -182,14 +182,21 @@ def metric_at(rows: list[dict[str, Any]], key: str, round_: int) -> float:
 
 
 def first_round_at_least(rows: list[dict[str, Any]], key: str, target: float) -> float:
-    """The first round >= 1 whose `key` is at least `target` (nan: never)."""
-    hits = [r["round"] for r in rows if r["round"] >= 1 and r.get(key, -math.inf) >= target]
+    """The first round >= 1 whose `key` is at least `target` (nan: never; a row without
+    the key, or with None for a non-finite value, does not count)."""
+    hits = [r["round"] for r in rows
+            if r["round"] >= 1 and r.get(key) is not None and r[key] >= target]
     return float(hits[0]) if hits else math.nan
 
 
 def best_setting(finals: dict[Any, list[float]]) -> Any:
-    """The setting with the highest mean final value (the first such, on ties)."""
-    return max(finals, key=lambda setting: statistics.fmean(finals[setting]))
+    """The setting with the highest mean final value (the first such, on ties); a mean
+    that is not finite (a diverged run) ranks last."""
+    def score(setting: Any) -> float:
+        mean = statistics.fmean(finals[setting])
+        return mean if math.isfinite(mean) else -math.inf
+
+    return max(finals, key=score)
 
 
 def mean_last(rows: list[dict[str, Any]], key: str, count: int, round_: int) -> float:

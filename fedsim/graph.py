@@ -44,14 +44,16 @@ def knn_graph(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.stack([codes // n, codes % n])
 
 
-
 class KNNGraphNet(nn.Module):
     """GNN layers over the k-NN graph of a batch, then a linear head; trained by backprop.
 
     `forward(x)` flattens the (B, *input_shape) batch, links each node to its `k`
     nearest others (`knn_graph`), applies ReLU(conv(h, edges)) per layer and returns
-    (B, C) logits. With `k = 0` there are no edges: the same layers on each node
-    alone (a SAGE layer then reduces to its root weight), the "no graph" ablation.
+    (B, C) logits. As for ForwardGNN, a node's prediction depends on the nodes
+    evaluated with it (the batch is its graph). With `k = 0` there are no edges: the
+    same layers on each node alone (a SAGE layer then reduces to its root weight), the
+    "no graph" ablation. ForwardGNN's layers are the same convolutions, but each reads
+    the previous output detached and L2-normalized; here gradients flow end to end.
 
     Parameters
     ----------
@@ -76,7 +78,7 @@ class KNNGraphNet(nn.Module):
             raise ConfigError(
                 f"model.hidden must be a non-empty list of integers >= 1 (got {list(hidden)})"
             )
-        if not (isinstance(k, int) and k >= 0):
+        if not (isinstance(k, int) and not isinstance(k, bool) and k >= 0):
             raise ConfigError(f"model.k must be an integer >= 0 (got {k})")
         self.k = k
         widths = [math.prod(input_shape), *hidden]

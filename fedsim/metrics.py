@@ -78,12 +78,6 @@ def mask_absent_classes(logits: torch.Tensor, train_labels: torch.Tensor) -> tor
     return logits.masked_fill(~present, float("-inf"))
 
 
-def mask_unseen_test_classes(logits: torch.Tensor, test_labels: torch.Tensor) -> torch.Tensor:
-    """Logits with -inf for every class absent from `test_labels`: the reference FedLoGe
-    code's local scoring, which reads the labels of the split it scores (analysis only)."""
-    return mask_absent_classes(logits, test_labels)
-
-
 def prefixed(metrics: dict[str, float | int], prefix: str) -> dict[str, float | int]:
     """`metrics` under `prefix` (`global-accuracy`, ...), their counts left out: they are
     the same samples as the unprefixed metrics', whose counts weight them."""

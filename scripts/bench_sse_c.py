@@ -1,7 +1,7 @@
 """How long SSE-C takes to build, and how equiangular it comes out.
 
 For each (feature dim, classes) it builds the sparse ETF with fedsim's defaults
-(`fedsim.clients.fedloge.sparse_etf`: 60% zeros, norm 1.0, 2000 cosine-annealed
+(`fedsim.etf.sparse_etf`: 60% zeros, norm 1.0, 2000 cosine-annealed
 Adam steps at lr 1e-3) and reports the build time (best of --repeat), the
 column norms, and the smallest nearest-neighbour angle against the dense ETF's
 (arccos(-1/(K-1)), the best any K vectors can do) and against the sparse

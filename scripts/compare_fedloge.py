@@ -228,7 +228,7 @@ def write_report(args: argparse.Namespace, grid: Grid) -> None:
         "n/a: no client had a test sample of that group in some seed (digits' tail "
         "classes keep 1 to 4 training samples at these imbalance factors, and a client's "
         "test split is half its training size).\n",
-        "![generic and local accuracy](fedloge.png)\n",
+        f"![generic and local accuracy]({args.out.with_suffix('.png').name})\n",
     ]
     out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)

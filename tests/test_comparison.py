@@ -36,8 +36,8 @@ def test_metric_at_and_mean_last():
 
 def test_first_round_at_least_skips_round_zero_and_gaps():
     rows = [{"round": 0, "acc": 0.9}, {"round": 1, "acc": 0.4}, {"round": 2},
-            {"round": 3, "acc": 0.7}, {"round": 4, "acc": 0.6}]
-    assert first_round_at_least(rows, "acc", 0.7) == 3.0
+            {"round": 3, "acc": None}, {"round": 4, "acc": 0.7}, {"round": 5, "acc": 0.6}]
+    assert first_round_at_least(rows, "acc", 0.7) == 4.0
     assert first_round_at_least(rows, "acc", 0.3) == 1.0
     assert math.isnan(first_round_at_least(rows, "acc", 0.8))
 
@@ -45,6 +45,7 @@ def test_first_round_at_least_skips_round_zero_and_gaps():
 def test_best_setting_takes_the_highest_mean_and_the_first_on_ties():
     assert best_setting({0.001: [0.6, 0.8], 0.01: [0.9, 0.4], 0.1: [0.1, 0.2]}) == 0.001
     assert best_setting({"a": [0.25, 0.75], "b": [0.5, 0.5]}) == "a"  # exact in binary
+    assert best_setting({"nan": [math.nan, 0.9], "low": [0.1, 0.1]}) == "low"
 
 
 def test_mean_std_is_the_sample_std():

@@ -310,6 +310,12 @@ def test_bad_fedloge_settings_are_refused_by_name(tiny_cfg, override, field):
         run_experiment(tiny_cfg(*FEDLOGE, override))
 
 
+@pytest.mark.parametrize("override", ["strategy.sse_c.norm=0.5", "strategy.sse_c.seed=7"])
+def test_a_server_sse_c_unlike_the_clients_is_refused(tiny_cfg, override):
+    with pytest.raises(ConfigError, match=f"strategy.{override.split('=')[0].split('.', 1)[1]}"):
+        run_experiment(tiny_cfg(*FEDLOGE, override))
+
+
 def test_a_classifier_narrower_than_the_classes_is_refused(tiny_cfg):
     with pytest.raises(ConfigError, match="SSE-C needs the classifier's input width"):
         run_experiment(tiny_cfg(*FEDLOGE, "model.hidden=[8]"))

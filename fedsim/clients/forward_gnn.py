@@ -110,7 +110,7 @@ class ForwardGNN(nn.Module):
             raise ConfigError(
                 f"model.hidden must be a non-empty list of integers >= 1 (got {list(hidden)})"
             )
-        if not (isinstance(k, int) and k >= 1):
+        if not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
             raise ConfigError(f"model.k must be an integer >= 1 (got {k})")
         if not (isinstance(temperature, int | float) and temperature > 0):
             raise ConfigError(f"model.temperature must be a number > 0 (got {temperature})")

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
+from omegaconf import OmegaConf
 
 from fedsim.errors import ConfigError, is_number, require
 from fedsim.etf import sparse_etf
@@ -54,6 +55,26 @@ def check_classifier_is_last(spec: RunSpec) -> None:
             f"model: FedLoGe needs the last linear layer's weight to be the last matrix of "
             f"the state (model {spec.cfg.model._target_} registers another one after it)"
         )
+
+
+#: strategy.sse_c setting -> where the clients' value lives in the config.
+SSE_C_SOURCES = {"seed": "seed", "sparsity": "client.etf_sparsity", "norm": "client.etf_norm",
+                 "steps": "client.etf_steps", "lr": "client.etf_lr"}
+
+
+def check_sse_c_matches_clients(cfg: Any) -> None:
+    """Every `strategy.sse_c` setting equals the clients' (a lone override of one side
+    would score backbone + SSE-C against another matrix than the one trained against)."""
+    sse_c = cfg.strategy.get("sse_c")
+    for name, value in (sse_c or {}).items():
+        source = SSE_C_SOURCES.get(name)
+        if source is None:
+            raise ConfigError(f"strategy.sse_c.{name}: not an SSE-C setting (one of "
+                              f"{sorted(SSE_C_SOURCES)})")
+        clients = OmegaConf.select(cfg, source)
+        if value is not None and clients is not None and value != clients:
+            raise ConfigError(f"strategy.sse_c.{name} must equal {source} ({clients}), which "
+                              f"the clients train with (got {value})")
 
 
 def realign_rows(weight: np.ndarray, norm: float) -> np.ndarray:
@@ -90,10 +111,14 @@ class FedLoGe(Checkpointed, FedAvg):
         self.sse_c = dict(sse_c) if usable else None
         self._etf: dict[tuple[int, int], np.ndarray] = {}
 
+    not_checkpointed = ("sse_c", "_etf")  # from the config; the ETF is rebuilt on demand
+
     @classmethod
     def check(cls, spec: RunSpec) -> None:
-        """The generic head is found the way the clients find theirs."""
+        """The generic head is found the way the clients find theirs, and the SSE-C the
+        server scores is the one the clients train against."""
         check_classifier_is_last(spec)
+        check_sse_c_matches_clients(spec.cfg)
 
     def evaluation_arrays(self, arrays: ArrayRecord) -> ArrayRecord:
         """The generic model: `arrays` with the classifier rows realigned to `generic_norm`."""
