@@ -471,6 +471,7 @@ RESUMABLE = {
     "fedadam-server-moments": ["strategy=fedadam"],
     "fedld-history": ["strategy=fedld", "client=fedld"],
     "scaffold-server-and-client-variates": ["strategy=scaffold", "client=scaffold"],
+    "ditto-personal-models": ["method=ditto"],
     "frl-scores-and-colluders-under-attack": ["strategy=frl", "client=frl",
                                               "model=supermask_mlp", "num_clients=12",
                                               "attack=rank_reversal", "attack.fraction=0.4",
