@@ -472,6 +472,7 @@ RESUMABLE = {
     "fedld-history": ["strategy=fedld", "client=fedld"],
     "scaffold-server-and-client-variates": ["strategy=scaffold", "client=scaffold"],
     "ditto-personal-models": ["method=ditto"],
+    "fednova": ["method=fednova"],
     "frl-scores-and-colluders-under-attack": ["strategy=frl", "client=frl",
                                               "model=supermask_mlp", "num_clients=12",
                                               "attack=rank_reversal", "attack.fraction=0.4",

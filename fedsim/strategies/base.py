@@ -31,7 +31,9 @@ class UploadStrategy(Checkpointed, FedAvg):
     It remembers the global arrays it sent (`current_arrays`), orders the replies
     by node id (the same input on every backend, whatever the arrival order) and
     hands them to `aggregate_uploads`, which returns the new global arrays and any
-    metrics of the rule. Training metrics are aggregated as in FedAvg.
+    metrics of the rule; a rule that weighs replies by what the clients report
+    reads `upload_metrics` (node id -> the reply's metrics). Training metrics are
+    aggregated as in FedAvg.
     """
 
     #: What the matching trainers upload; `fedsim.config.validate` checks the pair.
@@ -40,6 +42,8 @@ class UploadStrategy(Checkpointed, FedAvg):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.current_arrays: dict[str, np.ndarray] | None = None
+        #: the metrics of this round's replies by node id, for rules that read them
+        self.upload_metrics: dict[int, dict[str, float]] = {}
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -61,6 +65,8 @@ class UploadStrategy(Checkpointed, FedAvg):
             ((msg.metadata.src_node_id, only_arrayrecord(msg)) for msg in valid_replies),
             key=lambda upload: upload[0],
         )
+        self.upload_metrics = {msg.metadata.src_node_id: dict(only_metricrecord(msg).items())
+                               for msg in valid_replies}
         arrays, rule_metrics = self.aggregate_uploads(server_round, uploads)
         metrics = self.train_metrics_aggr_fn(
             [msg.content for msg in valid_replies], self.weighted_by_key
@@ -158,6 +164,11 @@ def global_cosine(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
 def only_arrayrecord(message: Message) -> ArrayRecord:
     """The reply's single ArrayRecord (Flower's reply validation guarantees exactly one)."""
     return next(iter(message.content.array_records.values()))
+
+
+def only_metricrecord(message: Message) -> MetricRecord:
+    """The reply's single MetricRecord (Flower's reply validation guarantees exactly one)."""
+    return next(iter(message.content.metric_records.values()))
 
 
 def stack_deltas(
