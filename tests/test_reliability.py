@@ -473,6 +473,7 @@ RESUMABLE = {
     "scaffold-server-and-client-variates": ["strategy=scaffold", "client=scaffold"],
     "ditto-personal-models": ["method=ditto"],
     "fednova": ["method=fednova"],
+    "fedper-personal-heads": ["method=fedper"],
     "frl-scores-and-colluders-under-attack": ["strategy=frl", "client=frl",
                                               "model=supermask_mlp", "num_clients=12",
                                               "attack=rank_reversal", "attack.fraction=0.4",
