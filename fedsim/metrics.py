@@ -107,6 +107,9 @@ def aggregate_client_evaluations(records: list[RecordDict], weighting_key: str) 
     - `mean-<key>` for every accuracy (`mean-accuracy`, `mean-accuracy-tail`, ...): the
       unweighted mean over the clients that have test samples (of that group),
       i.e. "local accuracy";
+    - `std-<key>`, `worst10-<key>`, `best10-<key>` for every whole-split accuracy
+      (`accuracy`, `global-accuracy`, ...): how evenly the clients fare
+      (`client_spread`);
     - `clients`: how many clients reported.
 
     Counts themselves are not averaged. A key with no weight anywhere is left out.
@@ -125,4 +128,22 @@ def aggregate_client_evaluations(records: list[RecordDict], weighting_key: str) 
         if "accuracy" in key:
             present = [float(m[key]) for m, w in zip(metrics, weights, strict=True) if w > 0]
             out[f"mean-{key}"] = math.fsum(present) / len(present)
+            if not _SUBSET.search(key):  # whole-split accuracies: how evenly clients fare
+                for name, value in client_spread(present).items():
+                    out[f"{name}-{key}"] = value
     return out
+
+
+#: share of clients in the worst and best tails of `client_spread`
+TAIL_SHARE = 0.1
+
+
+def client_spread(values: Sequence[float]) -> dict[str, float]:
+    """Fairness across clients: `std` (population std of the per-client values),
+    `worst10` and `best10` (mean of the lowest and highest 10% of them, at least
+    one client each)."""
+    ordered = sorted(values)
+    tail = max(1, round(TAIL_SHARE * len(ordered)))
+    return {"std": float(np.std(ordered)),
+            "worst10": math.fsum(ordered[:tail]) / tail,
+            "best10": math.fsum(ordered[-tail:]) / tail}
