@@ -474,6 +474,7 @@ RESUMABLE = {
     "ditto-personal-models": ["method=ditto"],
     "fednova": ["method=fednova"],
     "fedper-personal-heads": ["method=fedper"],
+    "moon-previous-models": ["method=moon"],
     "frl-scores-and-colluders-under-attack": ["strategy=frl", "client=frl",
                                               "model=supermask_mlp", "num_clients=12",
                                               "attack=rank_reversal", "attack.fraction=0.4",
