@@ -475,6 +475,7 @@ RESUMABLE = {
     "fednova": ["method=fednova"],
     "fedper-personal-heads": ["method=fedper"],
     "moon-previous-models": ["method=moon"],
+    "feddyn-server-and-client-states": ["method=feddyn"],
     "frl-scores-and-colluders-under-attack": ["strategy=frl", "client=frl",
                                               "model=supermask_mlp", "num_clients=12",
                                               "attack=rank_reversal", "attack.fraction=0.4",
