@@ -476,6 +476,7 @@ RESUMABLE = {
     "fedper-personal-heads": ["method=fedper"],
     "moon-previous-models": ["method=moon"],
     "feddyn-server-and-client-states": ["method=feddyn"],
+    "apfl-local-models-and-alphas": ["method=apfl"],
     "frl-scores-and-colluders-under-attack": ["strategy=frl", "client=frl",
                                               "model=supermask_mlp", "num_clients=12",
                                               "attack=rank_reversal", "attack.fraction=0.4",
