@@ -477,6 +477,7 @@ RESUMABLE = {
     "moon-previous-models": ["method=moon"],
     "feddyn-server-and-client-states": ["method=feddyn"],
     "apfl-local-models-and-alphas": ["method=apfl"],
+    "pfedme-personalized-models": ["method=pfedme", "client.personal_steps=2"],
     "frl-scores-and-colluders-under-attack": ["strategy=frl", "client=frl",
                                               "model=supermask_mlp", "num_clients=12",
                                               "attack=rank_reversal", "attack.fraction=0.4",
