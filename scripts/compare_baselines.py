@@ -1,0 +1,168 @@
+"""The field's standard baselines on one engine; writes docs/results/baselines.{md,png,json}.
+
+Every method runs the same federation: 20 clients, 10 a round, Dirichlet label
+skew at each alpha of --alphas, `--rounds` rounds of `client.local_epochs=2` on
+batches of 32, all 20 clients evaluated every round on their own test splits.
+MNIST-1D uses the 1-D CNN, digits the MLP (FedBN keeps normalization layers local,
+so it runs on the ResMLP, the one small network with LayerNorm; its row says so).
+One seed drives the partition, the initial model and the client sampling, so every
+method sees the same ones.
+
+Equal budgets, no tuning: every method trains with SGD at lr 0.05, momentum 0, for
+the same epochs and batches, except where a method's lr means something else
+(pFedMe's and Per-FedAvg's steps keep their `fedsim/conf/client` values). Each
+method's own settings are its paper's defaults, never tuned here more than
+FedAvg's.
+
+Reported per method, mean ± std over seeds, each run averaged over its last 3
+rounds: global accuracy (the server's model on its balanced test split), local
+accuracy (mean over clients of each client's own model on its own split: the
+personalized model for personalized methods, the global model otherwise), the
+worst 10% of clients' local accuracy, and the bytes each sampled client uploads
+per round.
+
+    python scripts/compare_baselines.py                       # the full grid
+    python scripts/compare_baselines.py --seeds 0 --rounds 3 --alphas 0.5 \\
+        --datasets digits --runs-dir outputs/baselines-smoke --out outputs/baselines-smoke/r
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from typing import Any
+
+from fedsim.comparison import (
+    Grid,
+    add_grid_arguments,
+    markdown_table,
+    mean_last,
+    plot_methods,
+    provenance,
+    run_missing,
+    summarize,
+)
+
+#: method -> (overrides, the direction its paper reports against FedAvg)
+METHODS: dict[str, tuple[list[str], str]] = {
+    "FedAvg": (["strategy=fedavg", "client=sgd"], ""),
+    "FedProx": (["strategy=fedavg", "client=sgd", "client.proximal_mu=0.01"],
+                "global: above FedAvg under strong skew"),
+    "SCAFFOLD": (["method=scaffold"], "global: above FedAvg under strong skew"),
+    "FedNova": (["method=fednova"], "global: above FedAvg with heterogeneous local steps"),
+    "FedDyn": (["method=feddyn"], "global: above FedAvg under skew"),
+    "MOON": (["method=moon"], "global: above FedAvg under skew"),
+    "FedLD": (["method=fedld"], "global: above FedAvg under label skew"),
+    "FedBN (ResMLP)": (["method=fedbn", "model=resmlp"], "local: above FedAvg"),
+    "FedPer": (["method=fedper"], "local: above FedAvg"),
+    "FedRep": (["method=fedrep"], "local: above FedPer and FedAvg"),
+    "LG-FedAvg": (["method=lg_fedavg"], "local: above FedAvg, fewer bytes"),
+    "FedBABU": (["method=fedbabu"], "local (fine-tuned): above FedAvg + FT"),
+    "Ditto": (["method=ditto"], "local: above FedAvg, fairer across clients"),
+    "APFL": (["method=apfl"], "local: above FedAvg and purely local training"),
+    "pFedMe": (["method=pfedme"], "local: above Per-FedAvg and FedAvg"),
+    "Per-FedAvg": (["method=perfedavg"], "local (one step): above FedAvg"),
+}
+#: methods whose lr is not the plain SGD step (kept at their own defaults)
+OWN_LR = ("pFedMe", "Per-FedAvg")
+DATASETS = {"mnist1d": ["dataset=mnist1d", "model=cnn1d"], "digits": ["dataset=digits",
+                                                                      "model=mlp"]}
+MEASURES = {
+    "global": "server/accuracy",
+    "local": "client_eval/mean-accuracy",
+    "worst 10% local": "client_eval/worst10-accuracy",
+}
+LAST = 3
+NUM_CLIENTS, PER_ROUND = 20, 10
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--alphas", nargs="+", type=float, default=[0.1, 0.5, 5.0])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    add_grid_arguments(parser, "baselines", rounds=30)
+    parser.add_argument("--no-report", dest="report", action="store_false",
+                        help="only run the missing cells")
+    return parser.parse_args(argv)
+
+
+def method_overrides(name: str) -> list[str]:
+    """A method's overrides plus the shared budget (lr where it is the SGD step)."""
+    shared = ["client.momentum=0.0", "client.local_epochs=2", "client.batch_size=32"]
+    lr = [] if name in OWN_LR else ["client.lr=0.05"]
+    return [*METHODS[name][0], *shared, *lr]
+
+
+def build_grid(args: argparse.Namespace) -> Grid:
+    return Grid(
+        methods={name: method_overrides(name) for name in args.methods},
+        datasets={name: DATASETS[name] for name in args.datasets},
+        value_key="partition.alpha", values=args.alphas, seeds=args.seeds,
+        runs_dir=args.runs_dir,
+        base=["partition=dirichlet", f"num_clients={NUM_CLIENTS}",
+              f"clients_per_round={PER_ROUND}", f"evaluation.clients_per_round={NUM_CLIENTS}",
+              f"num_rounds={args.rounds}", "logger=none",
+              "progress=false", *args.set],
+    )
+
+
+def bytes_per_client(rows: list[dict[str, Any]]) -> float:
+    """Mean bytes uploaded per sampled client per round (rounds >= 1; no faults are
+    injected, so every sampled client replies)."""
+    per_round = [r["bytes_up"] / PER_ROUND for r in rows if r["round"] >= 1 and "bytes_up" in r]
+    return sum(per_round) / len(per_round) if per_round else math.nan
+
+
+def write_report(args: argparse.Namespace, grid: Grid) -> None:
+    cells = grid.cells()
+    methods = list(grid.methods)
+    stats = {name: summarize(cells, lambda rows, k=key: mean_last(rows, k, LAST, args.rounds))
+             for name, key in MEASURES.items()}
+    sent = summarize(cells, bytes_per_client)
+    plot_methods(stats["local"], methods, "Dirichlet alpha (log scale)",
+                 f"local accuracy, last {LAST} rounds", args.out.with_suffix(".png"))
+    claims = "\n".join(f"| {m} | {METHODS[m][1]} |" for m in methods if METHODS[m][1])
+    sections = "\n\n".join(f"## {name.capitalize()} accuracy\n\n"
+                           f"{markdown_table(table, methods, 'alpha')}"
+                           for name, table in stats.items())
+    text = f"""# Standard baselines on one engine
+
+{provenance("scripts/compare_baselines.py", cells, args.workers)}
+
+{__doc__.split(chr(10) + chr(10), 1)[1].split("    python")[0].strip()}
+
+{sections}
+
+## Bytes uploaded per client per round (KiB)
+
+{markdown_table({k: (v[0] / 1024, v[1] / 1024, v[2]) for k, v in sent.items()}, methods,
+                'alpha', scale=1.0, bold_best=False)}
+
+![local accuracy vs alpha]({args.out.with_suffix(".png").name})
+
+## What each paper reports, to read the tables against
+
+| method | direction its paper reports |
+|---|---|
+{claims}
+"""
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".md").write_text(text)
+    raw = {name: {" | ".join(map(str, k)): v for k, v in table.items()}
+           for name, table in {**stats, "bytes up": sent}.items()}
+    args.out.with_suffix(".json").write_text(json.dumps(raw, indent=1) + "\n")
+    print(f"wrote {args.out.with_suffix('.md')}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    grid = build_grid(args)
+    run_missing(grid.cells(), args.workers)
+    if args.report:
+        write_report(args, grid)
+
+
+if __name__ == "__main__":
+    main()
