@@ -107,3 +107,39 @@ class WandbLogger(NoLogger):
                 self._run.summary[key] = value
         self._run.finish(exit_code=1 if failed else 0)
         self._run = None
+
+
+class TensorBoardLogger(NoLogger):
+    """TensorBoard event files in `<run dir>/<subdir>`: every metrics.jsonl scalar at its
+    round, the resolved config and the summary as text. Open with
+    `tensorboard --logdir outputs` (every run under it)."""
+
+    def __init__(self, subdir: str = "tensorboard", flush_secs: int = 30) -> None:
+        require(isinstance(subdir, str) and subdir and "/" not in subdir and subdir != "..",
+                "logger.subdir", "a folder name inside the run directory", subdir)
+        require(isinstance(flush_secs, int) and flush_secs > 0, "logger.flush_secs",
+                "an integer > 0", flush_secs)
+        self.subdir, self.flush_secs = subdir, flush_secs
+        self._writer = None
+
+    def start(self, config: dict[str, Any], run_dir: str, name: str) -> None:
+        import json
+
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._writer = SummaryWriter(log_dir=os.path.join(run_dir, self.subdir),
+                                     flush_secs=self.flush_secs)
+        self._writer.add_text("config", "```\n" + json.dumps(config, indent=1) + "\n```")
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                self._writer.add_scalar(key, value, global_step=step)
+
+    def finish(self, summary: dict[str, Any], failed: bool = False) -> None:
+        if self._writer is None:
+            return
+        shown = {k: v for k, v in summary.items() if isinstance(v, int | float | str)}
+        self._writer.add_text("summary", "\n".join(f"- {k}: {v}" for k, v in shown.items()))
+        self._writer.close()
+        self._writer = None

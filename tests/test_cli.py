@@ -82,6 +82,25 @@ def test_cli_run_on_the_ray_backend(tmp_path):
     assert rows[-1]["round"] == 2 and rows[-1]["bytes_up"] > 0
 
 
+def test_tensorboard_logger_writes_every_scalar_of_metrics_jsonl(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tiny = [arg for arg in TINY if arg != "logger=none"]
+    out = run([*FEDSIM, *tiny, "logger=tensorboard", "logger.flush_secs=1"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    (run_dir,) = list((tmp_path / "outputs").glob("*/*"))
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    expected = {(key, row["round"]): value for row in rows for key, value in row.items()
+                if key != "round" and isinstance(value, int | float)}
+    logged = {(tag, e.step): e.value for tag in events.Tags()["scalars"]
+              for e in events.Scalars(tag)}
+    assert logged.keys() == expected.keys()
+    # TensorBoard stores scalars as float32: equal up to its rounding
+    assert all(abs(logged[k] - v) <= 1e-6 * max(1.0, abs(v)) for k, v in expected.items())
+    assert "config" in str(events.Tags()["tensors"])
+
+
 def test_wandb_logger_writes_an_offline_run(tmp_path):
     tiny = [arg for arg in TINY if arg != "logger=none"]
     out = run([*FEDSIM, *tiny, "logger=wandb"], tmp_path)
