@@ -4,7 +4,10 @@ Every job directory of the sweep holds `summary.json` and Hydra's
 `.hydra/overrides.yaml`. The swept variables are the override keys that take
 more than one value; `seed` is averaged over (mean +/- std), `strategy` (and
 any other categorical key) makes the series, the first numeric one is the
-x-axis of the plot.
+x-axis of the plot. An Optuna sweep (`hydra/sweeper=tune`, whose
+`optimization_results.yaml` is in the sweep directory) also gets its best trial
+and parameters first, and `report-trials.png`: every trial's value in order
+with the best so far.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ def load_jobs(sweep_dir: Path, metric: str) -> list[dict[str, Any]]:
         )
         value = _lookup(json.loads(summary_file.read_text()), metric)
         if value is not None:
-            jobs.append({"overrides": overrides, "value": float(value)})
+            jobs.append({"overrides": overrides, "value": float(value),
+                         "job": summary_file.parent.name})
     if not jobs:
         raise FedsimError(f"no finished runs (summary.json + .hydra/overrides.yaml) in {sweep_dir}")
     return jobs
@@ -157,13 +161,66 @@ def plot_report(keys: list[str], rows: list[dict[str, Any]], metric: str, out: P
     plt.close(fig)
 
 
+OPTUNA_RESULTS = "optimization_results.yaml"  # what Hydra's Optuna sweeper writes
+
+
+def trial_order(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The jobs in launch order (Hydra numbers job directories 0, 1, ...)."""
+    return sorted(jobs, key=lambda job: (_number(job["job"]) is None, _number(job["job"]) or 0))
+
+
+def best_so_far(values: list[float], maximize: bool = True) -> list[float]:
+    """The running best of `values` (max, or min when minimizing)."""
+    pick = max if maximize else min
+    out: list[float] = []
+    for value in values:
+        out.append(value if not out else pick(out[-1], value))
+    return out
+
+
+def optuna_section(sweep_dir: Path, jobs: list[dict[str, Any]], metric: str, out: Path) -> str:
+    """The best trial and its parameters (Markdown), and the trials plot; "" if not Optuna."""
+    results_file = sweep_dir / OPTUNA_RESULTS
+    if not results_file.exists():
+        return ""
+    results = yaml.safe_load(results_file.read_text())
+    params = {str(k): v for k, v in (results.get("best_params") or {}).items()}
+    trials = trial_order(jobs)
+    best = next((job for job in trials if all(
+        _number(job["overrides"].get(k, "")) == _number(str(v))
+        or job["overrides"].get(k) == str(v) for k, v in params.items())), None)
+    values = [job["value"] for job in trials]
+    maximize = best is None or best["value"] == max(values)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(range(len(values)), values, "o", label="trial")
+    ax.plot(range(len(values)), best_so_far(values, maximize), "-", label="best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out.with_name("report-trials.png"), dpi=100)
+    plt.close(fig)
+    lines = [f"Optuna: {len(trials)} trials, best value {results.get('best_value')}"
+             + (f" (job {best['job']})" if best else ""), "",
+             "| best parameter | value |", "|---|---|",
+             *(f"| {k} | {v} |" for k, v in params.items()), "",
+             "![trials](report-trials.png)", "", ""]
+    return "\n".join(lines)
+
+
 def report(sweep_dir: Path, metric: str = "final_server_accuracy") -> Path:
-    """Write report.md / report.csv / report.png into `sweep_dir`; return the .md path."""
+    """Write report.md / report.csv / report.png into `sweep_dir` (and, for an Optuna
+    sweep, its best trial and report-trials.png); return the .md path."""
     jobs = load_jobs(sweep_dir, metric)
     keys, rows = summarize(jobs)
     out = sweep_dir / "report"
     write_table(keys, rows, metric, out)
     plot_report(keys, rows, metric, out)
+    optuna = optuna_section(sweep_dir, jobs, metric, out)
+    if optuna:
+        md = out.with_suffix(".md")
+        md.write_text(optuna + md.read_text())
     return out.with_suffix(".md")
 
 

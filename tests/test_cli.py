@@ -57,6 +57,21 @@ def test_multirun_sweep_and_report(tmp_path):
     assert Path(sweep / "report.csv").read_text().count("\n") == 5
 
 
+def test_an_optuna_sweep_of_three_trials_and_its_report(tmp_path):
+    sweep = tmp_path / "sweep"
+    out = run([*FEDSIM, "-m", "hydra/sweeper=tune", "client.lr=interval(0.001,0.3)",
+               "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={sweep}", *TINY], tmp_path)
+    assert out.returncode == 0, out.stderr
+    finals = [json.loads(p.read_text())["final_server_accuracy"]
+              for p in sweep.glob("*/summary.json")]
+    assert len(finals) == 3
+    reported = run([*REPORT, str(sweep)], tmp_path)
+    assert reported.returncode == 0, reported.stderr
+    text = (sweep / "report.md").read_text()
+    assert text.startswith(f"Optuna: 3 trials, best value {max(finals)}")  # maximized
+    assert "| client.lr |" in text and (sweep / "report-trials.png").stat().st_size > 0
+
+
 def test_report_on_an_empty_directory_says_so(tmp_path):
     rep = run([*REPORT, str(tmp_path)], tmp_path)
     assert rep.returncode != 0 and "no finished runs" in rep.stderr
