@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from fedsim.config import CONF_DIR, compose, from_run_config, to_run_config, validate
 from fedsim.errors import ConfigError
@@ -72,8 +73,12 @@ def test_every_method_option_composes_a_run_that_passes_preflight(tmp_path, meth
 
     tiny = [o for o in TINY if not o.startswith("model=")]  # the method's own model
     cfg = compose([*tiny, f"output_dir={tmp_path / 'run'}", f"method={method}"])
-    assert method.split("_")[0] in f"{cfg.strategy._target_} {cfg.client._target_}".lower() \
-        or method == "fedavg_ft"
+    own = [group for group in ("strategy", "client")
+           if (Path(CONF_DIR) / group / f"{method}.yaml").exists()]
+    assert own or method == "fedavg_ft"  # FedAvg + FT: strategy=fedavg client=finetune
+    for group in own:  # the method's option of the same name in its groups
+        alone = compose([*tiny, f"{group}={method}"])[group]
+        assert OmegaConf.to_yaml(cfg[group]) == OmegaConf.to_yaml(alone)  # unresolved
     preflight(cfg)
 
 
