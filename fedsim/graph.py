@@ -44,6 +44,16 @@ def knn_graph(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.stack([codes // n, codes % n])
 
 
+def check_gnn_layers(conv: str, hidden: Sequence[int]) -> None:
+    """`model.conv` is a known layer and `model.hidden` a non-empty list of widths."""
+    if conv not in CONVS:
+        raise ConfigError(f"model.conv must be one of {sorted(CONVS)} (got {conv!r})")
+    if not hidden or not all(isinstance(w, int) and w >= 1 for w in hidden):
+        raise ConfigError(
+            f"model.hidden must be a non-empty list of integers >= 1 (got {list(hidden)})"
+        )
+
+
 class KNNGraphNet(nn.Module):
     """GNN layers over the k-NN graph of a batch, then a linear head; trained by backprop.
 
@@ -72,12 +82,7 @@ class KNNGraphNet(nn.Module):
         conv: str = "sage",
     ) -> None:
         super().__init__()
-        if conv not in CONVS:
-            raise ConfigError(f"model.conv must be one of {sorted(CONVS)} (got {conv!r})")
-        if not hidden or not all(isinstance(w, int) and w >= 1 for w in hidden):
-            raise ConfigError(
-                f"model.hidden must be a non-empty list of integers >= 1 (got {list(hidden)})"
-            )
+        check_gnn_layers(conv, hidden)
         if not (isinstance(k, int) and not isinstance(k, bool) and k >= 0):
             raise ConfigError(f"model.k must be an integer >= 0 (got {k})")
         self.k = k

@@ -24,11 +24,16 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import nn
 from torch.func import functional_call
 
-from fedsim.clients.base import NUM_EXAMPLES, TrainOutput, minibatches, predict
+from fedsim.clients.base import (
+    NUM_EXAMPLES,
+    TrainOutput,
+    minibatches,
+    personal_and_global,
+    predict,
+)
 from fedsim.clients.sgd import SGDTrainer
 from fedsim.datasets.federated import ClientData
 from fedsim.errors import is_number, require
-from fedsim.metrics import classification_metrics, prefixed
 
 LOCAL = "apfl-local-model"  # key of v in the client's state
 MIXING = "apfl-alpha"  # key of alpha in the client's state
@@ -127,18 +132,17 @@ class APFLTrainer(SGDTrainer):
     ) -> dict[str, float | int]:
         """The personalized mixture's metrics, and the received global model's as `global-*`."""
         model = self.load_model(arrays)
-        if len(data.y_test) == 0:
-            mixed = received = torch.zeros(0, data.num_classes)
-        else:
-            received = predict(model, data.x_test, self.eval_batch_size)
-            if LOCAL in state:
-                v, alpha = self.local_state(state, self.received_state())
-                w = {k: t.to(self.device) for k, t in self.received_state().items()}
-                params = mixture({k: t.to(self.device) for k, t in v.items()}, w, alpha)
-                mixed = predict(model, data.x_test, self.eval_batch_size,
-                                lambda xb: functional_call(model, params, (xb,)))
-            else:
-                mixed = received
-        metrics = classification_metrics(mixed, data.y_test, data.class_groups)
-        return metrics | prefixed(
-            classification_metrics(received, data.y_test, data.class_groups), "global-")
+
+        def received() -> torch.Tensor:
+            return predict(model, data.x_test, self.eval_batch_size)
+
+        def personal() -> torch.Tensor:
+            if LOCAL not in state:
+                return received()
+            v, alpha = self.local_state(state, self.received_state())
+            w = {k: t.to(self.device) for k, t in self.received_state().items()}
+            params = mixture({k: t.to(self.device) for k, t in v.items()}, w, alpha)
+            return predict(model, data.x_test, self.eval_batch_size,
+                           lambda xb: functional_call(model, params, (xb,)))
+
+        return personal_and_global(data, personal, received)

@@ -22,7 +22,7 @@ from torch import nn
 
 from fedsim.datasets.federated import ClientData
 from fedsim.errors import MessageError
-from fedsim.metrics import NUM_EXAMPLES, classification_metrics
+from fedsim.metrics import NUM_EXAMPLES, classification_metrics, prefixed
 from fedsim.spec import RunSpec
 
 Record = ArrayRecord | MetricRecord | ConfigRecord
@@ -235,3 +235,35 @@ def predict(
         )
     finally:
         model.train(was_training)
+
+
+def personal_and_global(
+    data: ClientData, personal: Callable[[], torch.Tensor], received: Callable[[], torch.Tensor]
+) -> dict[str, float | int]:
+    """A personalized method's client metrics: those of its own model's test logits
+    (`personal()`), and the received global model's (`received()`) as `global-*`.
+
+    An empty test split scores zero logits with weight 0, as `Trainer.evaluate` does.
+    """
+    if len(data.y_test) == 0:
+        mine = theirs = torch.zeros(0, data.num_classes)
+    else:
+        mine, theirs = personal(), received()
+    metrics = classification_metrics(mine, data.y_test, data.class_groups)
+    return metrics | prefixed(classification_metrics(theirs, data.y_test, data.class_groups),
+                              "global-")
+
+
+def gradients_at(
+    model: nn.Module,
+    params: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """The gradient of `loss(model(x), y)` at `params` (with `buffers`), the model's own
+    weights untouched: for methods that step on copies of the weights (Per-FedAvg, pFedMe)."""
+    live = {k: p.detach().requires_grad_(True) for k, p in params.items()}
+    value = loss(torch.func.functional_call(model, {**live, **buffers}, (x,)), y)
+    return dict(zip(live, torch.autograd.grad(value, list(live.values())), strict=True))

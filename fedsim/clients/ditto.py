@@ -16,11 +16,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from torch import nn
 
-from fedsim.clients.base import TrainOutput, predict
+from fedsim.clients.base import TrainOutput, personal_and_global, predict
 from fedsim.clients.sgd import SGDTrainer, proximal_term
 from fedsim.datasets.federated import ClientData
 from fedsim.errors import is_int, is_number, require
-from fedsim.metrics import classification_metrics, prefixed
 
 PERSONAL = "ditto-personal-model"  # key of the personal model in the client's state
 
@@ -90,13 +89,9 @@ class DittoTrainer(SGDTrainer):
         self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData, state: RecordDict
     ) -> dict[str, float | int]:
         """The personal model's metrics, and the received global model's as `global-*`."""
-        metrics = super().evaluate(arrays, config, data, state)
-        if len(data.y_test) == 0:
-            received = torch.zeros(0, data.num_classes)
-        else:
-            received = predict(self.load_model(arrays), data.x_test, self.eval_batch_size)
-        return metrics | prefixed(
-            classification_metrics(received, data.y_test, data.class_groups), "global-")
+        return personal_and_global(
+            data, lambda: self.test_logits(arrays, config, data, state),
+            lambda: predict(self.load_model(arrays), data.x_test, self.eval_batch_size))
 
     def test_logits(
         self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData, state: RecordDict

@@ -16,11 +16,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from torch import nn
 
-from fedsim.clients.base import NUM_EXAMPLES, TrainOutput, predict
+from fedsim.clients.base import NUM_EXAMPLES, TrainOutput, personal_and_global, predict
 from fedsim.clients.sgd import SGDTrainer
 from fedsim.datasets.federated import ClientData
 from fedsim.errors import is_int, require
-from fedsim.metrics import classification_metrics, prefixed
 from fedsim.models import classifier_layer
 
 
@@ -80,12 +79,8 @@ class FedBABUTrainer(SGDTrainer):
         self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData, state: RecordDict
     ) -> dict[str, float | int]:
         """The fine-tuned copy's metrics, and the received model's as `global-*`."""
-        if len(data.y_test) == 0:
-            tuned = received = torch.zeros(0, data.num_classes)
-        else:
-            received = predict(self.load_model(arrays), data.x_test, self.eval_batch_size)
-            tuned = predict(self.tuned_copy(arrays, config, data), data.x_test,
-                            self.eval_batch_size)
-        metrics = classification_metrics(tuned, data.y_test, data.class_groups)
-        return metrics | prefixed(
-            classification_metrics(received, data.y_test, data.class_groups), "global-")
+        return personal_and_global(
+            data,
+            lambda: predict(self.tuned_copy(arrays, config, data), data.x_test,
+                            self.eval_batch_size),
+            lambda: predict(self.load_model(arrays), data.x_test, self.eval_batch_size))

@@ -45,7 +45,7 @@ from torch.nn import functional as F
 from fedsim.clients.local_learning import shared_generator
 from fedsim.clients.sgd import SGDTrainer
 from fedsim.errors import ConfigError
-from fedsim.graph import CONVS, knn_graph
+from fedsim.graph import CONVS, check_gnn_layers, knn_graph
 
 
 def class_edges(y: torch.Tensor, anchor_mask: torch.Tensor, num_nodes: int) -> torch.Tensor:
@@ -104,12 +104,7 @@ class ForwardGNN(nn.Module):
         ema_momentum: float = 0.1,
     ) -> None:
         super().__init__()
-        if conv not in CONVS:
-            raise ConfigError(f"model.conv must be one of {sorted(CONVS)} (got {conv!r})")
-        if not hidden or not all(isinstance(w, int) and w >= 1 for w in hidden):
-            raise ConfigError(
-                f"model.hidden must be a non-empty list of integers >= 1 (got {list(hidden)})"
-            )
+        check_gnn_layers(conv, hidden)
         if not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
             raise ConfigError(f"model.k must be an integer >= 1 (got {k})")
         if not (isinstance(temperature, int | float) and temperature > 0):

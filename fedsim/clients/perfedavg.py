@@ -19,11 +19,17 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from torch import nn
 from torch.func import functional_call
 
-from fedsim.clients.base import NUM_EXAMPLES, TrainOutput, minibatches, predict
+from fedsim.clients.base import (
+    NUM_EXAMPLES,
+    TrainOutput,
+    gradients_at,
+    minibatches,
+    personal_and_global,
+    predict,
+)
 from fedsim.clients.sgd import SGDTrainer
 from fedsim.datasets.federated import ClientData
 from fedsim.errors import is_int, is_number, require
-from fedsim.metrics import classification_metrics, prefixed
 
 Tensors = dict[str, torch.Tensor]
 
@@ -60,13 +66,11 @@ class PerFedAvgTrainer(SGDTrainer):
 
     def gradients(self, model: nn.Module, params: Tensors, buffers: Tensors, x: torch.Tensor,
                   y: torch.Tensor) -> Tensors:
-        """grad of the batch loss at `params` (the model's own weights untouched)."""
-        live = {k: p.detach().requires_grad_(True) for k, p in params.items()}
-        loss = self.batch_loss(functional_call(model, {**live, **buffers}, (x,)), y)
-        grads = torch.autograd.grad(loss, list(live.values()))
-        decay = self.weight_decay
-        return {k: g + decay * live[k].detach() if decay else g
-                for k, g in zip(live, grads, strict=True)}
+        """grad of the batch loss at `params`, plus this trainer's weight decay."""
+        grads = gradients_at(model, params, buffers, x, y, self.batch_loss)
+        if not self.weight_decay:
+            return grads
+        return {k: g + self.weight_decay * params[k].detach() for k, g in grads.items()}
 
     def train(
         self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData, state: RecordDict
@@ -105,21 +109,20 @@ class PerFedAvgTrainer(SGDTrainer):
         """The personalized copy's metrics (after `eval_steps` steps at alpha), and the
         received model's as `global-*`."""
         model = self.load_model(arrays)
-        if len(data.y_test) == 0:
-            tuned = received = torch.zeros(0, data.num_classes)
-        else:
-            received = predict(model, data.x_test, self.eval_batch_size)
-            params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
-            buffers = dict(model.named_buffers())
-            x, y = data.x_train.to(self.device), data.y_train.to(self.device)
-            settings = self.round_settings(config)
-            batches = minibatches(data.num_train, settings.batch_size,
-                                  self.generator(data, settings.server_round))
-            for _, idx in zip(range(self.eval_steps), batches, strict=False):
-                grads = self.gradients(model, params, buffers, x[idx], y[idx])
-                params = {k: p - self.inner_lr * grads[k] for k, p in params.items()}
-            tuned = predict(model, data.x_test, self.eval_batch_size,
-                            lambda xb: functional_call(model, {**params, **buffers}, (xb,)))
-        metrics = classification_metrics(tuned, data.y_test, data.class_groups)
-        return metrics | prefixed(
-            classification_metrics(received, data.y_test, data.class_groups), "global-")
+        return personal_and_global(data, lambda: self.personalized_logits(model, config, data),
+                                   lambda: predict(model, data.x_test, self.eval_batch_size))
+
+    def personalized_logits(self, model: nn.Module, config: ConfigRecord, data: ClientData
+                            ) -> torch.Tensor:
+        """Test logits after `eval_steps` SGD steps at alpha from `model`'s weights (a copy)."""
+        params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+        buffers = dict(model.named_buffers())
+        x, y = data.x_train.to(self.device), data.y_train.to(self.device)
+        settings = self.round_settings(config)
+        batches = minibatches(data.num_train, settings.batch_size,
+                              self.generator(data, settings.server_round))
+        for _, idx in zip(range(self.eval_steps), batches, strict=False):
+            grads = self.gradients(model, params, buffers, x[idx], y[idx])
+            params = {k: p - self.inner_lr * grads[k] for k, p in params.items()}
+        return predict(model, data.x_test, self.eval_batch_size,
+                       lambda xb: functional_call(model, {**params, **buffers}, (xb,)))

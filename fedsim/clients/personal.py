@@ -30,11 +30,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from torch import nn
 
-from fedsim.clients.base import TrainOutput, predict
+from fedsim.clients.base import TrainOutput, personal_and_global, predict
 from fedsim.clients.sgd import SGDTrainer
 from fedsim.datasets.federated import ClientData
 from fedsim.errors import ConfigError, is_int, require
-from fedsim.metrics import NUM_EXAMPLES, classification_metrics, prefixed
+from fedsim.metrics import NUM_EXAMPLES
 from fedsim.models import classifier_layer
 from fedsim.spec import RunSpec
 
@@ -127,11 +127,9 @@ class PersonalPartTrainer(SGDTrainer):
         self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData, state: RecordDict
     ) -> dict[str, float | int]:
         """The personalized model's metrics, and the received global model's as `global-*`."""
-        metrics = super().evaluate(arrays, config, data, state)
-        logits = (torch.zeros(0, data.num_classes) if len(data.y_test) == 0 else
-                  predict(self.load_model(arrays), data.x_test, self.eval_batch_size))
-        return metrics | prefixed(
-            classification_metrics(logits, data.y_test, data.class_groups), "global-")
+        return personal_and_global(
+            data, lambda: self.test_logits(arrays, config, data, state),
+            lambda: predict(self.load_model(arrays), data.x_test, self.eval_batch_size))
 
 
 class FedRepTrainer(PersonalPartTrainer):

@@ -20,11 +20,17 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from torch import nn
 from torch.func import functional_call
 
-from fedsim.clients.base import NUM_EXAMPLES, TrainOutput, minibatches, predict
+from fedsim.clients.base import (
+    NUM_EXAMPLES,
+    TrainOutput,
+    gradients_at,
+    minibatches,
+    personal_and_global,
+    predict,
+)
 from fedsim.clients.sgd import SGDTrainer
 from fedsim.datasets.federated import ClientData
 from fedsim.errors import is_int, is_number, require
-from fedsim.metrics import classification_metrics, prefixed
 
 PERSONALIZED = "pfedme-personalized-model"  # key of theta in the client's state
 
@@ -63,13 +69,6 @@ class PFedMeTrainer(SGDTrainer):
         self.personal_lr = personal_lr
         self.personal_steps = personal_steps
 
-    def gradients(self, model: nn.Module, params: Tensors, buffers: Tensors, x: torch.Tensor,
-                  y: torch.Tensor) -> Tensors:
-        """grad of the batch loss at `params` (the model's own weights untouched)."""
-        live = {k: p.detach().requires_grad_(True) for k, p in params.items()}
-        loss = self.batch_loss(functional_call(model, {**live, **buffers}, (x,)), y)
-        return dict(zip(live, torch.autograd.grad(loss, list(live.values())), strict=True))
-
     def train(
         self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData, state: RecordDict
     ) -> TrainOutput:
@@ -85,7 +84,8 @@ class PFedMeTrainer(SGDTrainer):
             for idx in minibatches(data.num_train, settings.batch_size, generator):
                 idx = idx.to(self.device)
                 for _ in range(self.personal_steps):
-                    grads = self.gradients(model, theta, buffers, x[idx], y[idx])
+                    grads = gradients_at(model, theta, buffers, x[idx], y[idx],
+                                         self.batch_loss)
                     theta = moreau_step(theta, w, grads, self.lam, self.personal_lr)
                 w = pull_toward(w, theta, self.lam, settings.lr)
         with torch.no_grad():
@@ -106,17 +106,16 @@ class PFedMeTrainer(SGDTrainer):
         """The personalized theta's metrics (the received model's until the client has one),
         and the received model's as `global-*`."""
         model = self.load_model(arrays)
-        if len(data.y_test) == 0:
-            mine = received = torch.zeros(0, data.num_classes)
-        else:
-            received = predict(model, data.x_test, self.eval_batch_size)
-            if PERSONALIZED in state:
-                theta = {k: t.to(self.device)
-                         for k, t in state[PERSONALIZED].to_torch_state_dict().items()}
-                mine = predict(model, data.x_test, self.eval_batch_size,
-                               lambda xb: functional_call(model, theta, (xb,)))
-            else:
-                mine = received
-        metrics = classification_metrics(mine, data.y_test, data.class_groups)
-        return metrics | prefixed(
-            classification_metrics(received, data.y_test, data.class_groups), "global-")
+
+        def received() -> torch.Tensor:
+            return predict(model, data.x_test, self.eval_batch_size)
+
+        def personal() -> torch.Tensor:
+            if PERSONALIZED not in state:
+                return received()
+            theta = {k: t.to(self.device)
+                     for k, t in state[PERSONALIZED].to_torch_state_dict().items()}
+            return predict(model, data.x_test, self.eval_batch_size,
+                           lambda xb: functional_call(model, theta, (xb,)))
+
+        return personal_and_global(data, personal, received)
