@@ -8,11 +8,13 @@ so it runs on the ResMLP, the one small network with LayerNorm; its row says so)
 One seed drives the partition, the initial model and the client sampling, so every
 method sees the same ones.
 
-Equal budgets, no tuning: every method trains with SGD at lr 0.05, momentum 0, for
-the same epochs and batches, except where a method's lr means something else
+Equal settings, no tuning: every method trains with SGD at lr 0.05, momentum 0, for
+the same local epochs and batches, except where a method's lr means something else
 (pFedMe's and Per-FedAvg's steps keep their `fedsim/conf/client` values). Each
-method's own settings are its paper's defaults, never tuned here more than
-FedAvg's.
+method's own settings are its paper's defaults, never tuned here more than FedAvg's.
+The work per round still differs where the method defines it so: FedRep adds 10
+head epochs, Ditto 2 epochs of its personal model, FedBABU 5 fine-tuning epochs at
+each evaluation, pFedMe 5 inner steps per batch, MOON two extra forward passes.
 
 Reported per method, mean ± std over seeds, each run averaged over its last 3
 rounds: global accuracy (the server's model on its balanced test split), local
@@ -97,14 +99,13 @@ def method_overrides(name: str) -> list[str]:
 
 def build_grid(args: argparse.Namespace) -> Grid:
     return Grid(
-        methods={name: method_overrides(name) for name in args.methods},
+        methods={name: [*method_overrides(name), *args.set] for name in args.methods},
         datasets={name: DATASETS[name] for name in args.datasets},
         value_key="partition.alpha", values=args.alphas, seeds=args.seeds,
         runs_dir=args.runs_dir,
         base=["partition=dirichlet", f"num_clients={NUM_CLIENTS}",
               f"clients_per_round={PER_ROUND}", f"evaluation.clients_per_round={NUM_CLIENTS}",
-              f"num_rounds={args.rounds}", "logger=none",
-              "progress=false", *args.set],
+              f"num_rounds={args.rounds}", "logger=none", "progress=false"],
     )
 
 

@@ -40,6 +40,23 @@ def test_the_normalizing_factor_by_hand():
     assert normalizing_factor(3, 0.5) == pytest.approx(4.25)
 
 
+@pytest.mark.parametrize(("steps", "momentum"), [(1, 0.9), (7, 0.0), (7, 0.9), (30, 0.5)])
+def test_the_factor_is_how_far_torch_s_sgd_moves_on_a_constant_gradient(steps, momentum):
+    """Loss <g, w> has gradient g at every step, so tau steps of torch's SGD move w by
+    -lr * a * g exactly when a is the sum of the gradients' weights."""
+    import torch
+
+    w = torch.zeros(3, requires_grad=True)
+    g = torch.tensor([1.0, -2.0, 0.5])
+    optimizer = torch.optim.SGD([w], lr=0.1, momentum=momentum)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        (g * w).sum().backward()
+        optimizer.step()
+    moved = -w.detach() / (0.1 * g)
+    assert moved.numpy() == pytest.approx([normalizing_factor(steps, momentum)] * 3, rel=1e-5)
+
+
 def test_a_reply_without_its_factor_is_refused_with_the_node():
     strategy = FedNova()
     strategy.current_arrays = {"w": np.zeros(2, np.float32)}
@@ -56,4 +73,5 @@ def test_clients_with_different_step_counts_are_normalized(tiny_cfg):
     run_experiment(cfg)
     rows = read_metrics(cfg.output_dir)
     assert rows[-1]["server/accuracy"] > rows[0]["server/accuracy"]
-    assert all(r["train/tau-eff"] > 0 for r in rows[1:])
+    steps = [r["train/tau-eff"] for r in rows[1:]]
+    assert all(s > 0 and not float(s).is_integer() for s in steps)  # a mean of unequal counts

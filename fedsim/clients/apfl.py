@@ -11,8 +11,10 @@ the global model w. Each local step (on one batch):
    <v - w, grad f(v_bar)>, and is clipped to [0, 1].
 
 v and alpha live in the client's persistent state (v starts as the received
-model, alpha at `alpha`). A client is scored with its mixture of v and the
-received global model; the global model alone is reported as `global-*`.
+model, alpha at `alpha`). Only trained parameters mix: normalization statistics
+come from w (copies, so the mixed forward pass does not update w's). A client is
+scored with its mixture of v and the received global model; the global model alone
+is reported as `global-*`.
 """
 
 from __future__ import annotations
@@ -41,10 +43,12 @@ MIXING = "apfl-alpha"  # key of alpha in the client's state
 Tensors = dict[str, torch.Tensor]
 
 
-def mixture(v: Tensors, w: Tensors, alpha: torch.Tensor | float) -> Tensors:
-    """alpha * v + (1 - alpha) * w, entry by entry (floating entries; others from w)."""
-    return {k: alpha * v[k] + (1 - alpha) * w[k] if w[k].is_floating_point() else w[k]
-            for k in w}
+def mixture(v: Tensors, w: Tensors, alpha: torch.Tensor | float,
+            mixed: set[str] | None = None) -> Tensors:
+    """alpha * v + (1 - alpha) * w for the entries in `mixed` (default: every floating
+    one); the others (normalization statistics, counters) are copies of w's."""
+    mixed = {k for k in w if w[k].is_floating_point()} if mixed is None else mixed
+    return {k: alpha * v[k] + (1 - alpha) * w[k] if k in mixed else w[k].clone() for k in w}
 
 
 def alpha_gradient(v: Tensors, w: Tensors, mixture_grad: Tensors) -> torch.Tensor:
@@ -107,7 +111,7 @@ class APFLTrainer(SGDTrainer):
                 loss.backward()
                 w = {k: t.detach() for k, t in model.state_dict().items()}
                 mixed_loss = self.batch_loss(
-                    functional_call(model, mixture(v, w, a), (x[idx],)), y[idx])
+                    functional_call(model, mixture(v, w, a, set(names)), (x[idx],)), y[idx])
                 trainable = [v[n] for n in names] + ([a] if self.adapt_alpha else [])
                 grads = torch.autograd.grad(mixed_loss, trainable)
                 w_optimizer.step()  # w's step on its own loss (after v_bar used the old w)
@@ -141,7 +145,8 @@ class APFLTrainer(SGDTrainer):
                 return received()
             v, alpha = self.local_state(state, self.received_state())
             w = {k: t.to(self.device) for k, t in self.received_state().items()}
-            params = mixture({k: t.to(self.device) for k, t in v.items()}, w, alpha)
+            trained = {n for n, p in model.named_parameters() if p.requires_grad}
+            params = mixture({k: t.to(self.device) for k, t in v.items()}, w, alpha, trained)
             return predict(model, data.x_test, self.eval_batch_size,
                            lambda xb: functional_call(model, params, (xb,)))
 

@@ -3,8 +3,8 @@
 Training is `SGDTrainer`'s; the reply adds `fednova-a`, the factor a_i by which
 the server divides this client's change (`fedsim.strategies.fednova`). For tau
 steps of SGD with momentum rho the change is a weighted sum of the tau
-gradients, gradient t counting (1 - rho^(tau - t)) / (1 - rho) times; a_i is
-the sum of those weights, which is tau for plain SGD.
+gradients, gradient t (from 1) counting (1 - rho^(tau - t + 1)) / (1 - rho)
+times; a_i is the sum of those weights, which is tau for plain SGD.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import math
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedsim.clients.base import TrainOutput
-from fedsim.clients.sgd import SGDTrainer
+from fedsim.clients.sgd import SGDTrainer, require_sgd
 from fedsim.datasets.federated import ClientData
+from fedsim.spec import RunSpec
 from fedsim.strategies.fednova import FACTOR, UPLOADS_WEIGHTS_AND_FACTOR
 
 
@@ -35,6 +36,11 @@ class FedNovaTrainer(SGDTrainer):
     """
 
     uploads = UPLOADS_WEIGHTS_AND_FACTOR
+
+    @classmethod
+    def check(cls, spec: RunSpec) -> None:
+        """a_i counts SGD (momentum) steps."""
+        require_sgd(spec, "FedNova's normalizing factor")
 
     def train(
         self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData, state: RecordDict

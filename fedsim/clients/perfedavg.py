@@ -97,7 +97,7 @@ class PerFedAvgTrainer(SGDTrainer):
             for name, p in model.named_parameters():
                 if name in params:
                     p.copy_(params[name])
-        loss = self.batch_loss(model(x), y).item() if len(y) else 0.0
+        loss = self.batch_loss(predict(model, x, self.eval_batch_size), y).item() if len(y) else 0.0
         return TrainOutput(arrays=self.upload(model),
                            metrics={"train_loss": loss, NUM_EXAMPLES: data.num_train,
                                     "meta-steps": steps},
@@ -116,7 +116,7 @@ class PerFedAvgTrainer(SGDTrainer):
                             ) -> torch.Tensor:
         """Test logits after `eval_steps` SGD steps at alpha from `model`'s weights (a copy)."""
         params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
-        buffers = dict(model.named_buffers())
+        buffers = {k: b.clone() for k, b in model.named_buffers()}  # the received model's stay
         x, y = data.x_train.to(self.device), data.y_train.to(self.device)
         settings = self.round_settings(config)
         batches = minibatches(data.num_train, settings.batch_size,

@@ -92,7 +92,7 @@ class PFedMeTrainer(SGDTrainer):
             for name, p in model.named_parameters():
                 if name in w:
                     p.copy_(w[name])
-        loss = self.batch_loss(model(x), y).item() if len(y) else 0.0
+        loss = self.batch_loss(predict(model, x, self.eval_batch_size), y).item() if len(y) else 0.0
         new_state = RecordDict(dict(state.items()))
         new_state[PERSONALIZED] = ArrayRecord({**{k: t.cpu() for k, t in theta.items()},
                                                **{k: b.cpu() for k, b in buffers.items()}})

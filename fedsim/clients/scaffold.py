@@ -20,8 +20,9 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedsim.clients.base import NUM_EXAMPLES, TrainOutput
-from fedsim.clients.sgd import SGDTrainer
+from fedsim.clients.sgd import SGDTrainer, require_sgd
 from fedsim.datasets.federated import ClientData
+from fedsim.spec import RunSpec
 from fedsim.strategies.scaffold import UPLOADS_WEIGHTS_AND_CONTROL, split_control, with_control
 
 CLIENT_CONTROL = "scaffold-client-control"  # key of c_i in the client's state
@@ -50,6 +51,11 @@ class ScaffoldTrainer(SGDTrainer):
 
     uploads = UPLOADS_WEIGHTS_AND_CONTROL
 
+    @classmethod
+    def check(cls, spec: RunSpec) -> None:
+        """Option II divides by K * eta, which assumes SGD steps."""
+        require_sgd(spec, "SCAFFOLD's option II")
+
     def train(
         self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData, state: RecordDict
     ) -> TrainOutput:
@@ -71,7 +77,8 @@ class ScaffoldTrainer(SGDTrainer):
         steps = settings.local_epochs * math.ceil(data.num_train / settings.batch_size)
         trained = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
         new_c_i = {key: (option_two(c_i_np[key], c_np[key], global_model[key], trained[key],
-                                    steps, settings.lr) if key in params and settings.lr > 0
+                                    steps, settings.lr)
+                         if key in params and settings.lr > 0 and steps > 0
                          else c_i_np[key]).astype(c_np[key].dtype)
                    for key in c_np}
         change = {key: new_c_i[key] - c_i_np[key] for key in c_np}

@@ -13,8 +13,9 @@ from torch import nn
 
 from fedsim.clients.base import NUM_EXAMPLES, Trainer, TrainOutput, minibatches
 from fedsim.datasets.federated import ClientData
-from fedsim.errors import MessageError, is_int, is_number, require
+from fedsim.errors import ConfigError, MessageError, is_int, is_number, require
 from fedsim.inversion import LocalProcedure
+from fedsim.spec import RunSpec
 from fedsim.train_config import (
     BATCH_SIZE,
     LOCAL_EPOCHS,
@@ -50,6 +51,14 @@ def check_sgd_settings(*, lr: float, momentum: float, weight_decay: float, local
     require(momentum < 1, "client.momentum", "a number in [0, 1)", momentum)
     require(is_number(lr_decay) and lr_decay > 0, "client.lr_decay",
             "a number > 0 (round r trains at lr * lr_decay^(r-1))", lr_decay)
+
+
+def require_sgd(spec: RunSpec, what: str) -> None:
+    """Refuse an optimizer other than SGD for a rule whose math assumes SGD steps."""
+    target = str(spec.cfg.optimizer.get("_target_", ""))
+    if target != "torch.optim.SGD":
+        raise ConfigError(f"optimizer: {what} assumes SGD steps; use optimizer=sgd "
+                          f"(got {target})")
 
 
 @dataclass(frozen=True)

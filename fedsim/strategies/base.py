@@ -197,6 +197,14 @@ def _stack(arrays: list[np.ndarray]) -> np.ndarray:
 #: State entries that must stay >= 0 (BatchNorm variances): a rule that is not a convex
 #: combination of the clients' values can push them below 0, and evaluation to NaN.
 NONNEGATIVE_SUFFIXES = ("running_var",)
+#: State entries that are normalization statistics, not trained parameters: rules that
+#: extrapolate or correct parameters (FedNova, FedDyn, SCAFFOLD) average these instead.
+STATISTICS_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def is_statistic(key: str) -> bool:
+    """Whether state entry `key` is a normalization statistic (`STATISTICS_SUFFIXES`)."""
+    return key.endswith(STATISTICS_SUFFIXES)
 
 
 def apply_update(

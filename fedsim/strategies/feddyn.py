@@ -22,7 +22,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from fedsim.errors import is_int, is_number, require
-from fedsim.strategies.base import UploadStrategy, stack_deltas
+from fedsim.strategies.base import UploadStrategy, is_statistic, stack_deltas
 
 #: The train-config key that carries alpha to the clients.
 ALPHA = "feddyn-alpha"
@@ -34,8 +34,8 @@ Arrays = dict[str, np.ndarray]
 
 def server_update(x: Arrays, h: Arrays, ys: list[Arrays], alpha: float, num_clients: int
                   ) -> tuple[Arrays, Arrays]:
-    """FedDyn's server step: (new x, new h) from the repliers' weights (floating entries;
-    others take the mean)."""
+    """FedDyn's server step: (new x, new h) from the repliers' weights, for the entries of
+    `h` (the parameters); the others (normalization statistics) take the mean."""
     new_h, new_x = {}, {}
     for key, weights in x.items():
         mean = np.mean([np.asarray(y[key], np.float64) for y in ys], axis=0)
@@ -89,7 +89,7 @@ class FedDyn(UploadStrategy):
         ys = [{key: values[i] for key, values in stacked.items()} for i in range(len(uploads))]
         if self.h is None:
             self.h = {k: np.zeros_like(v) for k, v in self.current_arrays.items()
-                      if np.issubdtype(v.dtype, np.floating)}
+                      if np.issubdtype(v.dtype, np.floating) and not is_statistic(k)}
         new, self.h = server_update(self.current_arrays, self.h, ys, self.alpha,
                                     self.num_clients)
         norm = float(np.sqrt(sum(float(np.square(v).sum()) for v in self.h.values())))

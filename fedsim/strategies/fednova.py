@@ -20,7 +20,7 @@ from flwr.app import Array, ArrayRecord
 
 from fedsim.errors import MessageError, is_number, require
 from fedsim.metrics import NUM_EXAMPLES
-from fedsim.strategies.base import UploadStrategy, stack_deltas
+from fedsim.strategies.base import UploadStrategy, is_statistic, stack_deltas
 
 #: The reply metric that carries a client's normalizing factor a_i.
 FACTOR = "fednova-a"
@@ -33,14 +33,19 @@ Arrays = dict[str, np.ndarray]
 def normalized_update(x: Arrays, ys: list[Arrays], factors: list[float], samples: list[float],
                       global_lr: float = 1.0) -> tuple[Arrays, float]:
     """(the new global model, tau_eff) by FedNova's rule from the clients' weights `ys`, their
-    normalizing factors a_i and sample counts n_i (integer entries are rounded)."""
+    normalizing factors a_i and sample counts n_i; normalization statistics take the
+    p-weighted mean, and integer entries are rounded."""
     shares = np.asarray(samples, np.float64) / float(np.sum(samples))
     tau_eff = float(np.dot(shares, factors))
     new = {}
     for key, weights in x.items():
-        direction = sum(p * (weights - np.asarray(y[key], np.float64)) / a
-                        for p, a, y in zip(shares, factors, ys, strict=True))
-        step = -global_lr * tau_eff * direction
+        if is_statistic(key):  # normalization statistics: the p-weighted mean
+            step = sum(p * (np.asarray(y[key], np.float64) - weights)
+                       for p, y in zip(shares, ys, strict=True))
+        else:
+            direction = sum(p * (weights - np.asarray(y[key], np.float64)) / a
+                            for p, a, y in zip(shares, factors, ys, strict=True))
+            step = -global_lr * tau_eff * direction
         if np.issubdtype(weights.dtype, np.integer):
             step = np.rint(step)
         new[key] = (weights + step).astype(weights.dtype)

@@ -21,7 +21,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from fedsim.errors import is_int, is_number, require
-from fedsim.strategies.base import UploadStrategy, stack_deltas
+from fedsim.strategies.base import UploadStrategy, is_statistic, stack_deltas
 
 #: Key prefix of the control variates inside the sent and uploaded ArrayRecords.
 CONTROL = "scaffold-c/"
@@ -48,12 +48,14 @@ def server_update(
 ) -> tuple[Arrays, Arrays]:
     """SCAFFOLD's server step: (new x, new c) from the repliers' weights and variate changes.
 
-    x + global_lr * mean(y_i - x) for every model entry (integer entries, such as
-    BatchNorm's step counter, are rounded); c + len(y) / num_clients * mean(dc_i).
+    x + global_lr * mean(y_i - x) for every parameter; normalization statistics
+    (`is_statistic`) take the plain mean; integer entries are rounded. c + len(y) /
+    num_clients * mean(dc_i).
     """
     new_x = {}
     for key, weights in x.items():
-        step = global_lr * np.mean([np.asarray(yi[key], np.float64) - weights for yi in y], axis=0)
+        lr = 1.0 if is_statistic(key) else global_lr
+        step = lr * np.mean([np.asarray(yi[key], np.float64) - weights for yi in y], axis=0)
         if np.issubdtype(weights.dtype, np.integer):
             step = np.rint(step)
         new_x[key] = (weights + step).astype(weights.dtype)
@@ -94,9 +96,10 @@ class Scaffold(UploadStrategy):
     ) -> list[Message]:
         """Send the global model with the server's control variate beside it."""
         model = {key: array.numpy() for key, array in arrays.items()}
-        if self.control is None:  # every floating entry; the client keeps buffers' at 0
+        if self.control is None:  # every floating entry but statistics (the client's stay 0)
             self.control = {key: np.zeros_like(value) for key, value in model.items()
-                            if np.issubdtype(value.dtype, np.floating)}
+                            if np.issubdtype(value.dtype, np.floating)
+                            and not is_statistic(key)}
         combined = with_control(model, self.control)
         return super().configure_train(
             server_round, ArrayRecord({k: Array(v) for k, v in combined.items()}), config, grid)
