@@ -194,3 +194,22 @@ class CountingFedAvg(FedAvg):
 
 class CheckpointedCountingFedAvg(Checkpointed, CountingFedAvg):
     """`CountingFedAvg` that loads its checkpointed state itself, so it resumes."""
+
+
+# --- a tiny network and plain SGD, shared by the baseline methods' tests -------------------
+
+#: plain SGD steps (no momentum), one epoch, on the CPU
+PLAIN_SGD = {"seed": 0, "lr": 0.1, "momentum": 0.0, "local_epochs": 1, "device": "cpu"}
+
+
+def tiny_mlp():
+    """The 6-feature, 3-class MLP the baseline tests train on `tests.test_trainer.blobs`."""
+    from fedsim.models import MLP
+
+    return MLP([6], 3, hidden=[8])
+
+
+def tiny_arrays() -> ArrayRecord:
+    """`tiny_mlp`'s initial weights, drawn from seed 0."""
+    torch.manual_seed(0)
+    return ArrayRecord(tiny_mlp().state_dict())

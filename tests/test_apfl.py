@@ -3,13 +3,15 @@
 import pytest
 import torch
 from conftest import read_metrics
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, RecordDict
 
 from fedsim.clients.apfl import LOCAL, MIXING, APFLTrainer, alpha_gradient, mixture
 from fedsim.clients.sgd import SGDTrainer
 from fedsim.errors import ConfigError
 from fedsim.experiment import run_experiment
-from fedsim.models import MLP
+from tests.helpers import PLAIN_SGD as SGD
+from tests.helpers import tiny_arrays as initial
+from tests.helpers import tiny_mlp as model_fn
 from tests.test_trainer import blobs
 
 
@@ -31,18 +33,6 @@ def test_alpha_s_gradient_is_the_inner_product_with_v_minus_w():
         (mixed["p"].pow(2).sum() / 2).backward()
         assert a.grad.item() == expected
         assert alpha_gradient(v, w, {"p": mixed["p"].detach()}).item() == expected
-
-
-def model_fn() -> MLP:
-    return MLP([6], 3, hidden=[8])
-
-
-SGD = {"seed": 0, "lr": 0.1, "momentum": 0.0, "local_epochs": 1, "device": "cpu"}
-
-
-def initial() -> ArrayRecord:
-    torch.manual_seed(0)
-    return ArrayRecord(model_fn().state_dict())
 
 
 def test_the_uploaded_global_update_is_plain_sgd():

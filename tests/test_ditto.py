@@ -3,12 +3,13 @@
 import pytest
 import torch
 from conftest import read_metrics
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, RecordDict
 
 from fedsim.clients.ditto import PERSONAL, DittoTrainer, personal_objective
 from fedsim.errors import ConfigError
 from fedsim.experiment import run_experiment
-from fedsim.models import MLP
+from tests.helpers import tiny_arrays as initial
+from tests.helpers import tiny_mlp as model_fn
 from tests.test_trainer import blobs
 
 
@@ -24,18 +25,9 @@ def test_the_personal_gradient_by_hand():
     assert torch.equal(model.weight.grad, torch.tensor([[0.5, 0.0, -1.0]]))
 
 
-def model_fn() -> MLP:
-    return MLP([6], 3, hidden=[8])
-
-
 def trainer(**kwargs) -> DittoTrainer:
     return DittoTrainer(model_fn, **{"seed": 0, "lr": 0.1, "momentum": 0.0, "local_epochs": 2,
                                      "device": "cpu", **kwargs})
-
-
-def initial() -> ArrayRecord:
-    torch.manual_seed(0)
-    return ArrayRecord(model_fn().state_dict())
 
 
 def test_with_lam_zero_the_first_personal_model_is_the_local_update():

@@ -8,15 +8,9 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from fedsim.clients.fedbabu import FedBABUTrainer, body_parameters
 from fedsim.errors import ConfigError
 from fedsim.experiment import run_experiment
-from fedsim.models import MLP
+from tests.helpers import PLAIN_SGD as SGD
+from tests.helpers import tiny_mlp as model_fn
 from tests.test_trainer import blobs
-
-
-def model_fn() -> MLP:
-    return MLP([6], 3, hidden=[8])
-
-
-SGD = {"seed": 0, "lr": 0.1, "momentum": 0.0, "local_epochs": 1, "device": "cpu"}
 
 
 def test_the_body_is_everything_but_the_classifier():

@@ -10,8 +10,9 @@ from fedsim.clients.feddyn import GRADIENT_STATE, FedDynTrainer, updated_gradien
 from fedsim.clients.sgd import SGDTrainer
 from fedsim.errors import ConfigError, MessageError
 from fedsim.experiment import run_experiment
-from fedsim.models import MLP
 from fedsim.strategies.feddyn import ALPHA, server_update
+from tests.helpers import PLAIN_SGD as SGD
+from tests.helpers import tiny_mlp as model_fn
 from tests.test_trainer import blobs
 
 
@@ -29,13 +30,6 @@ def test_client_gradient_state_by_hand():
     """g = 0, y = (3, 1), x = (1, 1), alpha 0.5: g' = -0.5 * (2, 0) = (-1, 0)."""
     got = updated_gradient(torch.zeros(2), torch.tensor([3.0, 1.0]), torch.ones(2), 0.5)
     assert torch.equal(got, torch.tensor([-1.0, 0.0]))
-
-
-def model_fn() -> MLP:
-    return MLP([6], 3, hidden=[8])
-
-
-SGD = {"seed": 0, "lr": 0.1, "momentum": 0.0, "local_epochs": 1, "device": "cpu"}
 
 
 def test_the_first_round_is_fedprox_with_mu_alpha():

@@ -5,13 +5,15 @@ import math
 import pytest
 import torch
 from conftest import read_metrics
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, RecordDict
 
 from fedsim.clients.moon import PREVIOUS, MoonTrainer, model_contrastive_loss
 from fedsim.clients.sgd import SGDTrainer
 from fedsim.errors import ConfigError
 from fedsim.experiment import run_experiment
-from fedsim.models import MLP
+from tests.helpers import PLAIN_SGD as SGD
+from tests.helpers import tiny_arrays as initial
+from tests.helpers import tiny_mlp as model_fn
 from tests.test_trainer import blobs
 
 
@@ -24,18 +26,6 @@ def test_the_contrastive_loss_by_hand():
         math.log1p(math.exp(-2)))
     assert model_contrastive_loss(z, far, near, 0.5).item() == pytest.approx(
         math.log1p(math.exp(2)))
-
-
-def model_fn() -> MLP:
-    return MLP([6], 3, hidden=[8])
-
-
-SGD = {"seed": 0, "lr": 0.1, "momentum": 0.0, "local_epochs": 1, "device": "cpu"}
-
-
-def initial() -> ArrayRecord:
-    torch.manual_seed(0)
-    return ArrayRecord(model_fn().state_dict())
 
 
 def test_mu_zero_is_plain_sgd_and_the_previous_model_is_kept():

@@ -3,12 +3,13 @@
 import pytest
 import torch
 from conftest import read_metrics
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, RecordDict
 
 from fedsim.clients.perfedavg import PerFedAvgTrainer, first_order_step
 from fedsim.errors import ConfigError
 from fedsim.experiment import run_experiment
-from fedsim.models import MLP
+from tests.helpers import tiny_arrays as initial
+from tests.helpers import tiny_mlp as model_fn
 from tests.test_trainer import blobs
 
 
@@ -20,15 +21,6 @@ def test_a_first_order_meta_step_by_hand():
     got = first_order_step(params, {"t": torch.tensor(2.0)}, lambda at: {"t": at["t"]},
                            alpha=0.5, beta=0.1)
     assert got["t"].item() == pytest.approx(1.9)
-
-
-def model_fn() -> MLP:
-    return MLP([6], 3, hidden=[8])
-
-
-def initial() -> ArrayRecord:
-    torch.manual_seed(0)
-    return ArrayRecord(model_fn().state_dict())
 
 
 def test_training_moves_the_model_and_evaluation_personalizes_a_copy():

@@ -16,6 +16,9 @@ from fedsim.clients.personal import (
 from fedsim.errors import ConfigError
 from fedsim.experiment import run_experiment
 from fedsim.models import MLP
+from tests.helpers import PLAIN_SGD as SGD
+from tests.helpers import tiny_arrays as initial
+from tests.helpers import tiny_mlp as model_fn
 from tests.test_trainer import blobs
 
 
@@ -37,18 +40,6 @@ def test_personalized_takes_the_client_s_own_entries():
     got = personalized(received, own)
     assert torch.equal(got["a"], received["a"]) and torch.equal(got["b"], own["b"])
     assert personalized(received, None) == received
-
-
-def model_fn() -> MLP:
-    return MLP([6], 3, hidden=[8])
-
-
-def initial() -> ArrayRecord:
-    torch.manual_seed(0)
-    return ArrayRecord(model_fn().state_dict())
-
-
-SGD = {"seed": 0, "lr": 0.1, "momentum": 0.0, "local_epochs": 1, "device": "cpu"}
 
 
 def test_fedper_scores_its_own_head_whatever_head_the_server_sends():

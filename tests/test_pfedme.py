@@ -8,7 +8,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from fedsim.clients.pfedme import PERSONALIZED, PFedMeTrainer, moreau_step, pull_toward
 from fedsim.errors import ConfigError
 from fedsim.experiment import run_experiment
-from fedsim.models import MLP
+from tests.helpers import tiny_mlp as model_fn
 from tests.test_trainer import blobs
 
 
@@ -20,10 +20,6 @@ def test_the_two_steps_by_hand():
     assert theta["p"].item() == pytest.approx(1.75)
     w = pull_toward({"p": torch.tensor(1.0)}, theta, lam=2.0, lr=0.1)
     assert w["p"].item() == pytest.approx(1.15)
-
-
-def model_fn() -> MLP:
-    return MLP([6], 3, hidden=[8])
 
 
 def test_the_personalized_model_is_kept_and_scored():
