@@ -83,6 +83,7 @@ class PersonalPartTrainer(SGDTrainer):
         require(personal in self.SPLITS, "client.personal", f"one of {list(self.SPLITS)}",
                 personal)
         self.personal = personal
+        self._keys: list[str] | None = None  # the personal entries' names (`personal_keys`)
 
     @classmethod
     def check(cls, spec: RunSpec) -> None:
@@ -104,10 +105,11 @@ class PersonalPartTrainer(SGDTrainer):
         self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData, state: RecordDict
     ) -> TrainOutput:
         out = self.train_personalized(self.personal_arrays(arrays, state), config, data, state)
-        keys = personal_keys(self.load_model(out.arrays), self.personal)
+        if self._keys is None:  # the split depends on the architecture only: found once
+            self._keys = sorted(personal_keys(self._model, self.personal))
         trained = out.arrays.to_torch_state_dict()
         new_state = RecordDict(dict(out.state.items()))
-        new_state[PERSONAL_ENTRIES] = ArrayRecord({k: trained[k] for k in sorted(keys)})
+        new_state[PERSONAL_ENTRIES] = ArrayRecord({k: trained[k] for k in self._keys})
         return TrainOutput(arrays=out.arrays, metrics=out.metrics, state=new_state,
                            records=out.records)
 
