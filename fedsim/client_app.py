@@ -10,6 +10,8 @@ from collections.abc import Iterator, Mapping
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import MessageType
 from flwr.common.constant import NUM_PARTITIONS_KEY, PARTITION_ID_KEY
 from omegaconf import DictConfig
@@ -21,11 +23,14 @@ from fedsim.datasets.federated import ClientData
 from fedsim.errors import ConfigError, FedsimError, is_int
 from fedsim.fault_injection import FaultDraw, inject_faults, poisoned
 from fedsim.flower_apps import load_client_app
+from fedsim.privacy.central import CLIP_MOD
 from fedsim.runtime import check_node_model, client_runtime, local_file_runtime
 from fedsim.train_config import SERVER_ROUND, client_settings
 
 DATA_PATH = "data-path"  # a SuperNode's own .npz file instead of its share of the run's dataset
 NO_FAULT = FaultDraw(False, False, 0.0)
+#: Flower's client-side clipping mods, by the name central DP's wrappers send (`CLIP_MOD`)
+CLIPPING_MODS = {"fixed": fixedclipping_mod, "adaptive": adaptiveclipping_mod}
 
 
 class FedsimClientApp(ClientApp):
@@ -43,12 +48,23 @@ class FedsimClientApp(ClientApp):
         try:
             cfg = node_run_config(context, self.config_json)
             if cfg.get("client_app"):
-                return run_foreign(load_client_app(cfg.client_app), cfg, message, context)
-            return super().__call__(message, context)
+                foreign = load_client_app(cfg.client_app)
+                return clipped(message, context,
+                               lambda msg, ctx: run_foreign(foreign, cfg, msg, ctx))
+            return clipped(message, context, super().__call__)
         except FedsimError:
             raise
         except Exception as err:
             raise ClientAppFailed(describe_failure(err)) from err
+
+
+def clipped(message: Message, context: Context, handle: ClientAppCallable) -> Message:
+    """`handle`'s reply, through Flower's clipping mod when the server asks for client-side
+    clipping (central DP with `privacy.clip_on=client`: the train config names the mod)."""
+    if message.metadata.message_type != MessageType.TRAIN:
+        return handle(message, context)
+    mod = CLIPPING_MODS.get(str(_config(message).get(CLIP_MOD, "")))
+    return handle(message, context) if mod is None else mod(message, context, handle)
 
 
 def node_run_config(context: Context, config_json: str | None = None) -> DictConfig:

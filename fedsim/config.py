@@ -29,7 +29,7 @@ OVERRIDES_KEY = "overrides"  # Hydra overrides, e.g. "strategy=fedprox num_round
 DEPLOYMENT_BACKEND = "fedsim.backends.deployment.DeploymentBackend"
 GROUPS = (
     "strategy", "client", "optimizer", "dataset", "partition", "model", "backend", "logger",
-    "attack", "devices",
+    "attack", "devices", "privacy",
 )
 
 
@@ -113,7 +113,8 @@ _SET_BY_FEDSIM = {
     "strategy": ({"fraction_train", "min_train_nodes", "fraction_evaluate", "min_evaluate_nodes",
                   "min_available_nodes", "evaluate_metrics_aggr_fn"},
                  "clients_per_round, num_clients and evaluation.clients_per_round"),
-    "client": ({"model_fn", "seed", "device", "optimizer"}, "model, seed, device and optimizer"),
+    "client": ({"model_fn", "seed", "device", "optimizer", "dp_sgd"},
+               "model, seed, device, optimizer and privacy"),
     "model": ({"input_shape", "num_classes"}, "the dataset"),
     "optimizer": ({"params", "lr", "weight_decay"}, "client.lr and client.weight_decay"),
 }

@@ -32,6 +32,7 @@ from fedsim.datasets.federated import (
 )
 from fedsim.errors import ConfigError, DataError, FedsimError
 from fedsim.metrics import aggregate_client_evaluations
+from fedsim.privacy.options import NoPrivacy
 from fedsim.recording import prepare_run_dir
 from fedsim.spec import CHECKED_GROUPS, RunSpec, check_run
 
@@ -152,14 +153,17 @@ def build_strategy(cfg: DictConfig) -> Strategy:
     `fraction_*` alone can round down (int(0.29 * 100) == 28), so the `min_*`
     counts pin the cohort to exactly `clients_per_round`. Client evaluations are
     combined by `aggregate_client_evaluations`: Flower's weighted means, plus
-    means over clients and per class group.
+    means over clients and per class group. The `privacy` option wraps the strategy
+    (central DP's clipping and noise, local DP's accounting) and may set how it weighs
+    replies.
     """
     n = cfg.num_clients
     k_eval = cfg.evaluation.clients_per_round
     flwr_log = logging.getLogger("flwr")
     flwr_log.addFilter(_no_evaluation_warning)  # evaluation.clients_per_round=0 is a choice
+    privacy = build_privacy(cfg)
     try:
-        return instantiate_input(
+        strategy = instantiate_input(
             cfg.strategy,
             fraction_train=cfg.clients_per_round / n,
             min_train_nodes=cfg.clients_per_round,
@@ -167,9 +171,17 @@ def build_strategy(cfg: DictConfig) -> Strategy:
             min_evaluate_nodes=k_eval,
             min_available_nodes=n,
             evaluate_metrics_aggr_fn=aggregate_client_evaluations,
+            **privacy.inner_settings(),
         )
     finally:
         flwr_log.removeFilter(_no_evaluation_warning)
+    return privacy.wrap(strategy, num_sampled_clients=cfg.clients_per_round, population=n,
+                        seed=cfg.seed)
+
+
+def build_privacy(cfg: DictConfig) -> NoPrivacy:
+    """The configured `privacy` option (none for a config from before the group existed)."""
+    return instantiate_input(cfg.privacy) if "privacy" in cfg else NoPrivacy()
 
 
 def _no_evaluation_warning(record: logging.LogRecord) -> bool:
@@ -252,9 +264,11 @@ def trainer_for_model(cfg: DictConfig, model_fn: Callable[[], nn.Module],
                       device: str | None = None) -> Trainer:
     """The configured trainer with its configured optimizer, training `model_fn`'s models:
     the one way simulated clients and SuperNodes with their own data build it."""
+    dp_sgd = build_privacy(cfg).dp_sgd
     return instantiate_input(
         cfg.client, model_fn=model_fn, seed=cfg.seed, device=device or cfg.device,
         optimizer=instantiate(cfg.optimizer) if "optimizer" in cfg else None,
+        **({} if dp_sgd is None else {"dp_sgd": dp_sgd}),
     )
 
 

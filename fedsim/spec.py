@@ -3,10 +3,9 @@
 A method validates its own settings in its constructor. A need that spans groups (a
 trainer that only works on one kind of network, a strategy that re-runs clients and so
 cannot take batch normalization) is a `check(spec)` classmethod on the method's own
-class. Preflight calls it for the classes of the `client`, `strategy`, `attack` and
-`devices` groups, with the run's composed config and the global model built for the
-run's data; a `ConfigError` it raises becomes fedsim's one-line error. The engine
-itself names no method.
+class. Preflight calls it for the classes of the groups in `CHECKED_GROUPS`, with the
+run's composed config and the global model built for the run's data; a `ConfigError`
+it raises becomes fedsim's one-line error. The engine itself names no method.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ if TYPE_CHECKING:  # the command line imports this module; torch only when a run
     from torch import nn
 
 #: the groups whose classes may declare `check(spec)`
-CHECKED_GROUPS = ("client", "strategy", "attack", "devices", "backend", "logger")
+CHECKED_GROUPS = ("client", "strategy", "attack", "devices", "backend", "logger", "privacy")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from fedsim.clients.base import NUM_EXAMPLES, Trainer, TrainOutput, minibatches
 from fedsim.datasets.federated import ClientData
 from fedsim.errors import ConfigError, MessageError, is_int, is_number, require
 from fedsim.inversion import LocalProcedure
+from fedsim.privacy.local import DPSGD
 from fedsim.spec import RunSpec
 from fedsim.train_config import (
     BATCH_SIZE,
@@ -95,6 +96,7 @@ class SGDTrainer(Trainer):
     local epochs with a cosine, stepped once per epoch. Where the server's train
     config sends `lr` (decayed here as `lr` is), `local-epochs`, `batch-size` or
     `proximal-mu`, Flower's convention, the server's value is used (`round_settings`).
+    With `dp_sgd` (`privacy=local`) the epochs are DP-SGD's (`fedsim.privacy.local`).
 
     `optimizer` builds the optimizer from (parameters, lr=, weight_decay=): the
     `optimizer` config group (sgd, adam, adamw, adamp, conda) as a partial; by
@@ -122,6 +124,7 @@ class SGDTrainer(Trainer):
         eval_batch_size: int = 1024,
         device: str = "auto",
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        dp_sgd: DPSGD | None = None,
     ) -> None:
         super().__init__(model_fn, seed, eval_batch_size, device)
         check_sgd_settings(lr=lr, momentum=momentum, weight_decay=weight_decay,
@@ -136,6 +139,7 @@ class SGDTrainer(Trainer):
         self.proximal_mu = proximal_mu
         self.lr_decay = lr_decay
         self.cosine_epochs = cosine_epochs
+        self.dp_sgd = dp_sgd
 
     def train(
         self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData, state: RecordDict
@@ -152,10 +156,18 @@ class SGDTrainer(Trainer):
             return loss + mu / 2 * proximal_term(model, anchor) if mu > 0 else loss
 
         trainable = [p for p in model.parameters() if p.requires_grad]
-        train_loss = self.sgd_epochs(trainable, data, settings, loss_of)
+        privacy: dict[str, float] = {}
+        if self.dp_sgd is None:
+            train_loss = self.sgd_epochs(trainable, data, settings, loss_of)
+        else:
+            train_loss, privacy = self.dp_sgd.train(
+                model, self.make_optimizer(trainable, settings), x, y,
+                batch_size=settings.batch_size, epochs=settings.local_epochs,
+                generator=self.generator(data, settings.server_round),
+                batch_loss=self.batch_loss)
         return TrainOutput(
             arrays=self.upload(model),
-            metrics={"train_loss": train_loss, NUM_EXAMPLES: data.num_train},
+            metrics={"train_loss": train_loss, NUM_EXAMPLES: data.num_train, **privacy},
             state=state,
         )
 

@@ -1,0 +1,199 @@
+"""Central (user-level) DP: Flower's four strategy wrappers, with what fedsim adds.
+
+`DifferentialPrivacy{Server,Client}Side{Fixed,Adaptive}Clipping` clip each client's
+update to a norm and add Gaussian noise to the average. Each subclass here keeps
+Flower's clipping and noise and adds:
+
+- accounting: every released aggregate composes one subsampled Gaussian at
+  `q = cohort / population` (`fedsim.privacy.accounting`); the round's metrics carry
+  `privacy/epsilon` at `delta`;
+- uniform weights: the guarantee assumes the mean of clipped updates, so the inner
+  strategy weighs every reply by `DP_WEIGHT`, which is 1 in each train reply (Flower's
+  weighting by `num-examples` would let a large client exceed the sensitivity) and the
+  examples in each evaluation reply (evaluation is weighted as without DP);
+- seeded noise: drawn from a generator of (seed, round), not numpy's global one, so a
+  run repeats and a resumed run continues as an uninterrupted one;
+- a checkpoint of the wrapper's state and of the inner strategy's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideAdaptiveClipping,
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    Strategy,
+)
+from flwr.supercore.differential_privacy import compute_stdv
+
+from fedsim.metrics import NUM_EXAMPLES
+from fedsim.privacy.accounting import Release, epsilon, merge
+from fedsim.state import checkpoint_state, load_checkpoint_state, plain_state
+
+#: the metric every reply is weighted by under central DP: 1 (a uniform mean)
+DP_WEIGHT = "dp-weight"
+#: the train config entry naming the client-side mod to apply ("fixed" or "adaptive")
+CLIP_MOD = "dp-clip-mod"
+EPSILON = "privacy/epsilon"
+CLIPPING_NORM = "privacy/clipping-norm"
+
+
+def gaussian_noise(arrays: list[np.ndarray], std: float, seed: int, server_round: int
+                   ) -> list[np.ndarray]:
+    """`arrays` plus N(0, std^2) noise, drawn from a generator of (seed, round)."""
+    rng = np.random.default_rng([seed, server_round])
+    return [a + rng.normal(0.0, std, a.shape).astype(a.dtype, copy=False) for a in arrays]
+
+
+def set_weights(replies: list[Message], weight_of: Callable[[MetricRecord], float]) -> None:
+    """Give every reply the weight `DP_WEIGHT` = `weight_of(its metric record)`."""
+    for reply in replies:
+        if reply.has_content():
+            for record in reply.content.metric_records.values():
+                record[DP_WEIGHT] = weight_of(record)
+
+
+class CentralAccounting:
+    """Mixin for Flower's DP wrappers: accounting, uniform weights, seeded noise, checkpoint.
+
+    It must come before the Flower class in the bases; the wrapper's own attributes are
+    set by Flower's constructor, then `start_accounting`.
+    """
+
+    strategy: Strategy
+    noise_multiplier: float
+    clipping_norm: float
+    num_sampled_clients: int
+
+    def start_accounting(self, *, population: int, delta: float, seed: int,
+                         accounted_noise: float) -> None:
+        self.population = population
+        self.delta = delta
+        self.seed = seed
+        #: the noise multiplier of the whole release (adaptive clipping splits it)
+        self.accounted_noise = accounted_noise
+        #: [[sample rate, noise multiplier, count], ...] of the released aggregates
+        self.releases: list[list[float]] = []
+        self.noise_round = 0
+
+    def epsilon(self) -> float:
+        """The epsilon spent by the aggregates released so far, at `delta`."""
+        return epsilon([Release(q, z, int(n)) for q, z, n in self.releases], self.delta)
+
+    def _add_noise_to_aggregated_arrays(self, aggregated: ArrayRecord) -> ArrayRecord:
+        std = compute_stdv(self.noise_multiplier, self.clipping_norm, self.num_sampled_clients)
+        noisy = gaussian_noise(aggregated.to_numpy_ndarrays(), std, self.seed, self.noise_round)
+        return ArrayRecord({k: Array(np.asarray(v))
+                            for k, v in zip(aggregated.keys(), noisy, strict=True)})
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        set_weights(replies, lambda _: 1)
+        self.noise_round = server_round
+        norm = self.clipping_norm  # the norm this round's updates were clipped to
+        arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        if arrays is not None:
+            q = min(1.0, self.num_sampled_clients / self.population)
+            self.releases = [[r.sample_rate, r.noise_multiplier, r.count] for r in merge(
+                [*(Release(a, b, int(c)) for a, b, c in self.releases),
+                 Release(q, self.accounted_noise, 1)])]
+        metrics = MetricRecord() if metrics is None else metrics
+        metrics[EPSILON] = self.epsilon()
+        metrics[CLIPPING_NORM] = float(norm)
+        return arrays, metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        """Client evaluations, weighted by their examples as without DP."""
+        replies = list(replies)
+        set_weights(replies, lambda record: record.get(NUM_EXAMPLES, 0))
+        return super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The wrapper's own state, with the inner strategy's under `inner`."""
+        return {**plain_state(self, ("strategy",)), "inner": checkpoint_state(self.strategy)}
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        load_checkpoint_state(self.strategy, state.pop("inner", {}), "strategy")
+        vars(self).update(state)
+
+
+class ServerSideFixedClipping(CentralAccounting, DifferentialPrivacyServerSideFixedClipping):
+    """Flower's server-side fixed clipping, accounted (`CentralAccounting`)."""
+
+    def __init__(self, strategy: Strategy, noise_multiplier: float, clipping_norm: float,
+                 num_sampled_clients: int, *, population: int, delta: float, seed: int) -> None:
+        super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled_clients)
+        self.start_accounting(population=population, delta=delta, seed=seed,
+                              accounted_noise=noise_multiplier)
+
+
+class ClientSideFixedClipping(CentralAccounting, DifferentialPrivacyClientSideFixedClipping):
+    """Flower's client-side fixed clipping (clients clip with `fixedclipping_mod`), accounted."""
+
+    def __init__(self, strategy: Strategy, noise_multiplier: float, clipping_norm: float,
+                 num_sampled_clients: int, *, population: int, delta: float, seed: int) -> None:
+        super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled_clients)
+        self.start_accounting(population=population, delta=delta, seed=seed,
+                              accounted_noise=noise_multiplier)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        config[CLIP_MOD] = "fixed"
+        return super().configure_train(server_round, arrays, config, grid)
+
+
+class AdaptiveNoise:
+    """Mixin: the adaptive wrappers' noisy clipped-count, drawn like the update noise."""
+
+    clipped_count_stddev: float
+    seed: int
+    noise_round: int
+
+    def _noisy_fraction(self, count: int, total: int) -> float:
+        rng = np.random.default_rng([self.seed, self.noise_round, 1])
+        return float(rng.normal(count, self.clipped_count_stddev)) / float(total)
+
+
+class ServerSideAdaptiveClipping(AdaptiveNoise, CentralAccounting,
+                                 DifferentialPrivacyServerSideAdaptiveClipping):
+    """Flower's server-side adaptive clipping (Andrew et al. 2021), accounted: the clipped
+    count's noise and the updates' together give `noise_multiplier`."""
+
+    def __init__(self, strategy: Strategy, noise_multiplier: float, num_sampled_clients: int,
+                 initial_clipping_norm: float, target_clipped_quantile: float,
+                 clip_norm_lr: float, clipped_count_stddev: float | None, *, population: int,
+                 delta: float, seed: int) -> None:
+        super().__init__(strategy, noise_multiplier, num_sampled_clients, initial_clipping_norm,
+                         target_clipped_quantile, clip_norm_lr, clipped_count_stddev)
+        self.start_accounting(population=population, delta=delta, seed=seed,
+                              accounted_noise=noise_multiplier)
+
+
+class ClientSideAdaptiveClipping(AdaptiveNoise, CentralAccounting,
+                                 DifferentialPrivacyClientSideAdaptiveClipping):
+    """Flower's client-side adaptive clipping (clients run `adaptiveclipping_mod`), accounted."""
+
+    def __init__(self, strategy: Strategy, noise_multiplier: float, num_sampled_clients: int,
+                 initial_clipping_norm: float, target_clipped_quantile: float,
+                 clip_norm_lr: float, clipped_count_stddev: float | None, *, population: int,
+                 delta: float, seed: int) -> None:
+        super().__init__(strategy, noise_multiplier, num_sampled_clients, initial_clipping_norm,
+                         target_clipped_quantile, clip_norm_lr, clipped_count_stddev)
+        self.start_accounting(population=population, delta=delta, seed=seed,
+                              accounted_noise=noise_multiplier)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        config[CLIP_MOD] = "adaptive"
+        return super().configure_train(server_round, arrays, config, grid)
