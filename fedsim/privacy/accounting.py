@@ -63,10 +63,10 @@ def epsilon(releases: Iterable[Release], delta: float) -> float:
         return 0.0
     if any(r.noise_multiplier <= 0 for r in releases):
         return float("inf")
-    rdp = sum(r.count * step_rdp(r.sample_rate, r.noise_multiplier) for r in releases)
     absl = logging.getLogger("absl")
     absl.addFilter(_no_order_warning)
     try:
+        rdp = sum(r.count * step_rdp(r.sample_rate, r.noise_multiplier) for r in releases)
         return float(rdp_module.compute_epsilon(RDP_ORDERS, rdp, delta)[0])
     finally:
         absl.removeFilter(_no_order_warning)
