@@ -12,6 +12,7 @@ holds for every sample of every client.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -75,18 +76,22 @@ class DPSGD:
                               expected_batch_size=max(1, round(rate * n)),
                               loss_reduction="mean", generator=noise_generator)
         loss_sum, steps = 0.0, 0
-        try:
-            for _ in range(epochs * steps_per_epoch):
-                idx = poisson_batch(n, rate, generator).to(x.device)
-                private.zero_grad(set_to_none=True)
-                logits = sampled(x[idx])
-                loss = batch_loss(logits, y[idx]) * len(idx) if len(idx) else logits.sum() * 0
-                loss.backward()
-                private.step()
-                loss_sum += loss.item() / max(len(idx), 1)
-                steps += 1
-        finally:
-            sampled._close()
+        with warnings.catch_warnings():
+            # the inputs need no gradient, so torch says the hooks see only module outputs
+            warnings.filterwarnings("ignore", "Full backward hook is firing")
+            try:
+                for _ in range(epochs * steps_per_epoch):
+                    idx = poisson_batch(n, rate, generator).to(x.device)
+                    private.zero_grad(set_to_none=True)
+                    logits = sampled(x[idx])
+                    loss = (batch_loss(logits, y[idx]) * len(idx) if len(idx)
+                            else logits.sum() * 0)  # an empty batch: noise alone, still a step
+                    loss.backward()
+                    private.step()
+                    loss_sum += loss.item() / max(len(idx), 1)
+                    steps += 1
+            finally:
+                sampled._close()
         return loss_sum / max(steps, 1), {SAMPLE_RATE: rate, STEPS: steps,
                                           NOISE: self.noise_multiplier}
 

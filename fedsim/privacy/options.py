@@ -91,8 +91,8 @@ class CentralDP(NoPrivacy):
 
     @classmethod
     def check(cls, spec: RunSpec) -> None:
-        """A weight-averaging strategy over weight uploads, weighted by fedsim; adaptive
-        clipping with a count noise that leaves the updates a share of the budget."""
+        """A weight-averaging strategy over weight uploads, weighted by fedsim, and a
+        client that moves the weights (lr > 0)."""
         from fedsim.strategies.base import UploadStrategy
 
         cfg = spec.cfg
@@ -107,16 +107,12 @@ class CentralDP(NoPrivacy):
         require(uploads == UPLOADS_WEIGHTS, "client",
                 f"a trainer that uploads weights under central DP (client {cfg.client._target_}"
                 f" uploads {uploads}; clipping bounds w_i - w)", str(cfg.client._target_))
+        require(cfg.client.get("lr", 1.0) != 0, "client.lr",
+                "> 0 under central DP (an update of exactly zero stops Flower's clipping with "
+                "a division by zero)", cfg.client.get("lr"))
         require("weighted_by_key" not in cfg.strategy, "strategy.weighted_by_key",
                 "unset under central DP (every client weighs the same, as the noise assumes)",
                 cfg.strategy.get("weighted_by_key"))
-        if cfg.privacy.get("adaptive"):  # Flower splits the noise: the count takes its share
-            stddev = cfg.privacy.get("clipped_count_stddev") or cfg.clients_per_round / 20
-            noise = cfg.privacy.get("noise_multiplier", 1.0)
-            require(noise < 2 * stddev, "privacy.clipped_count_stddev",
-                    f"> noise_multiplier / 2 = {noise / 2} (null means clients_per_round / 20 "
-                    f"= {cfg.clients_per_round / 20}; at or below it the updates get no noise "
-                    "budget)", cfg.privacy.get("clipped_count_stddev"))
 
     def inner_settings(self) -> dict[str, object]:
         """Every reply weighs the same: `DP_WEIGHT`, which the wrapper sets to 1."""
@@ -133,6 +129,12 @@ class CentralDP(NoPrivacy):
         if self.adaptive:
             cls = (central.ServerSideAdaptiveClipping if self.clip_on == "server"
                    else central.ClientSideAdaptiveClipping)
+            stddev = self.clipped_count_stddev or num_sampled_clients / 20  # Flower's default
+            require(self.noise_multiplier < 2 * stddev, "privacy.clipped_count_stddev",
+                    f"> noise_multiplier / 2 = {self.noise_multiplier / 2} (null means "
+                    f"clients_per_round / 20 = {num_sampled_clients / 20}); the clipped count's "
+                    "noise takes that share of the budget, leaving the updates none",
+                    self.clipped_count_stddev)
             return cls(strategy, self.noise_multiplier, num_sampled_clients, self.clipping_norm,
                        self.target_quantile, self.clip_norm_lr, self.clipped_count_stddev,
                        **accounting)
