@@ -13,6 +13,9 @@ after its last round at delta = 1e-5 (RDP, `fedsim.privacy.accounting`).
   gradients clipped to norm 1, noise std sigma on each Poisson batch's sum; epsilon is
   the largest of any client's (the smallest clients spend the most).
 
+sigma = 0.01 is clipping with next to no noise (no privacy to speak of): against it, the
+other levels show what the noise costs, and against no DP, what the clipping costs.
+
 The two epsilons protect different units, so their columns are not comparable with each
 other; each is comparable across its own noise levels. Accuracy is the server's model on
 its balanced test split, the mean of the last 3 rounds, mean ± std over seeds.
@@ -39,8 +42,8 @@ from fedsim.comparison import (
     summarize,
 )
 
-CENTRAL = (0.1, 0.3, 1.0)
-LOCAL = (0.5, 1.0, 2.0)
+CENTRAL = (0.01, 0.1, 0.3, 1.0)
+LOCAL = (0.01, 0.5, 1.0, 2.0)
 METHODS: dict[str, list[str]] = {
     "no DP": ["privacy=none"],
     **{f"central σ={z:g}": ["privacy=central_fixed", f"privacy.noise_multiplier={z}",
