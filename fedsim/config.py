@@ -580,7 +580,31 @@ def _validate_evaluation_and_devices(cfg: DictConfig) -> None:
     classes = cfg.evaluation.get("classes", [])
     _require(OmegaConf.is_list(classes) and all(_is_int(c) and c >= 0 for c in classes),
              "evaluation.classes", "a list of class indices >= 0", classes)
+    _validate_new_clients(cfg)
     instantiate_input(cfg.devices)
+
+
+def _validate_new_clients(cfg: DictConfig) -> None:
+    """Held-out clients: a share that leaves a full cohort to train and evaluate, on a
+    backend whose node ids name partitions."""
+    from hydra.utils import get_class
+
+    share, n = cfg.evaluation.get("new_clients", 0.0), cfg.num_clients
+    _require(_is_number(share) and 0 <= share < 1, "evaluation.new_clients",
+             "a share of clients in [0, 1)", share)
+    if share == 0:
+        return
+    held = round(share * n)
+    available = n - held
+    _require(held >= 1, "evaluation.new_clients",
+             f"0, or at least 1 / num_clients = {1 / n:g} (it holds out no client)", share)
+    _require(available >= max(cfg.clients_per_round, cfg.evaluation.clients_per_round),
+             "evaluation.new_clients", f"at most {1 - cfg.clients_per_round / n:g} here: the "
+             f"{available} clients left must fill clients_per_round={cfg.clients_per_round} "
+             f"and evaluation.clients_per_round={cfg.evaluation.clients_per_round}", share)
+    _require(getattr(get_class(cfg.backend._target_), "partition_node_ids", False),
+             "evaluation.new_clients", "0 on this backend (held-out clients are found by node "
+             "id: backend=inprocess or ray)", share)
 
 
 def _validate_faults(cfg: DictConfig) -> None:

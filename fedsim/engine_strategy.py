@@ -12,7 +12,10 @@ methods hand each call to `inner`, adding:
 - observers of each aggregated round (`on_train`, `on_evaluate`): the recorder's
   metric capture, the reply guard's skipped-round accounting;
 - no client-side evaluation metrics when no reply reports an example (nothing to
-  weight by; Flower's aggregation would divide by zero).
+  weight by; Flower's aggregation would divide by zero);
+- held-out new clients (`evaluation.new_clients`): nodes the strategy never sees (the
+  grid it samples from, `TrainingNodesGrid`, leaves them out), evaluated every round on
+  their own test splits and reported as `new-*` client metrics.
 
 The user's strategy is never changed: nothing is set on it. Its own `self.` calls
 reach its own methods, which is why a strategy that overrides `start` (a round
@@ -24,13 +27,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common import MessageType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from fedsim.attacks.base import benign_majority_cohort
+from fedsim.backends.base import GridWrapper
 from fedsim.errors import ConfigError
-from fedsim.metrics import NUM_EXAMPLES
+from fedsim.metrics import NUM_EXAMPLES, aggregate_client_evaluations
 
 #: (round, train replies, aggregated arrays, aggregated metrics) after each aggregate_train
 TrainObserver = Callable[[int, list[Message], ArrayRecord | None, MetricRecord | None], None]
@@ -44,6 +49,26 @@ def examples(reply: Message) -> float:
     if not reply.has_content():
         return 0.0
     return sum(float(r.get(NUM_EXAMPLES, 0)) for r in reply.content.metric_records.values())
+
+
+def held_out_nodes(fraction: float, num_clients: int) -> frozenset[int]:
+    """Simulation node ids of the clients kept out of training (`evaluation.new_clients`):
+    the last `round(fraction * num_clients)` partitions (node i + 1 holds partition i;
+    partitions are drawn at random, so the last ones are any ones)."""
+    count = round(fraction * num_clients)
+    return frozenset(range(num_clients - count + 1, num_clients + 1))
+
+
+class TrainingNodesGrid(GridWrapper):
+    """`grid` whose node list leaves out `held_out`: a strategy sampling from it never
+    trains (or evaluates) them; messages to them still pass."""
+
+    def __init__(self, grid: Grid, held_out: frozenset[int]) -> None:
+        super().__init__(grid)
+        self.held_out = held_out
+
+    def get_node_ids(self) -> Iterable[int]:
+        return [node for node in self.grid.get_node_ids() if node not in self.held_out]
 
 
 def check_round_loop(inner: Strategy) -> None:
@@ -67,6 +92,8 @@ class EngineStrategy(Strategy):
     malicious : node ids of malicious clients; a training cohort with half or more
         of them is redrawn from `inner`'s own sampling.
     on_train, on_evaluate : called, in order, after each aggregation.
+    held_out : node ids of new clients, evaluated every round beside `inner`'s evaluation
+        cohort; the grid `inner` samples from must leave them out (`TrainingNodesGrid`).
     """
 
     def __init__(
@@ -77,8 +104,10 @@ class EngineStrategy(Strategy):
         malicious: frozenset[int] = frozenset(),
         on_train: Sequence[TrainObserver] = (),
         on_evaluate: Sequence[EvaluateObserver] = (),
+        held_out: frozenset[int] = frozenset(),
     ) -> None:
         check_round_loop(inner)
+        self.held_out = held_out
         self.inner = inner
         self.done = done
         self.malicious = malicious
@@ -112,16 +141,31 @@ class EngineStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round + self.done, arrays, config, grid)
+        messages = list(self.inner.configure_evaluate(server_round + self.done, arrays,
+                                                      config, grid))
+        if not self.held_out:
+            return messages
+        content = messages[0].content if messages else RecordDict(
+            {"arrays": arrays, "config": config})
+        return [*messages, *(Message(content=content, dst_node_id=node,
+                                     message_type=MessageType.EVALUATE)
+                             for node in sorted(self.held_out))]
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         server_round += self.done
         replies = list(replies)
+        new = [r for r in replies if r.metadata.src_node_id in self.held_out]
+        replies = [r for r in replies if r.metadata.src_node_id not in self.held_out]
         metrics = None
         if any(examples(reply) > 0 for reply in replies):  # else nothing to weight by
             metrics = self.inner.aggregate_evaluate(server_round, replies)
+        new = [r.content for r in new if examples(r) > 0]
+        if new:
+            metrics = MetricRecord() if metrics is None else metrics
+            for key, value in aggregate_client_evaluations(new, NUM_EXAMPLES).items():
+                metrics[f"new-{key}"] = value
         for observe in self.on_evaluate:
             observe(server_round, metrics)
         return metrics

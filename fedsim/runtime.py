@@ -30,6 +30,7 @@ from fedsim.datasets.federated import (
     build_federated_data,
     instantiate_input,
 )
+from fedsim.engine_strategy import held_out_nodes
 from fedsim.errors import ConfigError, DataError, FedsimError
 from fedsim.metrics import aggregate_client_evaluations
 from fedsim.privacy.options import NoPrivacy
@@ -151,13 +152,14 @@ def build_strategy(cfg: DictConfig) -> Strategy:
     """The configured Flower strategy with fedsim's cohort sizes and metric aggregation.
 
     `fraction_*` alone can round down (int(0.29 * 100) == 28), so the `min_*`
-    counts pin the cohort to exactly `clients_per_round`. Client evaluations are
+    counts pin the cohort to exactly `clients_per_round`, drawn from all clients but the
+    held-out new ones (`evaluation.new_clients`). Client evaluations are
     combined by `aggregate_client_evaluations`: Flower's weighted means, plus
     means over clients and per class group. The `privacy` option wraps the strategy
     (central DP's clipping and noise, local DP's accounting) and may set how it weighs
     replies.
     """
-    n = cfg.num_clients
+    n = training_population(cfg)
     k_eval = cfg.evaluation.clients_per_round
     flwr_log = logging.getLogger("flwr")
     flwr_log.addFilter(_no_evaluation_warning)  # evaluation.clients_per_round=0 is a choice
@@ -177,6 +179,12 @@ def build_strategy(cfg: DictConfig) -> Strategy:
         flwr_log.removeFilter(_no_evaluation_warning)
     return privacy.wrap(strategy, num_sampled_clients=cfg.clients_per_round, population=n,
                         seed=cfg.seed)
+
+
+def training_population(cfg: DictConfig) -> int:
+    """The clients the strategy samples from: all but the held-out new clients."""
+    return cfg.num_clients - len(held_out_nodes(cfg.evaluation.get("new_clients", 0.0),
+                                                cfg.num_clients))
 
 
 def build_privacy(cfg: DictConfig) -> NoPrivacy:

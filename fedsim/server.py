@@ -25,7 +25,7 @@ from fedsim.attacks.base import attach_attack
 from fedsim.backends.base import MeteredGrid
 from fedsim.clients.base import predict, resolve_device
 from fedsim.datasets.federated import FederatedData
-from fedsim.engine_strategy import EngineStrategy
+from fedsim.engine_strategy import EngineStrategy, TrainingNodesGrid, held_out_nodes
 from fedsim.hooks import strategy_hooks
 from fedsim.metrics import classification_metrics, measured
 from fedsim.recording import RunRecorder, code_fingerprint
@@ -125,16 +125,17 @@ def run_server(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
             restore(resumed, stateful, grid)
             recorder.resume(done, **resumed.counters)
         recorder.follow_updates(hooks.update_log)  # the restored log, when resumed
+        held_out = held_out_nodes(cfg.evaluation.get("new_clients", 0.0), cfg.num_clients)
         engine = EngineStrategy(
             strategy, done=done, malicious=malicious,
             on_train=(recorder.record_train, guard.after_train),
-            on_evaluate=(recorder.record_client_eval,),
+            on_evaluate=(recorder.record_client_eval,), held_out=held_out,
         )
         after_round = checkpointing(cfg, recorder, stateful, grid)
         if resumed is not None:
             checkpoint.restore_rng(resumed.rng)  # last: nothing may draw before round done + 1
         engine.start(
-            grid=metered,
+            grid=TrainingNodesGrid(metered, held_out) if held_out else metered,
             initial_arrays=arrays,
             num_rounds=cfg.num_rounds - done,
             timeout=cfg.faults.timeout_s or NO_TIMEOUT,

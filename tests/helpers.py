@@ -213,3 +213,18 @@ def tiny_arrays() -> ArrayRecord:
     """`tiny_mlp`'s initial weights, drawn from seed 0."""
     torch.manual_seed(0)
     return ArrayRecord(tiny_mlp().state_dict())
+
+
+class PartitionRecordingTrainer(SGDTrainer):
+    """SGD that records which partitions it trained and evaluated (in-process backend)."""
+
+    trained: list[int] = []
+    evaluated: list[int] = []
+
+    def train(self, arrays, config, data, state):
+        PartitionRecordingTrainer.trained.append(data.partition_id)
+        return super().train(arrays, config, data, state)
+
+    def evaluate(self, arrays, config, data, state):
+        PartitionRecordingTrainer.evaluated.append(data.partition_id)
+        return super().evaluate(arrays, config, data, state)
