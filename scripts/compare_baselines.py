@@ -1,8 +1,10 @@
 """The field's standard baselines on one engine; writes docs/results/baselines.{md,png,json}.
 
-Every method runs the same federation: 20 clients, 10 a round, Dirichlet label
-skew at each alpha of --alphas, `--rounds` rounds of `client.local_epochs=2` on
-batches of 32, all 20 clients evaluated every round on their own test splits.
+Every method runs the same federation: 20 clients, 4 of them held out as new clients
+(`evaluation.new_clients=0.2`: they never train), 10 of the other 16 a round, Dirichlet
+label skew at each alpha of --alphas, `--rounds` rounds of `client.local_epochs=2` on
+batches of 32; every round all 16 training clients and all 4 new ones are evaluated on
+their own test splits.
 MNIST-1D uses the 1-D CNN, digits the MLP (FedBN keeps normalization layers local,
 so it runs on the ResMLP, the one small network with LayerNorm; its row says so).
 One seed drives the partition, the initial model and the client sampling, so every
@@ -20,8 +22,9 @@ Reported per method, mean ± std over seeds, each run averaged over its last 3
 rounds: global accuracy (the server's model on its balanced test split), local
 accuracy (mean over clients of each client's own model on its own split: the
 personalized model for personalized methods, the global model otherwise), the
-worst 10% of clients' local accuracy, and the bytes each sampled client uploads
-per round.
+worst 10% of clients' local accuracy, the same local accuracy on the new clients
+(what a method gives a client it never trained with), and the bytes each sampled
+client uploads per round.
 
     python scripts/compare_baselines.py                       # the full grid
     python scripts/compare_baselines.py --seeds 0 --rounds 3 --alphas 0.5 \\
@@ -74,9 +77,10 @@ MEASURES = {
     "global": "server/accuracy",
     "local": "client_eval/mean-accuracy",
     "worst 10% local": "client_eval/worst10-accuracy",
+    "new clients' local": "client_eval/new-mean-accuracy",
 }
 LAST = 3
-NUM_CLIENTS, PER_ROUND = 20, 10
+NUM_CLIENTS, PER_ROUND, NEW = 20, 10, 0.2
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -104,7 +108,8 @@ def build_grid(args: argparse.Namespace) -> Grid:
         value_key="partition.alpha", values=args.alphas, seeds=args.seeds,
         runs_dir=args.runs_dir,
         base=["partition=dirichlet", f"num_clients={NUM_CLIENTS}",
-              f"clients_per_round={PER_ROUND}", f"evaluation.clients_per_round={NUM_CLIENTS}",
+              f"clients_per_round={PER_ROUND}", f"evaluation.new_clients={NEW}",
+              f"evaluation.clients_per_round={round(NUM_CLIENTS * (1 - NEW))}",
               f"num_rounds={args.rounds}", "logger=none", "progress=false"],
     )
 
