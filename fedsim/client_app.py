@@ -25,7 +25,7 @@ from fedsim.fault_injection import FaultDraw, inject_faults, poisoned
 from fedsim.flower_apps import load_client_app
 from fedsim.privacy.central import CLIP_MOD
 from fedsim.runtime import check_node_model, client_runtime, local_file_runtime
-from fedsim.train_config import SERVER_ROUND, client_settings
+from fedsim.train_config import FINETUNE_EPOCHS, SERVER_ROUND, client_settings
 
 DATA_PATH = "data-path"  # a SuperNode's own .npz file instead of its share of the run's dataset
 NO_FAULT = FaultDraw(False, False, 0.0)
@@ -158,7 +158,12 @@ def make_client_app(config_json: str | None = None) -> ClientApp:
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         _, trainer, client_data = node_inputs(msg, context)
-        metrics = trainer.evaluate(msg.content["arrays"], _config(msg), client_data, context.state)
+        config = _config(msg)
+        metrics = trainer.evaluate(msg.content["arrays"], config, client_data, context.state)
+        epochs = int(config.get(FINETUNE_EPOCHS, 0))
+        if epochs:
+            metrics |= trainer.finetuned_metrics(msg.content["arrays"], config, client_data,
+                                                 context.state, epochs)
         return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
     return app

@@ -284,6 +284,7 @@ def check_trainer(cfg: DictConfig, data: FederatedData) -> None:
     """Build the trainer and its optimizer once, so that bad client or optimizer settings
     fail here, naming the field, and not in every client."""
     trainer = build_trainer(cfg, data, device="cpu")
+    check_finetuning(cfg, type(trainer))
     make_optimizer = getattr(trainer, "make_optimizer", None)
     if make_optimizer is None:
         return
@@ -295,6 +296,27 @@ def check_trainer(cfg: DictConfig, data: FederatedData) -> None:
             f"{cfg.client.get('lr')}, client.weight_decay={cfg.client.get('weight_decay')}): "
             f"{err}"
         ) from None
+
+
+def check_finetuning(cfg: DictConfig, trainer_cls: type) -> None:
+    """`evaluation.finetune_epochs`: an integer >= 0, and a trainer that says which weights
+    it evaluates (`SGDTrainer.evaluated_weights`) where it evaluates a model of its own."""
+    from fedsim.clients.sgd import SGDTrainer
+
+    epochs = cfg.evaluation.get("finetune_epochs", 0)
+    if not (isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 0):
+        raise ConfigError(f"evaluation.finetune_epochs must be an integer >= 0 (got {epochs!r})")
+    if not epochs:
+        return
+    own_evaluation = issubclass(trainer_cls, SGDTrainer) and (
+        trainer_cls.evaluate is not SGDTrainer.evaluate
+        or trainer_cls.test_logits is not SGDTrainer.test_logits)
+    if not issubclass(trainer_cls, SGDTrainer) or (
+            own_evaluation and trainer_cls.evaluated_weights is SGDTrainer.evaluated_weights):
+        raise ConfigError(
+            f"evaluation.finetune_epochs must be 0 with client {cfg.client._target_} (got "
+            f"{epochs}): it evaluates a model of its own without saying which weights "
+            "(SGDTrainer.evaluated_weights), so there is nothing to fine-tune")
 
 
 _RUNTIMES: dict[int, tuple[DictConfig, FederatedData, Trainer]] = {}

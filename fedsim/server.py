@@ -32,7 +32,7 @@ from fedsim.recording import RunRecorder, code_fingerprint
 from fedsim.reply_check import ReplyGuard
 from fedsim.runtime import build_strategy, initial_model, server_preflight
 from fedsim.state import checkpoint_state, load_checkpoint_state
-from fedsim.train_config import client_settings, message_config
+from fedsim.train_config import FINETUNE_EPOCHS, client_settings, message_config
 
 NO_TIMEOUT = 7 * 24 * 3600.0
 #: config field -> object: the server's checkpointed state (`fedsim.state`)
@@ -141,8 +141,8 @@ def run_server(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
             timeout=cfg.faults.timeout_s or NO_TIMEOUT,
             train_config=ConfigRecord({**client_settings(cfg.client),
                                        **message_config(plain(cfg.train_config), "train_config")}),
-            evaluate_config=ConfigRecord(message_config(plain(cfg.evaluate_config),
-                                                          "evaluate_config")),
+            evaluate_config=ConfigRecord({**finetuning(cfg), **message_config(
+                plain(cfg.evaluate_config), "evaluate_config")}),
             evaluate_fn=after_round,
         )
     except BaseException:
@@ -151,6 +151,12 @@ def run_server(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
     summary = recorder.finish()
     (run_dir / checkpoint.CHECKPOINT_FILE).unlink(missing_ok=True)  # finished: never resumed
     return summary
+
+
+def finetuning(cfg: DictConfig) -> dict[str, int]:
+    """The evaluate config entry asking clients to also score a fine-tuned copy."""
+    epochs = int(cfg.evaluation.get("finetune_epochs", 0))
+    return {FINETUNE_EPOCHS: epochs} if epochs else {}
 
 
 def plain(node: DictConfig) -> dict:

@@ -28,6 +28,8 @@ LR = "lr"
 LOCAL_EPOCHS = "local-epochs"
 BATCH_SIZE = "batch-size"
 PROXIMAL_MU = "proximal-mu"
+#: evaluate config: epochs of local fine-tuning before a second score (`evaluation.finetune_epochs`)
+FINETUNE_EPOCHS = "finetune-epochs"
 #: client config field -> the key Flower apps read
 CONVENTION = {"lr": LR, "local_epochs": LOCAL_EPOCHS, "batch_size": BATCH_SIZE,
               "proximal_mu": PROXIMAL_MU}

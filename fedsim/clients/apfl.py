@@ -143,11 +143,19 @@ class APFLTrainer(SGDTrainer):
         def personal() -> torch.Tensor:
             if LOCAL not in state:
                 return received()
-            v, alpha = self.local_state(state, self.received_state())
-            w = {k: t.to(self.device) for k, t in self.received_state().items()}
-            trained = {n for n, p in model.named_parameters() if p.requires_grad}
-            params = mixture({k: t.to(self.device) for k, t in v.items()}, w, alpha, trained)
+            params = self.evaluated_weights(arrays, config, data, state)
             return predict(model, data.x_test, self.eval_batch_size,
                            lambda xb: functional_call(model, params, (xb,)))
 
         return personal_and_global(data, personal, received)
+
+    def evaluated_weights(self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData,
+                          state: RecordDict) -> dict[str, torch.Tensor]:
+        """The mixture alpha * v + (1 - alpha) * w (the received w until the client has v)."""
+        model = self.load_model(arrays)
+        if LOCAL not in state:
+            return super().evaluated_weights(arrays, config, data, state)
+        v, alpha = self.local_state(state, self.received_state())
+        w = {k: t.to(self.device) for k, t in self.received_state().items()}
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        return mixture({k: t.to(self.device) for k, t in v.items()}, w, alpha, trained)

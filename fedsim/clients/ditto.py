@@ -93,6 +93,13 @@ class DittoTrainer(SGDTrainer):
             data, lambda: self.test_logits(arrays, config, data, state),
             lambda: predict(self.load_model(arrays), data.x_test, self.eval_batch_size))
 
+    def evaluated_weights(self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData,
+                          state: RecordDict) -> dict[str, torch.Tensor]:
+        """The personal model (the received global model before the client has one)."""
+        if PERSONAL not in state:
+            return super().evaluated_weights(arrays, config, data, state)
+        return dict(self.personal_model(state, {}).state_dict())
+
     def test_logits(
         self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData, state: RecordDict
     ) -> torch.Tensor:

@@ -75,6 +75,11 @@ class FedBABUTrainer(SGDTrainer):
                             self.finetune_epochs)
         return model
 
+    def evaluated_weights(self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData,
+                          state: RecordDict) -> dict[str, torch.Tensor]:
+        """FedBABU's own fine-tuned copy (a further fine-tune starts from it)."""
+        return {k: t.clone() for k, t in self.tuned_copy(arrays, config, data).state_dict().items()}
+
     def evaluate(
         self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData, state: RecordDict
     ) -> dict[str, float | int]:

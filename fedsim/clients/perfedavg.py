@@ -115,6 +115,19 @@ class PerFedAvgTrainer(SGDTrainer):
     def personalized_logits(self, model: nn.Module, config: ConfigRecord, data: ClientData
                             ) -> torch.Tensor:
         """Test logits after `eval_steps` SGD steps at alpha from `model`'s weights (a copy)."""
+        params, buffers = self.personalized_weights(model, config, data)
+        return predict(model, data.x_test, self.eval_batch_size,
+                       lambda xb: functional_call(model, {**params, **buffers}, (xb,)))
+
+    def evaluated_weights(self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData,
+                          state: RecordDict) -> dict[str, torch.Tensor]:
+        """The one-step personalized weights the client's accuracy is scored with."""
+        params, buffers = self.personalized_weights(self.load_model(arrays), config, data)
+        return {**params, **buffers}
+
+    def personalized_weights(self, model: nn.Module, config: ConfigRecord, data: ClientData
+                             ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Parameters after `eval_steps` SGD steps at alpha from `model`'s, and its buffers."""
         params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
         buffers = {k: b.clone() for k, b in model.named_buffers()}  # the received model's stay
         x, y = data.x_train.to(self.device), data.y_train.to(self.device)
@@ -124,5 +137,4 @@ class PerFedAvgTrainer(SGDTrainer):
         for _, idx in zip(range(self.eval_steps), batches, strict=False):
             grads = self.gradients(model, params, buffers, x[idx], y[idx])
             params = {k: p - self.inner_lr * grads[k] for k, p in params.items()}
-        return predict(model, data.x_test, self.eval_batch_size,
-                       lambda xb: functional_call(model, {**params, **buffers}, (xb,)))
+        return params, buffers

@@ -119,6 +119,11 @@ class PersonalPartTrainer(SGDTrainer):
         """One round of local training from the personalized arrays (plain SGD here)."""
         return super().train(arrays, config, data, state)
 
+    def evaluated_weights(self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData,
+                          state: RecordDict) -> dict[str, torch.Tensor]:
+        """The received weights with this client's personal entries."""
+        return self.personal_arrays(arrays, state).to_torch_state_dict()
+
     def test_logits(
         self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData, state: RecordDict
     ) -> torch.Tensor:

@@ -113,9 +113,15 @@ class PFedMeTrainer(SGDTrainer):
         def personal() -> torch.Tensor:
             if PERSONALIZED not in state:
                 return received()
-            theta = {k: t.to(self.device)
-                     for k, t in state[PERSONALIZED].to_torch_state_dict().items()}
+            theta = self.evaluated_weights(arrays, config, data, state)
             return predict(model, data.x_test, self.eval_batch_size,
                            lambda xb: functional_call(model, theta, (xb,)))
 
         return personal_and_global(data, personal, received)
+
+    def evaluated_weights(self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData,
+                          state: RecordDict) -> dict[str, torch.Tensor]:
+        """The personalized theta (the received weights until the client has one)."""
+        if PERSONALIZED not in state:
+            return super().evaluated_weights(arrays, config, data, state)
+        return {k: t.to(self.device) for k, t in state[PERSONALIZED].to_torch_state_dict().items()}

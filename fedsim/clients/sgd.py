@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,10 +12,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from torch import nn
 
-from fedsim.clients.base import NUM_EXAMPLES, Trainer, TrainOutput, minibatches
+from fedsim.clients.base import NUM_EXAMPLES, Trainer, TrainOutput, minibatches, predict
 from fedsim.datasets.federated import ClientData
 from fedsim.errors import ConfigError, MessageError, is_int, is_number, require
 from fedsim.inversion import LocalProcedure
+from fedsim.metrics import classification_metrics, prefixed
 from fedsim.privacy.local import DPSGD
 from fedsim.spec import RunSpec
 from fedsim.train_config import (
@@ -34,6 +36,8 @@ def proximal_term(model: nn.Module, anchor: list[torch.Tensor]) -> torch.Tensor:
     )
 
 
+#: the prefix of the fine-tuned evaluation's metrics (`finetuned_metrics`)
+FINETUNED = "finetuned-"
 #: more local epochs than this per round is a typo (1e20 would train for ever, unstoppable)
 MAX_LOCAL_EPOCHS = 10_000
 
@@ -259,3 +263,31 @@ class SGDTrainer(Trainer):
     def upload(self, model: nn.Module) -> ArrayRecord:
         """What goes back to the server: the trained weights (every state entry)."""
         return ArrayRecord(model.state_dict())
+
+    def evaluated_weights(self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData,
+                          state: RecordDict) -> dict[str, torch.Tensor]:
+        """The weights (of `model_fn`'s model; parameters alone are enough) whose test
+        accuracy this trainer reports as its own: here the received global ones. A
+        personalized trainer returns its client's model; `finetuned_metrics` starts there."""
+        return dict(self.load_model(arrays).state_dict())
+
+    def finetuned_metrics(self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData,
+                          state: RecordDict, epochs: int) -> dict[str, float | int]:
+        """`finetuned-*` metrics (`evaluation.finetune_epochs`): the evaluated model,
+        fine-tuned on a copy for `epochs` epochs of cross-entropy on the client's training
+        split with this trainer's optimizer, lr and batch size, scored on its test split.
+        Its state is untouched: the fine-tune is part of evaluating, as in FedBABU."""
+        weights = self.evaluated_weights(arrays, config, data, state)
+        model = copy.deepcopy(self.load_model(arrays))
+        model.load_state_dict({**model.state_dict(), **weights})
+        model.train()
+        x, y = data.x_train.to(self.device), data.y_train.to(self.device)
+        if data.num_train:
+            self.sgd_epochs([p for p in model.parameters() if p.requires_grad], data,
+                            self.round_settings(config),
+                            lambda idx: nn.functional.cross_entropy(model(x[idx]), y[idx]),
+                            epochs)
+        logits = (predict(model, data.x_test, self.eval_batch_size) if len(data.y_test)
+                  else torch.zeros(0, data.num_classes))
+        return prefixed(classification_metrics(logits, data.y_test, data.class_groups),
+                        FINETUNED)
