@@ -145,8 +145,9 @@ class EngineStrategy(Strategy):
                                                       config, grid))
         if not self.held_out:
             return messages
-        content = messages[0].content if messages else RecordDict(
-            {"arrays": arrays, "config": config})
+        content = messages[0].content if messages else RecordDict(  # as FedAvg builds it
+            {"arrays": arrays,
+             "config": ConfigRecord({**config, "server-round": server_round + self.done})})
         return [*messages, *(Message(content=content, dst_node_id=node,
                                      message_type=MessageType.EVALUATE)
                              for node in sorted(self.held_out))]

@@ -9,7 +9,16 @@ import numpy as np
 import pytest
 import torch
 from dp_accounting.rdp import RdpAccountant
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp.strategy import FedAvg
 from opacus.accountants import RDPAccountant
 
@@ -17,7 +26,12 @@ from fedsim.client_app import clipped
 from fedsim.errors import ConfigError, MessageError
 from fedsim.experiment import run_experiment
 from fedsim.privacy.accounting import Release, epsilon, merge, release_event
-from fedsim.privacy.central import CLIP_MOD, DP_WEIGHT, ServerSideFixedClipping
+from fedsim.privacy.central import (
+    CLIP_MOD,
+    DP_WEIGHT,
+    ServerSideAdaptiveClipping,
+    ServerSideFixedClipping,
+)
 from fedsim.privacy.local import DPSGD, LocalAccounting, poisson_batch, reported_release
 from fedsim.runtime import preflight
 from tests.conftest import read_metrics
@@ -67,8 +81,9 @@ def test_merge_adds_the_counts_of_equal_settings():
 # ---- central DP: noise and clipping -------------------------------------------------
 
 
-def _train(strategy, current: np.ndarray, uploads: list[np.ndarray], weights=None):
-    """One configure/aggregate round of `strategy` with replies carrying `uploads`."""
+def _train(strategy, current: np.ndarray, uploads: list[np.ndarray | None], weights=None):
+    """One configure/aggregate round of `strategy` with replies carrying `uploads` (None:
+    an error reply)."""
     arrays = ArrayRecord({"w": Array(current)})
 
     class Grid:
@@ -79,6 +94,9 @@ def _train(strategy, current: np.ndarray, uploads: list[np.ndarray], weights=Non
     replies = []
     for msg, upload, weight in zip(messages, uploads, weights or [1] * len(uploads),
                                    strict=True):
+        if upload is None:
+            replies.append(Message(Error(code=0, reason="client broke"), reply_to=msg))
+            continue
         content = RecordDict({"arrays": ArrayRecord({"w": Array(upload)}),
                               "metrics": MetricRecord({"num-examples": weight})})
         replies.append(Message(content, reply_to=msg))
@@ -107,6 +125,27 @@ def test_central_noise_has_the_configured_std():
     assert abs(noise.var() / std**2 - 1) < Z_FALSE_ALARM * math.sqrt(2 / (d - 1))
     assert abs(noise.mean()) < Z_FALSE_ALARM * std / math.sqrt(d)
     assert metrics["privacy/epsilon"] == epsilon([Release(m / 20, z, 1)], DELTA)
+
+
+def test_central_noise_is_scaled_to_the_updates_averaged_and_their_norm():
+    """One of 4 clients fails: the round still applies (Flower's wrapper would drop it) and
+    the mean of the 3 others gets noise z * C / 3. Adaptive clipping moves the norm after
+    clipping; the noise follows the norm the updates were clipped to."""
+    d, m, z = 40_000, 4, 1.0
+    current = np.zeros(d)
+    step = np.full(d, 1e-3 / math.sqrt(d))
+    fixed = ServerSideFixedClipping(_fedavg(m), z, 2.0, m, population=8, delta=DELTA, seed=5)
+    _, arrays, _ = _train(fixed, current, [current + step] * 3 + [None])
+    noise = arrays["w"].numpy() - step
+    assert abs(noise.var() / (z * 2.0 / 3) ** 2 - 1) < Z_FALSE_ALARM * math.sqrt(2 / (d - 1))
+    adaptive = ServerSideAdaptiveClipping(_fedavg(m), z, m, 0.5, 0.5, 0.2, 1.0,
+                                          population=8, delta=DELTA, seed=5)
+    _, arrays, metrics = _train(adaptive, current, [current + step] * m)
+    assert adaptive.clipping_norm != 0.5  # moved after this round's clipping
+    std = adaptive.noise_multiplier * 0.5 / m  # Flower's share of the noise for the updates
+    noise = arrays["w"].numpy() - step
+    assert abs(noise.var() / std**2 - 1) < Z_FALSE_ALARM * math.sqrt(2 / (d - 1))
+    assert metrics["privacy/clipping-norm"] == 0.5
 
 
 def test_central_clipping_bounds_every_update_and_weighs_clients_alike():
@@ -216,7 +255,14 @@ def test_local_accounting_reports_the_worst_clients_epsilon():
     (["privacy=central_fixed", "privacy.noise_multiplier=0"], "privacy.noise_multiplier"),
     (["privacy=central_fixed", "privacy.clip_on=both"], "privacy.clip_on"),
     (["privacy=central_fixed", "client.lr=0"], "client.lr"),
-    (["privacy=central_adaptive"], "privacy.clipped_count_stddev"),
+    (["privacy=central_adaptive", "privacy.clipped_count_stddev=0.4"],
+     "privacy.clipped_count_stddev"),
+    (["privacy=central_fixed", "strategy=fedavgm"], "strategy"),
+    (["privacy=central_fixed", "strategy=fedadam"], "strategy"),
+    (["privacy=central_fixed", "strategy=fedloge", "client=fedloge"], "strategy"),
+    (["privacy=central_fixed", "dataset=digits", "model=resnet18", "model.width=8"], "model"),
+    (["privacy=local", "strategy=fedprox"], "strategy.proximal_mu"),
+    (["privacy=local", "evaluation.finetune_epochs=1"], "evaluation.finetune_epochs"),
     (["privacy=local", "method=moon"], "client"),
     (["privacy=local", "client=noprop", "model=noprop"], "client"),
     (["privacy=local", "client.proximal_mu=0.1"], "client.proximal_mu"),

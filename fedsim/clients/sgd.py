@@ -160,18 +160,18 @@ class SGDTrainer(Trainer):
             return loss + mu / 2 * proximal_term(model, anchor) if mu > 0 else loss
 
         trainable = [p for p in model.parameters() if p.requires_grad]
-        privacy: dict[str, float] = {}
         if self.dp_sgd is None:
             train_loss = self.sgd_epochs(trainable, data, settings, loss_of)
-        else:
-            train_loss, privacy = self.dp_sgd.train(
+            reported = {"train_loss": train_loss}
+        else:  # the loss of the private batches is not released: only the accounting
+            _, reported = self.dp_sgd.train(
                 model, self.make_optimizer(trainable, settings), x, y,
                 batch_size=settings.batch_size, epochs=settings.local_epochs,
                 generator=self.generator(data, settings.server_round),
                 batch_loss=self.batch_loss)
         return TrainOutput(
             arrays=self.upload(model),
-            metrics={"train_loss": train_loss, NUM_EXAMPLES: data.num_train, **privacy},
+            metrics={**reported, NUM_EXAMPLES: data.num_train},
             state=state,
         )
 

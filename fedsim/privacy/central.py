@@ -13,6 +13,10 @@ Flower's clipping and noise and adds:
   examples in each evaluation reply (evaluation is weighted as without DP);
 - seeded noise: drawn from a generator of (seed, round), not numpy's global one, so a
   run repeats and a resumed run continues as an uninterrupted one;
+- noise scaled to the round as it was: to the norm its updates were clipped to (Flower's
+  adaptive wrappers move the norm before adding noise) and to the replies averaged (a
+  mean of m < cohort updates moves by clipping_norm / m per client; Flower scales to the
+  cohort asked), and error replies left out rather than the round dropped;
 - a checkpoint of the wrapper's state and of the inner strategy's.
 """
 
@@ -81,14 +85,19 @@ class CentralAccounting:
         self.accounted_noise = accounted_noise
         #: [[sample rate, noise multiplier, count], ...] of the released aggregates
         self.releases: list[list[float]] = []
+        #: this round's: the seed of its noise, the norm its updates were clipped to and
+        #: how many it averages (the noise is scaled to them, not to the next round's norm
+        #: or the cohort that was asked)
         self.noise_round = 0
+        self.noise_norm = float(self.clipping_norm)
+        self.noise_count = int(self.num_sampled_clients)
 
     def epsilon(self) -> float:
         """The epsilon spent by the aggregates released so far, at `delta`."""
         return epsilon([Release(q, z, int(n)) for q, z, n in self.releases], self.delta)
 
     def _add_noise_to_aggregated_arrays(self, aggregated: ArrayRecord) -> ArrayRecord:
-        std = compute_stdv(self.noise_multiplier, self.clipping_norm, self.num_sampled_clients)
+        std = compute_stdv(self.noise_multiplier, self.noise_norm, self.noise_count)
         noisy = gaussian_noise(aggregated.to_numpy_ndarrays(), std, self.seed, self.noise_round)
         return ArrayRecord({k: Array(np.asarray(v))
                             for k, v in zip(aggregated.keys(), noisy, strict=True)})
@@ -96,11 +105,14 @@ class CentralAccounting:
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
+        # Flower's wrappers skip the whole round on one error reply: average the others
+        replies = [r for r in replies if r.has_content()]
         set_weights(replies, lambda _: 1)
         self.noise_round = server_round
-        norm = self.clipping_norm  # the norm this round's updates were clipped to
-        arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        self.noise_norm = norm = float(self.clipping_norm)
+        self.noise_count = len(replies)
+        arrays, metrics = (super().aggregate_train(server_round, replies)  # type: ignore[misc]
+                           if replies else (None, None))
         if arrays is not None:
             q = min(1.0, self.num_sampled_clients / self.population)
             self.releases = [[r.sample_rate, r.noise_multiplier, r.count] for r in merge(

@@ -66,6 +66,8 @@ class DPSGD:
         from opacus.optimizers import DPOptimizer
 
         n = len(y)
+        if n == 0:  # nothing to train on: no step, nothing released
+            return 0.0, {SAMPLE_RATE: 1.0, STEPS: 0, NOISE: self.noise_multiplier}
         rate = min(1.0, batch_size / n)
         steps_per_epoch = max(1, round(n / batch_size))
         noise_generator = torch.Generator(device=x.device)

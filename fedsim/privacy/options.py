@@ -8,12 +8,7 @@ preflight's hook). `privacy=none` changes nothing.
 from __future__ import annotations
 
 from flwr.serverapp.strategy import (
-    Bulyan,
     FedAvg,
-    FedMedian,
-    FedTrimmedAvg,
-    MultiKrum,
-    QFedAvg,
     Strategy,
 )
 from hydra.utils import get_class
@@ -23,9 +18,6 @@ from fedsim.errors import ConfigError, is_number, require
 from fedsim.privacy.accounting import check_delta
 from fedsim.spec import RunSpec, client_uploads
 
-#: Flower's aggregators that do not average the clipped updates: the noise calibrated to
-#: a mean's sensitivity does not cover a median or a selection
-NOT_AVERAGING = (FedMedian, FedTrimmedAvg, MultiKrum, Bulyan, QFedAvg)
 CLIP_SIDES = ("server", "client")
 
 
@@ -91,18 +83,22 @@ class CentralDP(NoPrivacy):
 
     @classmethod
     def check(cls, spec: RunSpec) -> None:
-        """A weight-averaging strategy over weight uploads, weighted by fedsim, and a
-        client that moves the weights (lr > 0)."""
-        from fedsim.strategies.base import UploadStrategy
-
+        """A strategy whose new model is FedAvg's mean (the one the noise covers), weight
+        uploads, a model without buffers, and a client that moves the weights (lr > 0)."""
         cfg = spec.cfg
         strategy_cls = get_class(cfg.strategy._target_)
-        averaging = (issubclass(strategy_cls, FedAvg)
-                     and not issubclass(strategy_cls, (*NOT_AVERAGING, UploadStrategy)))
-        require(averaging, "strategy",
-                "a weight-averaging strategy under central DP (fedavg, fedprox, fedavgm, "
-                "fedadam, fedyogi, fedadagrad): clipping and noise bound a mean; use "
-                "privacy=local for other rules", str(cfg.strategy._target_))
+        require(issubclass(strategy_cls, FedAvg)
+                and strategy_cls.aggregate_train is FedAvg.aggregate_train, "strategy",
+                "fedavg or fedprox under central DP: the noise covers FedAvg's mean of "
+                "clipped updates; a server optimizer (fedavgm, fedadam, ...) would keep and "
+                "re-release un-noised state, a median or selection has another sensitivity; "
+                "use privacy=local for other rules", str(cfg.strategy._target_))
+        buffers = [name for name, _ in spec.model.named_buffers()]
+        require(not buffers, "model",
+                f"a model without buffers under central DP ({cfg.model._target_} keeps "
+                f"{buffers[:2]}: noise on normalization statistics breaks them; use a "
+                "model without batch norm, e.g. model=resnet18 model.norm=group)",
+                str(cfg.model._target_))
         uploads = client_uploads(cfg)
         require(uploads == UPLOADS_WEIGHTS, "client",
                 f"a trainer that uploads weights under central DP (client {cfg.client._target_}"
@@ -181,6 +177,12 @@ class LocalDP(NoPrivacy):
         require(float(cfg.client.get("proximal_mu", 0.0)) == 0, "client.proximal_mu",
                 "0 under privacy=local (the proximal term's gradient is not per-sample)",
                 cfg.client.get("proximal_mu"))
+        require(float(cfg.strategy.get("proximal_mu", 0.0)) == 0, "strategy.proximal_mu",
+                "0 under privacy=local (DP-SGD does not add the proximal term it sends)",
+                cfg.strategy.get("proximal_mu"))
+        require(not cfg.evaluation.get("finetune_epochs", 0), "evaluation.finetune_epochs",
+                "0 under privacy=local (its fine-tune is plain SGD on the private samples, "
+                "and its scores go to the server)", cfg.evaluation.get("finetune_epochs"))
         require(not cfg.client.get("cosine_epochs", False), "client.cosine_epochs",
                 "false under privacy=local", cfg.client.get("cosine_epochs"))
         errors = ModuleValidator.validate(spec.model, strict=False)
