@@ -45,6 +45,24 @@ class Checkpointed:
         vars(self).update(state)
 
 
+class CheckpointedWrapper:
+    """Mixin for a strategy that wraps another (`self.strategy`): its checkpoint is its own
+    plain-data attributes plus the wrapped strategy's under `inner`, each loaded back by
+    its owner."""
+
+    strategy: object
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The wrapper's own state, with the inner strategy's under `inner`."""
+        return {**plain_state(self, ("strategy",)), "inner": checkpoint_state(self.strategy)}
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        """Give the inner strategy its state, then take back the wrapper's own."""
+        state = dict(state)
+        load_checkpoint_state(self.strategy, state.pop("inner", {}), "strategy")
+        vars(self).update(state)
+
+
 def checkpoint_state(obj: object) -> dict[str, Any]:
     """`obj`'s own `checkpoint_state()`, or its plain-data attributes."""
     own = getattr(obj, "checkpoint_state", None)

@@ -23,7 +23,6 @@ Flower's clipping and noise and adds:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -39,7 +38,7 @@ from flwr.supercore.differential_privacy import compute_stdv
 
 from fedsim.metrics import NUM_EXAMPLES
 from fedsim.privacy.accounting import Release, epsilon, merge
-from fedsim.state import checkpoint_state, load_checkpoint_state, plain_state
+from fedsim.state import CheckpointedWrapper
 
 #: the metric every reply is weighted by under central DP: 1 (a uniform mean)
 DP_WEIGHT = "dp-weight"
@@ -64,7 +63,7 @@ def set_weights(replies: list[Message], weight_of: Callable[[MetricRecord], floa
                 record[DP_WEIGHT] = weight_of(record)
 
 
-class CentralAccounting:
+class CentralAccounting(CheckpointedWrapper):
     """Mixin for Flower's DP wrappers: accounting, uniform weights, seeded noise, checkpoint.
 
     It must come before the Flower class in the bases; the wrapper's own attributes are
@@ -130,34 +129,47 @@ class CentralAccounting:
         set_weights(replies, lambda record: record.get(NUM_EXAMPLES, 0))
         return super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
 
-    def checkpoint_state(self) -> dict[str, Any]:
-        """The wrapper's own state, with the inner strategy's under `inner`."""
-        return {**plain_state(self, ("strategy",)), "inner": checkpoint_state(self.strategy)}
 
-    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
-        state = dict(state)
-        load_checkpoint_state(self.strategy, state.pop("inner", {}), "strategy")
-        vars(self).update(state)
-
-
-class ServerSideFixedClipping(CentralAccounting, DifferentialPrivacyServerSideFixedClipping):
-    """Flower's server-side fixed clipping, accounted (`CentralAccounting`)."""
+class FixedAccounting(CentralAccounting):
+    """`CentralAccounting` for Flower's fixed-clipping wrappers (their constructor, then
+    the accounting)."""
 
     def __init__(self, strategy: Strategy, noise_multiplier: float, clipping_norm: float,
                  num_sampled_clients: int, *, population: int, delta: float, seed: int) -> None:
-        super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled_clients)
+        super().__init__(strategy, noise_multiplier, clipping_norm,  # type: ignore[call-arg]
+                         num_sampled_clients)
         self.start_accounting(population=population, delta=delta, seed=seed,
                               accounted_noise=noise_multiplier)
 
 
-class ClientSideFixedClipping(CentralAccounting, DifferentialPrivacyClientSideFixedClipping):
+class AdaptiveAccounting(CentralAccounting):
+    """`CentralAccounting` for Flower's adaptive-clipping wrappers (Andrew et al. 2021):
+    the clipped count's noise and the updates' together give `noise_multiplier`, which is
+    what is accounted; the clipped count is drawn like the update noise."""
+
+    clipped_count_stddev: float
+
+    def __init__(self, strategy: Strategy, noise_multiplier: float, num_sampled_clients: int,
+                 initial_clipping_norm: float, target_clipped_quantile: float,
+                 clip_norm_lr: float, clipped_count_stddev: float | None, *, population: int,
+                 delta: float, seed: int) -> None:
+        super().__init__(strategy, noise_multiplier,  # type: ignore[call-arg]
+                         num_sampled_clients, initial_clipping_norm, target_clipped_quantile,
+                         clip_norm_lr, clipped_count_stddev)
+        self.start_accounting(population=population, delta=delta, seed=seed,
+                              accounted_noise=noise_multiplier)
+
+    def _noisy_fraction(self, count: int, total: int) -> float:
+        rng = np.random.default_rng([self.seed, self.noise_round, 1])
+        return float(rng.normal(count, self.clipped_count_stddev)) / float(total)
+
+
+class ServerSideFixedClipping(FixedAccounting, DifferentialPrivacyServerSideFixedClipping):
+    """Flower's server-side fixed clipping, accounted."""
+
+
+class ClientSideFixedClipping(FixedAccounting, DifferentialPrivacyClientSideFixedClipping):
     """Flower's client-side fixed clipping (clients clip with `fixedclipping_mod`), accounted."""
-
-    def __init__(self, strategy: Strategy, noise_multiplier: float, clipping_norm: float,
-                 num_sampled_clients: int, *, population: int, delta: float, seed: int) -> None:
-        super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled_clients)
-        self.start_accounting(population=population, delta=delta, seed=seed,
-                              accounted_noise=noise_multiplier)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -165,45 +177,14 @@ class ClientSideFixedClipping(CentralAccounting, DifferentialPrivacyClientSideFi
         return super().configure_train(server_round, arrays, config, grid)
 
 
-class AdaptiveNoise:
-    """Mixin: the adaptive wrappers' noisy clipped-count, drawn like the update noise."""
-
-    clipped_count_stddev: float
-    seed: int
-    noise_round: int
-
-    def _noisy_fraction(self, count: int, total: int) -> float:
-        rng = np.random.default_rng([self.seed, self.noise_round, 1])
-        return float(rng.normal(count, self.clipped_count_stddev)) / float(total)
-
-
-class ServerSideAdaptiveClipping(AdaptiveNoise, CentralAccounting,
+class ServerSideAdaptiveClipping(AdaptiveAccounting,
                                  DifferentialPrivacyServerSideAdaptiveClipping):
-    """Flower's server-side adaptive clipping (Andrew et al. 2021), accounted: the clipped
-    count's noise and the updates' together give `noise_multiplier`."""
-
-    def __init__(self, strategy: Strategy, noise_multiplier: float, num_sampled_clients: int,
-                 initial_clipping_norm: float, target_clipped_quantile: float,
-                 clip_norm_lr: float, clipped_count_stddev: float | None, *, population: int,
-                 delta: float, seed: int) -> None:
-        super().__init__(strategy, noise_multiplier, num_sampled_clients, initial_clipping_norm,
-                         target_clipped_quantile, clip_norm_lr, clipped_count_stddev)
-        self.start_accounting(population=population, delta=delta, seed=seed,
-                              accounted_noise=noise_multiplier)
+    """Flower's server-side adaptive clipping, accounted."""
 
 
-class ClientSideAdaptiveClipping(AdaptiveNoise, CentralAccounting,
+class ClientSideAdaptiveClipping(AdaptiveAccounting,
                                  DifferentialPrivacyClientSideAdaptiveClipping):
     """Flower's client-side adaptive clipping (clients run `adaptiveclipping_mod`), accounted."""
-
-    def __init__(self, strategy: Strategy, noise_multiplier: float, num_sampled_clients: int,
-                 initial_clipping_norm: float, target_clipped_quantile: float,
-                 clip_norm_lr: float, clipped_count_stddev: float | None, *, population: int,
-                 delta: float, seed: int) -> None:
-        super().__init__(strategy, noise_multiplier, num_sampled_clients, initial_clipping_norm,
-                         target_clipped_quantile, clip_norm_lr, clipped_count_stddev)
-        self.start_accounting(population=population, delta=delta, seed=seed,
-                              accounted_noise=noise_multiplier)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:

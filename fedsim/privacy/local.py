@@ -25,7 +25,7 @@ from torch import nn
 from fedsim.errors import MessageError, is_number, require
 from fedsim.hooks import strategy_hooks
 from fedsim.privacy.accounting import Release, epsilon, merge
-from fedsim.state import checkpoint_state, load_checkpoint_state, plain_state
+from fedsim.state import CheckpointedWrapper
 
 SAMPLE_RATE = "dp-sample-rate"
 STEPS = "dp-steps"
@@ -108,7 +108,7 @@ def reported_release(metrics: dict[str, Any], node: int) -> Release:
     return Release(float(values[0]), float(values[1]), int(values[2]))
 
 
-class LocalAccounting(Strategy):
+class LocalAccounting(CheckpointedWrapper, Strategy):
     """Any strategy, with each client's DP-SGD composed into its own epsilon.
 
     `privacy/epsilon` is the largest per-client epsilon at `delta` (every sample's
@@ -177,11 +177,3 @@ class LocalAccounting(Strategy):
                     "evaluation_variants", "slow_classes", "update_log"):
             return getattr(vars(self)["strategy"], name)
         raise AttributeError(name)
-
-    def checkpoint_state(self) -> dict[str, Any]:
-        return {**plain_state(self, ("strategy",)), "inner": checkpoint_state(self.strategy)}
-
-    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
-        state = dict(state)
-        load_checkpoint_state(self.strategy, state.pop("inner", {}), "strategy")
-        vars(self).update(state)
