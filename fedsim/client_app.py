@@ -23,7 +23,7 @@ from fedsim.datasets.federated import ClientData
 from fedsim.errors import ConfigError, FedsimError, is_int
 from fedsim.fault_injection import FaultDraw, inject_faults, poisoned
 from fedsim.flower_apps import load_client_app
-from fedsim.privacy.central import CLIP_MOD
+from fedsim.privacy.options import CLIP_MOD
 from fedsim.runtime import check_node_model, client_runtime, local_file_runtime
 from fedsim.train_config import FINETUNE_EPOCHS, SERVER_ROUND, client_settings
 

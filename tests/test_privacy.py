@@ -27,12 +27,12 @@ from fedsim.errors import ConfigError, MessageError
 from fedsim.experiment import run_experiment
 from fedsim.privacy.accounting import Release, epsilon, merge, release_event
 from fedsim.privacy.central import (
-    CLIP_MOD,
     DP_WEIGHT,
     ServerSideAdaptiveClipping,
     ServerSideFixedClipping,
 )
 from fedsim.privacy.local import DPSGD, LocalAccounting, poisson_batch, reported_release
+from fedsim.privacy.options import CLIP_MOD
 from fedsim.runtime import preflight
 from tests.conftest import read_metrics
 

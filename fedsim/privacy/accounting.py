@@ -21,8 +21,6 @@ import dp_accounting
 import numpy as np
 from dp_accounting.rdp import rdp_privacy_accountant as rdp_module
 
-from fedsim.errors import is_number, require
-
 #: the RDP orders `RdpAccountant` uses by default
 RDP_ORDERS = tuple(rdp_module.DEFAULT_RDP_ORDERS)
 
@@ -87,7 +85,3 @@ def merge(releases: Iterable[Release]) -> list[Release]:
         counts[key] = counts.get(key, 0) + r.count
     return [Release(q, z, n) for (q, z), n in counts.items()]
 
-
-def check_delta(delta: float, field: str = "privacy.delta") -> None:
-    """A delta in (0, 1); the usual choice is below 1 / (number of protected units)."""
-    require(is_number(delta) and 0 < delta < 1, field, "a number in (0, 1), e.g. 1e-5", delta)

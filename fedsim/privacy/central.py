@@ -38,12 +38,11 @@ from flwr.supercore.differential_privacy import compute_stdv
 
 from fedsim.metrics import NUM_EXAMPLES
 from fedsim.privacy.accounting import Release, epsilon, merge
+from fedsim.privacy.options import CLIP_MOD
 from fedsim.state import CheckpointedWrapper
 
 #: the metric every reply is weighted by under central DP: 1 (a uniform mean)
 DP_WEIGHT = "dp-weight"
-#: the train config entry naming the client-side mod to apply ("fixed" or "adaptive")
-CLIP_MOD = "dp-clip-mod"
 EPSILON = "privacy/epsilon"
 CLIPPING_NORM = "privacy/clipping-norm"
 

@@ -15,10 +15,17 @@ from hydra.utils import get_class
 
 from fedsim.clients.base import UPLOADS_WEIGHTS
 from fedsim.errors import ConfigError, is_number, require
-from fedsim.privacy.accounting import check_delta
 from fedsim.spec import RunSpec, client_uploads
 
 CLIP_SIDES = ("server", "client")
+#: the train config entry naming the client-side clipping mod to run ("fixed" or "adaptive")
+CLIP_MOD = "dp-clip-mod"
+
+
+def check_delta(delta: float) -> None:
+    """A delta in (0, 1); the usual choice is below 1 / (number of protected units)."""
+    require(is_number(delta) and 0 < delta < 1, "privacy.delta",
+            "a number in (0, 1), e.g. 1e-5", delta)
 
 
 class NoPrivacy:
