@@ -31,7 +31,8 @@ from fedsim.privacy.central import (
     ServerSideAdaptiveClipping,
     ServerSideFixedClipping,
 )
-from fedsim.privacy.local import DPSGD, LocalAccounting, poisson_batch, reported_release
+from fedsim.privacy.dp_sgd import DPSGD, poisson_batch
+from fedsim.privacy.local import LocalAccounting, reported_release
 from fedsim.privacy.options import CLIP_MOD
 from fedsim.runtime import preflight
 from tests.conftest import read_metrics

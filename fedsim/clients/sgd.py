@@ -7,7 +7,6 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
@@ -18,6 +17,7 @@ from fedsim.datasets.federated import ClientData
 from fedsim.errors import ConfigError, MessageError, is_int, is_number, require
 from fedsim.inversion import LocalProcedure
 from fedsim.metrics import classification_metrics, prefixed
+from fedsim.privacy.dp_sgd import DPSGD
 from fedsim.spec import RunSpec
 from fedsim.train_config import (
     BATCH_SIZE,
@@ -27,9 +27,6 @@ from fedsim.train_config import (
     SERVER_ROUND,
     round_lr,
 )
-
-if TYPE_CHECKING:  # DP-SGD's module is imported by the runs that use it
-    from fedsim.privacy.local import DPSGD
 
 
 def proximal_term(model: nn.Module, anchor: list[torch.Tensor]) -> torch.Tensor:

@@ -159,7 +159,7 @@ class LocalDP(NoPrivacy):
 
     def __init__(self, noise_multiplier: float = 1.0, max_grad_norm: float = 1.0,
                  delta: float = 1e-5) -> None:
-        from fedsim.privacy.local import DPSGD
+        from fedsim.privacy.dp_sgd import DPSGD
 
         check_delta(delta)
         self.dp_sgd = DPSGD(noise_multiplier, max_grad_norm)
