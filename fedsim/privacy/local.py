@@ -37,8 +37,9 @@ def reported_release(metrics: dict[str, Any], node: int) -> Release:
 class LocalAccounting(CheckpointedWrapper, Strategy):
     """Any strategy, with each client's DP-SGD composed into its own epsilon.
 
-    `privacy/epsilon` is the largest per-client epsilon at `delta` (every sample's
-    guarantee), `privacy/epsilon-mean` the mean over the clients that trained so far.
+    `privacy/epsilon` is the largest per-client epsilon at `delta` (for the updates the
+    server accepted; docs/privacy.md says what it does not cover), `privacy/epsilon-mean`
+    the mean over the clients that trained so far.
     The inner strategy's hooks (`fedsim.hooks`) are its own, passed through.
     """
 
