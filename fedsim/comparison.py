@@ -129,6 +129,26 @@ def provenance(script: str, cells: Sequence[Cell], workers: int) -> str:
             f"{len(cells)} runs,\n{run_s / 60:.1f} min of run time in all, {workers} at a time.")
 
 
+def write_outputs(out: Path, text: str, tables: dict[str, dict]) -> None:
+    """OUT.md (`text`) and OUT.json: every table's (mean, std, seeds) by
+    "dataset | value | method"."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(text)
+    raw = {name: {" | ".join(map(str, k)): v for k, v in table.items()}
+           for name, table in tables.items()}
+    out.with_suffix(".json").write_text(json.dumps(raw, indent=1) + "\n")
+    print(f"wrote {out.with_suffix('.md')}")
+
+
+def run_and_report(args: argparse.Namespace, grid: Grid,
+                   report: Callable[[argparse.Namespace, Grid], None]) -> None:
+    """A comparison script's main: run the missing cells, then `report` unless
+    `--no-report` was given."""
+    run_missing(grid.cells(), args.workers)
+    if args.report:
+        report(args, grid)
+
+
 def slug(label: str) -> str:
     """A label as a path part that Hydra's override parser accepts."""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-")

@@ -48,7 +48,6 @@ pages compare them.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from typing import Any
 
@@ -59,8 +58,9 @@ from fedsim.comparison import (
     mean_last,
     plot_methods,
     provenance,
-    run_missing,
+    run_and_report,
     summarize,
+    write_outputs,
 )
 
 #: method -> (overrides, the direction its paper reports against FedAvg)
@@ -190,20 +190,12 @@ fairness) are left to the tables above.
 |---|---|---|
 {claims}
 """
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".md").write_text(text)
-    raw = {name: {" | ".join(map(str, k)): v for k, v in table.items()}
-           for name, table in {**stats, "bytes up": sent}.items()}
-    args.out.with_suffix(".json").write_text(json.dumps(raw, indent=1) + "\n")
-    print(f"wrote {args.out.with_suffix('.md')}")
+    write_outputs(args.out, text, {**stats, "bytes up": sent})
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    grid = build_grid(args)
-    run_missing(grid.cells(), args.workers)
-    if args.report:
-        write_report(args, grid)
+    run_and_report(args, build_grid(args), write_report)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ its balanced test split, the mean of the last 3 rounds, mean ± std over seeds.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 
 from fedsim.comparison import (
@@ -38,8 +37,9 @@ from fedsim.comparison import (
     mean_last,
     metric_at,
     provenance,
-    run_missing,
+    run_and_report,
     summarize,
+    write_outputs,
 )
 
 CENTRAL = (0.01, 0.1, 0.3, 1.0)
@@ -145,20 +145,12 @@ def write_report(args: argparse.Namespace, grid: Grid) -> None:
 
 ![accuracy against epsilon]({args.out.with_suffix(".png").name})
 """
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".md").write_text(text)
-    raw = {name: {" | ".join(map(str, k)): v for k, v in table.items()}
-           for name, table in {"accuracy": accuracy, "epsilon": epsilon}.items()}
-    args.out.with_suffix(".json").write_text(json.dumps(raw, indent=1) + "\n")
-    print(f"wrote {args.out.with_suffix('.md')}")
+    write_outputs(args.out, text, {"accuracy": accuracy, "epsilon": epsilon})
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    grid = build_grid(args)
-    run_missing(grid.cells(), args.workers)
-    if args.report:
-        write_report(args, grid)
+    run_and_report(args, build_grid(args), write_report)
 
 
 if __name__ == "__main__":

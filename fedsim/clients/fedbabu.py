@@ -66,13 +66,7 @@ class FedBABUTrainer(SGDTrainer):
                 self._tuned = self.model_fn().to(self.device)
         model = self._tuned
         model.load_state_dict(self.received_state())
-        model.train()
-        x, y = data.x_train.to(self.device), data.y_train.to(self.device)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        if self.finetune_epochs:
-            self.sgd_epochs(trainable, data, self.round_settings(config),
-                            lambda idx: self.objective(model, x[idx], y[idx]),
-                            self.finetune_epochs)
+        self.fine_tune(model, config, data, self.finetune_epochs)
         return model
 
     def evaluated_weights(self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData,

@@ -264,6 +264,18 @@ class SGDTrainer(Trainer):
         """What goes back to the server: the trained weights (every state entry)."""
         return ArrayRecord(model.state_dict())
 
+    def fine_tune(self, model: nn.Module, config: ConfigRecord, data: ClientData,
+                  epochs: int) -> None:
+        """Train every trainable weight of `model` in place for `epochs` epochs of this
+        trainer's objective on the client's training split (its optimizer, lr, batches)."""
+        model.train()
+        if not epochs or not data.num_train:
+            return
+        x, y = data.x_train.to(self.device), data.y_train.to(self.device)
+        self.sgd_epochs([p for p in model.parameters() if p.requires_grad], data,
+                        self.round_settings(config),
+                        lambda idx: self.objective(model, x[idx], y[idx]), epochs)
+
     def evaluated_weights(self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData,
                           state: RecordDict) -> dict[str, torch.Tensor]:
         """The weights (of `model_fn`'s model; parameters alone are enough) whose test
@@ -274,19 +286,12 @@ class SGDTrainer(Trainer):
     def finetuned_metrics(self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData,
                           state: RecordDict, epochs: int) -> dict[str, float | int]:
         """`finetuned-*` metrics (`evaluation.finetune_epochs`): the evaluated model,
-        fine-tuned on a copy for `epochs` epochs of cross-entropy on the client's training
-        split with this trainer's optimizer, lr and batch size, scored on its test split.
-        Its state is untouched: the fine-tune is part of evaluating, as in FedBABU."""
+        fine-tuned on a copy (`fine_tune`) and scored on the client's test split. Its state
+        is untouched: the fine-tune is part of evaluating, as in FedBABU."""
         weights = self.evaluated_weights(arrays, config, data, state)
         model = copy.deepcopy(self.load_model(arrays))
         model.load_state_dict({**model.state_dict(), **weights})
-        model.train()
-        x, y = data.x_train.to(self.device), data.y_train.to(self.device)
-        if data.num_train:
-            self.sgd_epochs([p for p in model.parameters() if p.requires_grad], data,
-                            self.round_settings(config),
-                            lambda idx: nn.functional.cross_entropy(model(x[idx]), y[idx]),
-                            epochs)
+        self.fine_tune(model, config, data, epochs)
         logits = (predict(model, data.x_test, self.eval_batch_size) if len(data.y_test)
                   else torch.zeros(0, data.num_classes))
         return prefixed(classification_metrics(logits, data.y_test, data.class_groups),
