@@ -11,7 +11,7 @@ the output instead of being mutated behind the caller's back.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,10 @@ Record = ArrayRecord | MetricRecord | ConfigRecord
 UPLOADS_WEIGHTS = "weights"  # the trainer sends trained weights (what Flower's strategies expect)
 UPLOADS_DELTAS = "deltas"  # the trainer sends w_local - w_global (fedsim.strategies.base)
 UPLOADS_RANKINGS = "rankings"  # per state entry, edge ids sorted by score (fedsim.strategies.frl)
+
+
+#: one client's `train` inputs: received arrays, train config, its data, its state
+TrainJob = tuple[ArrayRecord, ConfigRecord, ClientData, RecordDict]
 
 
 @dataclass
@@ -116,6 +120,16 @@ class Trainer(ABC):
         self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData, state: RecordDict
     ) -> TrainOutput:
         """Train locally from the received arrays; return the upload, metrics, new state."""
+
+    def cohort_problem(self) -> str | None:
+        """Why `train_cohort` cannot train a round's clients as one vectorized computation,
+        or None when it can (`backend.batched`). By default it cannot."""
+        return f"{type(self).__name__} has no batched training"
+
+    def train_cohort(self, jobs: Sequence[TrainJob]) -> list[TrainOutput]:
+        """`train` for each client of a round, in order. A trainer whose `cohort_problem`
+        is None overrides it with one vectorized computation giving the same outputs."""
+        return [self.train(*job) for job in jobs]
 
     def evaluate(
         self, arrays: ArrayRecord, config: ConfigRecord, data: ClientData, state: RecordDict

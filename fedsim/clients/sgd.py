@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from torch import nn
 
-from fedsim.clients.base import NUM_EXAMPLES, Trainer, TrainOutput, minibatches, predict
+from fedsim.clients.base import (
+    NUM_EXAMPLES,
+    Trainer,
+    TrainJob,
+    TrainOutput,
+    minibatches,
+    predict,
+)
+from fedsim.clients.cohort import SGDRule, cohort_sgd, model_problem, padded_steps
 from fedsim.datasets.federated import ClientData
 from fedsim.errors import ConfigError, MessageError, is_int, is_number, require
 from fedsim.inversion import LocalProcedure
@@ -38,6 +46,10 @@ def proximal_term(model: nn.Module, anchor: list[torch.Tensor]) -> torch.Tensor:
 
 #: the prefix of the fine-tuned evaluation's metrics (`finetuned_metrics`)
 FINETUNED = "finetuned-"
+#: SGDTrainer's methods that define a round of training: a subclass that overrides one
+#: trains otherwise, so `train_cohort`'s vectorized copy of them no longer applies
+TRAINING_METHODS = ("train", "objective", "batch_loss", "upload", "sgd_epochs",
+                    "make_optimizer", "round_settings", "load_model", "generator")
 #: more local epochs than this per round is a typo (1e20 would train for ever, unstoppable)
 MAX_LOCAL_EPOCHS = 10_000
 
@@ -174,6 +186,79 @@ class SGDTrainer(Trainer):
             metrics={**reported, NUM_EXAMPLES: data.num_train},
             state=state,
         )
+
+    @cached_property
+    def _cohort_problem(self) -> str | None:
+        cls = type(self)
+        changed = [name for name in TRAINING_METHODS
+                   if getattr(cls, name) is not getattr(SGDTrainer, name)]
+        if changed:
+            return f"{cls.__name__} changes SGDTrainer's {', '.join(changed)}"
+        if self.dp_sgd is not None:
+            return "privacy=local clips and noises each sample's gradient (DP-SGD)"
+        if self.cosine_epochs:
+            return "client.cosine_epochs anneals the lr within the round"
+        keywords = getattr(self.optimizer, "keywords", {})
+        if getattr(self.optimizer, "func", None) is not torch.optim.SGD or set(keywords) - {
+                "momentum"}:
+            return f"the optimizer is not plain SGD ({self.optimizer})"
+        with torch.random.fork_rng(devices=[]):  # must not consume the seeded stream
+            return model_problem(self.model_fn())
+
+    def cohort_problem(self) -> str | None:
+        """None for plain SGD and FedProx (this class's own training, the SGD optimizer, a
+        deterministic model without buffers); else what stands in the way."""
+        return self._cohort_problem
+
+    def train_cohort(self, jobs: Sequence[TrainJob]) -> list[TrainOutput]:
+        """`train` for every job as vectorized SGD (`fedsim.clients.cohort`): the clients of
+        each distinct round setting (lr, epochs, batch size, mu) train as one batch."""
+        if self.cohort_problem() is not None:
+            return super().train_cohort(jobs)
+        groups: dict[RoundSettings, list[int]] = {}
+        for i, (_, config, _, _) in enumerate(jobs):
+            groups.setdefault(self.round_settings(config), []).append(i)
+        outputs: list[TrainOutput | None] = [None] * len(jobs)
+        for settings, members in groups.items():
+            trained = self._train_together([jobs[i] for i in members], settings)
+            for i, output in zip(members, trained, strict=True):
+                outputs[i] = output
+        return [output for output in outputs if output is not None]
+
+    def _train_together(self, jobs: Sequence[TrainJob], settings: RoundSettings
+                        ) -> list[TrainOutput]:
+        """One setting's clients: each from its received weights, on its own batches."""
+        starts, batches, offsets, xs, ys, offset = [], [], [], [], [], 0
+        for arrays, _, data, _ in jobs:
+            model = self.load_model(arrays)  # checks the arrays fit the model
+            starts.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+            generator = self.generator(data, settings.server_round)
+            batches.append([idx for _ in range(settings.local_epochs)
+                            for idx in minibatches(data.num_train, settings.batch_size,
+                                                   generator)])
+            offsets.append(offset)
+            offset += data.num_train
+            xs.append(data.x_train)
+            ys.append(data.y_train)
+        rows, weights, active = padded_steps(batches, offsets, settings.batch_size)
+        rule = SGDRule(lr=settings.lr, momentum=float(
+            getattr(self.optimizer, "keywords", {}).get("momentum", 0.0)),
+            weight_decay=self.weight_decay, mu=settings.proximal_mu)
+        device = self.device
+        params, totals = cohort_sgd(
+            model, starts, torch.cat(xs).to(device), torch.cat(ys).to(device), rows.to(device),
+            weights.to(device), active.to(device), rule)
+        params = {k: v.cpu() for k, v in params.items()}
+        totals = totals.cpu()
+        return [
+            TrainOutput(
+                arrays=ArrayRecord({k: v[c] for k, v in params.items()}),
+                metrics={"train_loss": totals[c, 0].item() / max(int(totals[c, 1]), 1),
+                         NUM_EXAMPLES: data.num_train},
+                state=state,
+            )
+            for c, (_, _, data, state) in enumerate(jobs)
+        ]
 
     def round_settings(self, config: ConfigRecord) -> RoundSettings:
         """This round's settings: the server's where its train config sends them."""
