@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from fedsim.clients.base import Trainer
+from fedsim.clock import NoDelay
 from fedsim.config import validate
 from fedsim.datasets.federated import (
     ClientData,
@@ -140,7 +141,7 @@ def _check_reported_classes(cfg: DictConfig, num_classes: int) -> None:
 def _check_max_examples(cfg: DictConfig, data: FederatedData) -> None:
     """An honest client's count must pass the reply check."""
     bound = cfg.faults.max_num_examples
-    largest = max(len(part) for part in data.train_parts)
+    largest = data.largest_client
     if bound is not None and bound < largest:
         raise ConfigError(
             f"faults.max_num_examples must be >= the largest client's {largest} training "
@@ -209,7 +210,7 @@ def preflight(cfg: DictConfig) -> tuple[FederatedData, Path]:
     check_strategy(cfg)
     check_model_fits(cfg, data)
     _check_reported_classes(cfg, data.num_classes)
-    instantiate_input(cfg.devices).delays(data.label_counts(), cfg.seed)  # e.g. slow_class fits
+    check_devices(cfg, data)
     _check_max_examples(cfg, data)
     if cfg.resume is not None:
         from fedsim.checkpoint import check_checkpoint, check_same_experiment, resumable_run_dir
@@ -220,6 +221,15 @@ def preflight(cfg: DictConfig) -> tuple[FederatedData, Path]:
         check_checkpoint(cfg, model_factory(cfg, data)())
         return data, claim(run_dir, fresh=False)
     return data, prepare_run_dir(cfg.output_dir)
+
+
+def check_devices(cfg: DictConfig, data: FederatedData) -> None:
+    """Draw the clients' delays once, so that settings that do not fit the data
+    (`devices.slow_class`) fail here. Without delays there is nothing to check, and
+    reading every client's label counts would draw a resampled population in full."""
+    devices = instantiate_input(cfg.devices)
+    if not isinstance(devices, NoDelay):
+        devices.delays(data.label_counts(), cfg.seed)
 
 
 def check_strategy(cfg: DictConfig) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fedsim.datasets.base import ArraySplits
@@ -22,6 +23,7 @@ from fedsim.datasets.partition import (
     matched_test_indices,
     partition_indices,
 )
+from fedsim.datasets.resample import ResampledParts, ResamplePartitioner
 from fedsim.errors import ConfigError, FedsimError
 
 _CACHE: dict[str, FederatedData] = {}
@@ -51,11 +53,13 @@ class FederatedData:
 
     Client test sets are drawn lazily from the test pool with a per-client seed,
     so the cost of a run depends on the clients that take part, not on how many
-    are registered.
+    are registered. `train_parts` is a list, or a lazy sequence
+    (`fedsim.datasets.resample.ResampledParts`) that draws a client's indices when
+    it is first asked for.
     """
 
     splits: ArraySplits
-    train_parts: list[np.ndarray]
+    train_parts: Sequence[np.ndarray]
     client_test_ratio: float
     seed: int
     partitioner: Any = field(default=None, repr=False)
@@ -73,6 +77,12 @@ class FederatedData:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return self.splits.input_shape
+
+    @cached_property
+    def largest_client(self) -> int:
+        """The most training samples any client holds (read without drawing every client
+        when all clients hold the same known number)."""
+        return largest_part(self.train_parts)
 
     @cached_property
     def class_groups(self) -> np.ndarray | None:
@@ -123,6 +133,13 @@ class FederatedData:
 
     def label_counts(self) -> np.ndarray:
         return label_counts(self.splits.y_train, self.train_parts, self.num_classes)
+
+
+def largest_part(parts: Sequence[np.ndarray]) -> int:
+    """The largest part's size: a resampled population's common size, else the maximum."""
+    if isinstance(parts, ResampledParts):
+        return parts.part_size
+    return max(len(p) for p in parts)
 
 
 def data_key(cfg: DictConfig) -> str:
@@ -249,10 +266,12 @@ def _build(cfg: DictConfig) -> FederatedData:
         keep = long_tail_indices(labels, splits.num_classes, cfg.data.imbalance_factor, cfg.seed)
     else:
         keep = np.arange(len(labels))
-    if len(keep) < cfg.num_clients:
+    target = get_object(cfg.partition._target_)
+    resampled = isinstance(target, type) and issubclass(target, ResamplePartitioner)
+    if len(keep) < cfg.num_clients and not resampled:  # resampling draws with replacement
         raise ConfigError(
             f"num_clients={cfg.num_clients} is more than the {len(keep)} training samples "
-            "available; lower num_clients"
+            "available; lower num_clients (or use partition=resample)"
         )
     check_partition_fits(cfg.partition, len(keep), splits.num_classes, cfg.num_clients,
                          has_ids=ids is not None)
@@ -260,8 +279,9 @@ def _build(cfg: DictConfig) -> FederatedData:
     partitioner.dataset = label_dataset(
         labels[keep], splits.num_classes, None if ids is None else ids[keep]
     )
-    parts = [keep[p] for p in partition_indices(partitioner, cfg.num_clients)]
-    check_client_test_ratio(cfg.data.client_test_ratio, max(len(p) for p in parts),
+    parts = (partitioner.parts(keep) if resampled else
+             [keep[p] for p in partition_indices(partitioner, cfg.num_clients)])
+    check_client_test_ratio(cfg.data.client_test_ratio, largest_part(parts),
                             len(splits.y_test))
     return FederatedData(
         splits=splits,
