@@ -17,7 +17,7 @@ from flwr.common.constant import NUM_PARTITIONS_KEY, PARTITION_ID_KEY
 from omegaconf import DictConfig
 
 from fedsim.backends.base import ClientAppFailed, describe_failure
-from fedsim.clients.base import Trainer, round_seed
+from fedsim.clients.base import Trainer, TrainOutput, round_seed
 from fedsim.config import OVERRIDES_KEY, RUN_CONFIG_KEY, from_run_config
 from fedsim.datasets.federated import ClientData
 from fedsim.errors import ConfigError, FedsimError, is_int
@@ -56,6 +56,52 @@ class FedsimClientApp(ClientApp):
             raise
         except Exception as err:
             raise ClientAppFailed(describe_failure(err)) from err
+
+
+    def cohort_problem(self, messages: list[Message], contexts: list[Context]) -> str | None:
+        """Why these train messages cannot be trained as one batched cohort
+        (`train_cohort`), or None when they can: every message is fedsim's own training
+        on the run's data, with nothing per client that a batch would skip."""
+        if any(m.metadata.message_type != MessageType.TRAIN for m in messages):
+            return "only train messages are batched"
+        cfg = node_run_config(contexts[0], self.config_json)
+        if cfg.get("client_app"):
+            return "the run's own client_app trains its clients"
+        if any(DATA_PATH in context.node_config for context in contexts):
+            return "nodes hold their own data files (node_config data-path)"
+        if any(_config(m).get(CLIP_MOD) for m in messages):
+            return "privacy.clip_on=client clips each client's update"
+        faults = cfg.faults
+        if float(faults.crash_prob) or float(faults.nan_prob) or float(faults.hang_prob):
+            return "faults.crash_prob, nan_prob or hang_prob inject per-client faults"
+        _, trainer = client_runtime(cfg)
+        return trainer.cohort_problem()
+
+    def train_cohort(self, messages: list[Message], contexts: list[Context]) -> list[Message]:
+        """The replies `train` gives, from one vectorized computation of the trainer
+        (`Trainer.train_cohort`); each context's state is updated as `train` does.
+        Callers check `cohort_problem` first."""
+        cfg = node_run_config(contexts[0], self.config_json)
+        data, trainer = client_runtime(cfg)
+        jobs = [(m.content["arrays"], _config(m),
+                 data.client(node_partition(c.node_config, cfg.num_clients)), c.state)
+                for m, c in zip(messages, contexts, strict=True)]
+        replies = []
+        for msg, context, out in zip(messages, contexts, trainer.train_cohort(jobs),
+                                     strict=True):
+            context.state = out.state
+            replies.append(train_reply(msg, out))
+        return replies
+
+
+def train_reply(msg: Message, out: TrainOutput, nan: bool = False) -> Message:
+    """The reply to a train message: the trainer's upload (NaN when a fault poisons it),
+    its metrics and its further records."""
+    content = RecordDict({"arrays": poisoned(out.arrays) if nan else out.arrays,
+                          "metrics": MetricRecord(out.metrics)})
+    for name, record in out.records.items():
+        content[name] = record
+    return Message(content=content, reply_to=msg)
 
 
 def clipped(message: Message, context: Context, handle: ClientAppCallable) -> Message:
@@ -149,11 +195,7 @@ def make_client_app(config_json: str | None = None) -> ClientApp:
         with seeded(seed, cuda=trainer.device.type == "cuda"):
             out = trainer.train(msg.content["arrays"], config, client_data, context.state)
         context.state = out.state
-        arrays = poisoned(out.arrays) if fault.nan else out.arrays
-        content = RecordDict({"arrays": arrays, "metrics": MetricRecord(out.metrics)})
-        for name, record in out.records.items():
-            content[name] = record
-        return Message(content=content, reply_to=msg)
+        return train_reply(msg, out, fault.nan)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

@@ -76,6 +76,29 @@ def test_a_cohort_of_a_conv_net_matches_too():
     assert_same_outputs([trainer.train(*job) for job in jobs], trainer.train_cohort(jobs))
 
 
+def test_in_float64_the_two_paths_agree_to_1e_12_over_several_epochs():
+    """Same arithmetic, other summation order: in float64 the rounding is 1e-16, so what
+    is left after 5 epochs with momentum is the algorithm, and it must vanish."""
+    model_fn = partial(CNN1D, [40], 3)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        trainer = SGDTrainer(model_fn, seed=2, lr=0.1, momentum=0.9, local_epochs=5,
+                             batch_size=8, proximal_mu=0.1)
+        config = ConfigRecord({"server-round": 4})
+        jobs = [(arrays_of(model_fn, c), config, client(c, n, (40,)), RecordDict())
+                for c, n in enumerate([17, 9, 24])]
+        sequential = [trainer.train(*job) for job in jobs]
+        batched = trainer.train_cohort(jobs)
+    finally:
+        torch.set_default_dtype(previous)
+    for one, other in zip(sequential, batched, strict=True):
+        a, b = one.arrays.to_torch_state_dict(), other.arrays.to_torch_state_dict()
+        assert all(t.dtype == torch.float64 for t in [*a.values(), *b.values()])
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-12, atol=1e-12)
+
+
 def test_clients_of_different_round_settings_train_in_their_own_groups():
     trainer = SGDTrainer(mlp, seed=0, lr=0.1, momentum=0.0, local_epochs=1, batch_size=4)
     configs = [ConfigRecord({"server-round": 1}), ConfigRecord({"server-round": 1, "lr": 0.01}),
