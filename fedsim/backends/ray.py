@@ -1,19 +1,23 @@
 """Clients on a pool of persistent Ray actors.
 
 Each actor builds the ClientApp and receives the federated data once (through
-Ray's object store), then serves messages one remote call each. Node contexts
-stay with the grid in the driver and travel with their messages, so any actor
-can serve any node, and a lost actor (replaced by a new one) loses no client
-state: only the replies it owed that round.
+Ray's object store), then serves its share of each round's messages in one remote
+call (per-message calls cost about 1 ms each in Ray's task path, as much as a small
+client's training). Node contexts stay with the grid in the driver and travel with
+their messages, so any actor can serve any node, and a lost actor (replaced by a new
+one) loses no client state: only the replies it owed that round. Actors are spread
+over the cluster's nodes; the grid counts the replies each Ray node served.
 """
 
 from __future__ import annotations
 
 import atexit
 import dataclasses
+import logging
 import os
 import signal
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -32,11 +36,23 @@ from fedsim.spec import RunSpec
 
 RAY_GCS_PORT = 6379  # `ray start --head` listens here; ray:// clients on 10001
 RAY_CLIENT_PORT = 10001
+SALVAGE_S = 5.0  # how long a late actor may take to hand over the replies it finished
+log = logging.getLogger("fedsim")
+
+#: (index of the message in the round, message, its node's context)
+Job = tuple[int, Message, Context]
+#: (index of the message in the round, reply, the node's context after it)
+Done = tuple[int, Message, Context]
 
 
 @ray.remote
 class ClientWorker:
-    """Runs the fedsim ClientApp for (message, context) pairs."""
+    """Runs the fedsim ClientApp for a share of a round's (message, context) pairs.
+
+    Created with `max_concurrency=2`: one thread serves `execute`, the other can answer
+    `finished` while it is still busy, so a round's deadline keeps the replies that an
+    actor stuck on a late client had already finished.
+    """
 
     def __init__(self, run_config: dict, data: Any) -> None:
         from fedsim.config import from_run_config
@@ -58,29 +74,41 @@ class ClientWorker:
 
         client_runtime(cfg)
         self.app = app
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.done: list[Done] = []
 
-    def ready(self) -> bool:
-        """Answers once the actor has (re)started and imported the ClientApp."""
-        return True
+    def ready(self) -> str:
+        """The Ray node this actor runs on, once it has (re)started and built the ClientApp."""
+        return self.node_id
 
-    def execute(self, message: Message, context: Context, die: bool = False
-                ) -> tuple[Message, Context]:
-        """The ClientApp's reply and the node's context after it. `die` ends this worker
-        process first (`faults.kill_worker_round`): the call fails, the grid replaces it."""
+    def execute(self, jobs: list[Job], die_at: int | None = None) -> list[Done]:
+        """The ClientApp's reply to each message and the node's context after it, in order.
+        At the message numbered `die_at` this worker process ends first
+        (`faults.kill_worker_round`): the call fails, the grid replaces the actor."""
         from fedsim.backends.base import run_client_app
 
-        if die:
-            os._exit(1)
-        return run_client_app(self.app, message, context), context
+        self.done = done = []
+        for index, message, context in jobs:
+            if index == die_at:
+                os._exit(1)
+            done.append((index, run_client_app(self.app, message, context), context))
+        return done
+
+    def finished(self) -> list[Done]:
+        """What the running `execute` has finished so far (asked when it is late)."""
+        return list(self.done)
 
 
 class RayGrid(SimulationGrid):
-    """Hands each message to the actors in turn (one remote call per message).
+    """Hands each actor its share of a round's messages, in one remote call.
 
-    With `timeout`, the replies not back by then are lost, and so is every
-    actor still busy: it is killed and a new one takes its place, as is one
-    that died (`new_worker` builds it). `kill_round`: the worker serving the
-    round's lowest node dies (`faults.kill_worker_round`), as one lost to the OS would.
+    Message i goes to actor i % pool size. With `timeout`, the replies not finished
+    by then are lost, and every actor still busy is killed and a new one takes its
+    place (after handing over the replies it did finish), as is one that died
+    (`new_worker` builds it). `kill_round`: the worker serving the round's lowest node
+    dies (`faults.kill_worker_round`), as one lost to the OS would: the replies it
+    owed that round are errors. The pool's first start-up is awaited by the first
+    round, off its deadline, so that it overlaps the server's own set-up.
     """
 
     def __init__(self, new_worker: Callable[[], Any], pool_size: int, num_nodes: int,
@@ -88,34 +116,64 @@ class RayGrid(SimulationGrid):
         super().__init__(num_nodes, run_config)
         self.new_worker = new_worker
         self.workers = [new_worker() for _ in range(pool_size)]
-        ray.get([worker.ready.remote() for worker in self.workers])  # not on round 1's clock
+        self.worker_nodes: list[str] = [""] * pool_size
+        self._starting = list(range(pool_size))  # slots whose `ready` is not awaited yet
         self.kill_round = kill_round
+        self.served: Counter[str] = Counter()  # replies per Ray node id
 
     def execute(self, messages: list[Message], timeout: float | None = None) -> list[Message]:
+        self._await_ready()
+        shares = self._shares(messages)
         victim = self._victim(messages)
-        calls = {}
-        for i, msg in enumerate(messages):
-            slot = i % len(self.workers)
-            node_id = msg.metadata.dst_node_id
-            ref = self.workers[slot].execute.remote(msg, self.context(node_id),
-                                                    die=node_id == victim)
-            calls[ref] = (msg, slot)
+        calls = {self.workers[slot].execute.remote(jobs, victim): slot
+                 for slot, jobs in shares.items()}
         done, late = ray.wait(list(calls), num_returns=len(calls), timeout=timeout)
-        lost = {calls[ref][1] for ref in late}  # stuck on a late client
-        replies = []
-        finished = set(done)
-        for ref in (r for r in calls if r in finished):
-            msg, slot = calls[ref]
+        late_slots = [calls[ref] for ref in late]
+        finished, lost = self._salvage(late_slots), set(late_slots)
+        replies: dict[int, Message] = {}
+        for ref in done:
+            slot = calls[ref]
             try:
-                reply, context = ray.get(ref)
+                finished[slot] = ray.get(ref)
             except ray.exceptions.RayError as err:
-                replies.append(_worker_failed(msg, err))
+                replies |= {i: _worker_failed(msg, err) for i, msg, _ in shares[slot]}
                 lost.add(slot)
-                continue
-            self.contexts[context.node_id] = context
-            replies.append(reply)
+        for slot, results in finished.items():
+            for index, reply, context in results:
+                self.contexts[context.node_id] = context
+                replies[index] = reply
+            self.served[self.worker_nodes[slot]] += len(results)
         self._replace(sorted(lost))
-        return replies
+        return [replies[i] for i in sorted(replies)]
+
+    def _shares(self, messages: list[Message]) -> dict[int, list[Job]]:
+        """Each actor's (index, message, context) jobs: message i to actor i % pool size."""
+        shares: dict[int, list[Job]] = {}
+        for index, msg in enumerate(messages):
+            job = (index, msg, self.context(msg.metadata.dst_node_id))
+            shares.setdefault(index % len(self.workers), []).append(job)
+        return shares
+
+    def _salvage(self, slots: list[int]) -> dict[int, list[Done]]:
+        """The replies that late actors finished before the deadline (none from one that
+        does not answer within SALVAGE_S)."""
+        asks = {self.workers[slot].finished.remote(): slot for slot in slots}
+        answered, _ = ray.wait(list(asks), num_returns=len(asks), timeout=SALVAGE_S)
+        salvaged = {}
+        for ref in answered:
+            try:
+                salvaged[asks[ref]] = ray.get(ref)
+            except ray.exceptions.RayError:
+                continue
+        return salvaged
+
+    def _await_ready(self) -> None:
+        """Wait for the actors still starting (not on a round's clock); note their nodes."""
+        if self._starting:
+            nodes = ray.get([self.workers[slot].ready.remote() for slot in self._starting])
+            for slot, node in zip(self._starting, nodes, strict=True):
+                self.worker_nodes[slot] = node
+            self._starting = []
 
     def _replace(self, slots: list[int]) -> None:
         """New actors in `slots`, ready before the next call (their start-up must not count
@@ -123,22 +181,32 @@ class RayGrid(SimulationGrid):
         for slot in slots:
             ray.kill(self.workers[slot])
             self.workers[slot] = self.new_worker()
-        ray.get([self.workers[slot].ready.remote() for slot in slots])
+        self._starting = list(slots)
+        self._await_ready()
+
+    def ray_nodes(self) -> int:
+        """How many Ray nodes served at least one reply so far."""
+        return sum(1 for count in self.served.values() if count)
 
     def close(self) -> None:
         for worker in self.workers:
             ray.kill(worker)
+        if self.served:
+            log.info("clients ran on %d Ray node(s): %s", self.ray_nodes(), ", ".join(
+                f"{node[:8]} {count} replies" for node, count in sorted(self.served.items())))
 
     def _victim(self, messages: list[Message]) -> int | None:
-        """The node whose worker dies now, if this is the train round `kill_round`."""
-        train = [m for m in messages if m.metadata.message_type == MessageType.TRAIN]
+        """Index of the message whose worker dies now, if this is the train round
+        `kill_round` (the message to the round's lowest node)."""
+        train = [(m.metadata.dst_node_id, i) for i, m in enumerate(messages)
+                 if m.metadata.message_type == MessageType.TRAIN]
         if self.kill_round is None or not train:
             return None
-        config = train[0].content.config_records.get("config", {})
+        config = messages[train[0][1]].content.config_records.get("config", {})
         if config.get("server-round") != self.kill_round:
             return None
         self.kill_round = None  # once
-        return min(m.metadata.dst_node_id for m in train)
+        return min(train)[1]
 
 
 def _worker_failed(message: Message, err: Exception) -> Message:
@@ -207,7 +275,9 @@ class RayBackend(Backend):
         run_config = to_run_config(cfg)
         data = build_federated_data(cfg)
         shared = ray.put(dataclasses.replace(data, partitioner=None))
-        options = ClientWorker.options(num_cpus=self.num_cpus, num_gpus=self.num_gpus)
+        # SPREAD: a multi-node cluster serves clients on every node, not first fills one
+        options = ClientWorker.options(num_cpus=self.num_cpus, num_gpus=self.num_gpus,
+                                       max_concurrency=2, scheduling_strategy="SPREAD")
         grid = RayGrid(partial(options.remote, run_config, shared), pool_size, cfg.num_clients,
                        run_config, cfg.faults.kill_worker_round)
         try:
