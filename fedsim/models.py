@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from fedsim.errors import ConfigError
+from fedsim.errors import ConfigError, is_number, require
 
 
 def classifier_layer(model: nn.Module) -> nn.Linear:
@@ -203,6 +203,43 @@ class CNN2D(nn.Module):
         self.head = nn.Sequential(
             nn.Flatten(), nn.Linear(n_flat, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
         )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class PflCNN(nn.Module):
+    """pfl-research's benchmark CNN for CIFAR-10 (its `simple_cnn`): two unpadded 3x3
+    convolutions, one 2x2 max-pool, dropout, a hidden dense layer and dropout again,
+    Glorot-uniform weights as its TF2 twin. Takes channels-first images (C, H, W)."""
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        channels: Sequence[int] = (32, 64),
+        hidden: int = 128,
+        dropout: Sequence[float] = (0.25, 0.5),
+    ) -> None:
+        require(len(dropout) == 2 and all(is_number(p) and 0 <= p < 1 for p in dropout),
+                "model.dropout", "two probabilities in [0, 1) (after the convolutions, after "
+                "the hidden layer)", list(dropout))
+        super().__init__()
+        c1, c2 = channels
+        self.features = nn.Sequential(
+            nn.Conv2d(int(input_shape[0]), c1, 3), nn.ReLU(),
+            nn.Conv2d(c1, c2, 3), nn.ReLU(),
+            nn.MaxPool2d(2), nn.Dropout(dropout[0]), nn.Flatten(),
+        )
+        with torch.no_grad():
+            n_flat = self.features(torch.zeros(1, *input_shape)).shape[1]
+        self.head = nn.Sequential(
+            nn.Linear(n_flat, hidden), nn.ReLU(), nn.Dropout(dropout[1]),
+            nn.Linear(hidden, num_classes),
+        )
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d | nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
