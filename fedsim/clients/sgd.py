@@ -229,9 +229,13 @@ class SGDTrainer(Trainer):
                         ) -> list[TrainOutput]:
         """One setting's clients: each from its received weights, on its own batches."""
         starts, batches, offsets, xs, ys, offset = [], [], [], [], [], 0
+        decoded: dict[int, dict[str, torch.Tensor]] = {}  # FedAvg sends one record to all
         for arrays, _, data, _ in jobs:
-            model = self.load_model(arrays)  # checks the arrays fit the model
-            starts.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+            if id(arrays) not in decoded:
+                model = self.load_model(arrays)  # checks the arrays fit the model
+                decoded[id(arrays)] = {k: v.detach().clone()
+                                       for k, v in model.state_dict().items()}
+            starts.append(decoded[id(arrays)])
             generator = self.generator(data, settings.server_round)
             batches.append([idx for _ in range(settings.local_epochs)
                             for idx in minibatches(data.num_train, settings.batch_size,
