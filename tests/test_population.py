@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from fedsim.datasets.federated import build_federated_data
+from fedsim.datasets.partition import class_indices, matched_test_indices
 from fedsim.datasets.resample import ResampledParts, ResamplePartitioner, resample_positions
 from fedsim.errors import ConfigError
 from fedsim.experiment import run_experiment
@@ -113,3 +114,14 @@ def test_a_resampled_run_is_reproducible(tiny_cfg):
     overrides = ("partition=resample", "num_clients=10000", "evaluation.clients_per_round=0")
     first, second = final(tiny_cfg(*overrides)), final(tiny_cfg(*overrides))
     assert first["server/accuracy"] == second["server/accuracy"]
+
+
+def test_class_pools_found_once_draw_the_same_test_sets():
+    rng_labels = np.random.default_rng(0)
+    test_labels = rng_labels.integers(0, 5, 300)
+    train_labels = rng_labels.integers(0, 5, 40)
+    pools = class_indices(test_labels, 5)
+    plain = matched_test_indices(train_labels, test_labels, 5, 30, np.random.default_rng(1))
+    pooled = matched_test_indices(train_labels, test_labels, 5, 30, np.random.default_rng(1),
+                                  pools)
+    assert np.array_equal(plain, pooled)

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedsim.datasets.base import ArraySplits
 from fedsim.datasets.partition import (
     class_groups,
+    class_indices,
     label_counts,
     label_dataset,
     long_tail_indices,
@@ -95,6 +96,11 @@ class FederatedData:
             return None
         return class_groups(self.label_counts().sum(axis=0))
 
+    @cached_property
+    def _test_class_pools(self) -> list[np.ndarray]:
+        """Each class's test-pool indices, found once for all clients' test sets."""
+        return class_indices(self.splits.y_test, self.num_classes)
+
     def client_test_indices(self, partition_id: int) -> np.ndarray:
         """Test-pool indices for this client (drawn on first use with a per-client seed)."""
         if partition_id not in self._test_indices:
@@ -102,7 +108,8 @@ class FederatedData:
             size = max(1, round(self.client_test_ratio * len(train_labels)))
             rng = np.random.default_rng([self.seed, partition_id, 0x7E57])
             self._test_indices[partition_id] = matched_test_indices(
-                train_labels, self.splits.y_test, self.num_classes, size, rng
+                train_labels, self.splits.y_test, self.num_classes, size, rng,
+                self._test_class_pools,
             )
         return self._test_indices[partition_id]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -179,22 +180,30 @@ def matched_test_indices(
     num_classes: int,
     size: int,
     rng: np.random.Generator,
+    class_pools: Sequence[np.ndarray] | None = None,
 ) -> np.ndarray:
     """Indices into the test pool whose label mix follows the client's training mix.
 
     Each class is drawn without replacement while the pool lasts, with replacement
     beyond it, so the test set keeps the client's proportions even for large ratios.
+    `class_pools` (`class_indices(test_labels, num_classes)`), when given, saves finding
+    each class's test samples again for every client.
     """
     mix = np.bincount(train_labels, minlength=num_classes).astype(np.float64)
     wanted = largest_remainder(mix, size)
     chosen = []
     for c in np.flatnonzero(wanted):
-        pool = np.flatnonzero(test_labels == c)
+        pool = np.flatnonzero(test_labels == c) if class_pools is None else class_pools[c]
         if len(pool) == 0:
             continue
         n = int(wanted[c])
         chosen.append(rng.choice(pool, size=n, replace=n > len(pool)))
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+
+
+def class_indices(labels: np.ndarray, num_classes: int) -> list[np.ndarray]:
+    """The sorted indices of each class's samples, one array per class."""
+    return [np.flatnonzero(labels == c) for c in range(num_classes)]
 
 
 def label_counts(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) -> np.ndarray:
