@@ -23,11 +23,9 @@ exercise all of this, is `fedsim.fault_injection`.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 from collections.abc import Callable, Iterable
-from functools import lru_cache
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
@@ -38,6 +36,7 @@ from flwr.serverapp import Grid
 from fedsim.backends.base import GridWrapper
 from fedsim.errors import RunFailedError
 from fedsim.metrics import NUM_EXAMPLES
+from fedsim.npy import npy_header
 
 log = logging.getLogger("fedsim")
 
@@ -73,15 +72,6 @@ def same_arrays_problem(upload: ArrayRecord, sent: Arrays) -> str | None:
         elif np.issubdtype(like.dtype, np.floating) and not np.isfinite(values).all():
             problem = same_array_problem(key, values, like)
     return problem
-
-
-@lru_cache(maxsize=256)
-def npy_header(shape: tuple[int, ...], dtype: str) -> bytes:
-    """The NPY header `np.save` (what Flower's `Array` uses) writes for a C-order array."""
-    header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, {"descr": dtype, "fortran_order": False,
-                                                  "shape": shape})
-    return header.getvalue()
 
 
 def stored_like(array: Array, like: np.ndarray) -> np.ndarray | None:

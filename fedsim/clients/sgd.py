@@ -25,6 +25,7 @@ from fedsim.datasets.federated import ClientData
 from fedsim.errors import ConfigError, MessageError, is_int, is_number, require
 from fedsim.inversion import LocalProcedure
 from fedsim.metrics import classification_metrics, prefixed
+from fedsim.npy import array_record
 from fedsim.privacy.dp_sgd import DPSGD
 from fedsim.spec import RunSpec
 from fedsim.train_config import (
@@ -256,7 +257,7 @@ class SGDTrainer(Trainer):
         totals = totals.cpu()
         return [
             TrainOutput(
-                arrays=ArrayRecord({k: v[c] for k, v in params.items()}),
+                arrays=array_record({k: v[c] for k, v in params.items()}),
                 metrics={"train_loss": totals[c, 0].item() / max(int(totals[c, 1]), 1),
                          NUM_EXAMPLES: data.num_train},
                 state=state,
@@ -351,7 +352,7 @@ class SGDTrainer(Trainer):
 
     def upload(self, model: nn.Module) -> ArrayRecord:
         """What goes back to the server: the trained weights (every state entry)."""
-        return ArrayRecord(model.state_dict())
+        return array_record(model.state_dict())
 
     def fine_tune(self, model: nn.Module, config: ConfigRecord, data: ClientData,
                   epochs: int) -> None:
