@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,33 @@ def plot_label_distribution(partitioner: Any, path: Path, num_clients: int,
     """`label_distribution_figure` saved to `path`."""
     _save(label_distribution_figure(partitioner, num_clients, title), path,
           bbox_inches="tight")
+
+
+class Background:
+    """A plot drawn in a forked process while the run goes on (the label-distribution plot
+    was most of a small run's fixed cost); `wait` joins it. Where fork is not available
+    the plot is drawn at once, in this process."""
+
+    def __init__(self, draw: Callable[..., None], *args: Any) -> None:
+        self.what = getattr(draw, "__name__", "plot")
+        self.process = None
+        if "fork" not in multiprocessing.get_all_start_methods():
+            draw(*args)
+            return
+        self.process = multiprocessing.get_context("fork").Process(
+            target=draw, args=args, daemon=True)
+        self.process.start()
+
+    def wait(self) -> None:
+        """Return once the plot is written; a failed one is logged, not raised (a plot
+        must not fail a finished run)."""
+        if self.process is None:
+            return
+        self.process.join()
+        if self.process.exitcode != 0:
+            log.warning("%s failed in its process (exit code %s)", self.what,
+                        self.process.exitcode)
+        self.process = None
 
 
 def _series(rows: Sequence[Mapping[str, Any]], key: str) -> list[tuple[Any, Any]]:

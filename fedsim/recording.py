@@ -22,7 +22,13 @@ from fedsim.backends.base import MeteredGrid
 from fedsim.datasets.federated import FederatedData
 from fedsim.flower_apps import clients_description
 from fedsim.metrics import GROUPS
-from fedsim.plots import plot_curves, plot_label_distribution, plot_metrics, run_title
+from fedsim.plots import (
+    Background,
+    plot_curves,
+    plot_label_distribution,
+    plot_metrics,
+    run_title,
+)
 from fedsim.run_dir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, claim
 
 CLASS_GROUPS_FILE = "class_groups.json"
@@ -147,6 +153,7 @@ class RunRecorder:
         self.class_groups: dict[str, list[int]] = {}
         self._update_log: list[dict[str, Any]] | None = None
         self._updates_written = 0
+        self._label_plot: Background | None = None
 
     def write_inputs(self, data: FederatedData) -> None:
         """Resolved config, class groups and label-distribution plot, before round 1.
@@ -158,8 +165,9 @@ class RunRecorder:
         self.class_groups = group_members(data.class_groups)
         if self.class_groups:
             (self.run_dir / CLASS_GROUPS_FILE).write_text(json.dumps(self.class_groups))
-        if self.cfg.num_clients > 1:
-            plot_label_distribution(
+        if self.cfg.num_clients > 1:  # drawn beside round 1 onwards: see `Background`
+            self._label_plot = Background(
+                plot_label_distribution,
                 data.partitioner,
                 self.run_dir / "plots" / "label_distribution.png",
                 self.cfg.num_clients,
@@ -273,6 +281,7 @@ class RunRecorder:
         if self._bar is not None:
             self._bar.close()
         self._metrics_file.close()
+        self._wait_for_plots()
         summary = self.summary()
         tmp = self.run_dir / (SUMMARY_FILE + ".tmp")
         tmp.write_text(json.dumps(summary, indent=2))
@@ -289,7 +298,13 @@ class RunRecorder:
         if self._bar is not None:
             self._bar.close()
         self._metrics_file.close()
+        self._wait_for_plots()
         self.logger.finish({"status": "failed"}, failed=True)
+
+    def _wait_for_plots(self) -> None:
+        if self._label_plot is not None:
+            self._label_plot.wait()
+            self._label_plot = None
 
     def summary(self) -> dict[str, Any]:
         last = self.rows[-1]
