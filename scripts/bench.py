@@ -5,7 +5,9 @@ epoch, batch 32, SGD lr 0.05, MLP 40-100-100-10, no evaluation. Ways: `raw` (a p
 PyTorch loop, the floor), `flower` (vanilla Flower: a plain ClientApp + Flower's FedAvg
 under run_simulation on Ray, 1 CPU per client), and fedsim's ways (`FEDSIM_WAYS["w1"]`):
 `fedsim` (default in-process backend), `fedsim-ray` (fedsim's Ray actor pool),
-`fedsim-flower` (fedsim's apps on Flower's Ray engine).
+`fedsim-flower` (fedsim's apps on Flower's Ray engine), `fedsim-parallel` (in-process with a
+forked worker per core), `fedsim-batched` (the cohort as one vmap computation) and
+`fedsim-batched-parallel` (both).
 
 W2 (`--workload w2`, population scale): as W1, but 100, 10,000 and 100,000 registered
 clients (`partition=resample`: each draws 40 samples with replacement from the train
@@ -15,7 +17,8 @@ are to `fedsim-100`. Goal: per-round time and peak RSS at 100,000 within 1.2x of
 W3 (`--workload w3`, pfl-research's CIFAR-10 benchmark on synthetic data): 1000 users x 50
 CIFAR-shaped synthetic images (`dataset=synthetic_images`, 50,000 / 10,000), 50 users a
 round, 1 local epoch, batch 10, local SGD lr 0.1 without momentum, pfl-research's
-2-conv CNN (`model=pfl_cnn`), no evaluation, 5 rounds. Ways `raw`, `flower`, `fedsim`.
+2-conv CNN (`model=pfl_cnn`), no evaluation, 5 rounds. Ways `raw`, `flower`, `fedsim`,
+`fedsim-parallel` (its dropout rules out `backend.batched`).
 
 C1 (`--workload central`): centralized training, the non-federated methods' mode: one
 client holding the whole MNIST-1D train split, `CENTRAL_EPOCHS` epochs a round, batch 32,
@@ -80,9 +83,16 @@ FEDSIM_WAYS: dict[str, dict[str, dict[str, Any]]] = {
         "fedsim": {"backend": "inprocess"},
         "fedsim-ray": {"backend": "ray"},
         "fedsim-flower": {"backend": "flower"},
+        # every core: a forked worker per core shares each round's clients (same run)
+        "fedsim-parallel": {"backend": "inprocess", "backend.workers": "auto"},
+        # the round's cohort as one vmap computation, on one core, then on every core
+        "fedsim-batched": {"backend": "inprocess", "backend.batched": "true"},
+        "fedsim-batched-parallel": {"backend": "inprocess", "backend.batched": "true",
+                                    "backend.workers": "auto"},
     },
     "w2": {f"fedsim-{n}": {"num_clients": n} for n in POPULATIONS},
-    "w3": {"fedsim": {"backend": "inprocess"}},
+    "w3": {"fedsim": {"backend": "inprocess"},
+           "fedsim-parallel": {"backend": "inprocess", "backend.workers": "auto"}},
 }
 WORKLOAD_CONFIGS = {"w1": W1_CONFIG, "w2": W2_CONFIG, "w3": W3_CONFIG}
 

@@ -273,7 +273,10 @@ class MeteredGrid(GridWrapper):
         self.counts: Counter[str] = Counter()
 
     def get_node_ids(self) -> Iterable[int]:
-        return sorted(self.grid.get_node_ids())
+        ids = self.grid.get_node_ids()
+        if isinstance(ids, range) and ids.step > 0:  # a simulation's nodes: sorted already,
+            return ids  # and sorting 100,000 of them every round costs milliseconds
+        return sorted(ids)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
