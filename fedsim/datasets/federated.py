@@ -24,7 +24,6 @@ from fedsim.datasets.partition import (
     matched_test_indices,
     partition_indices,
 )
-from fedsim.datasets.resample import ResampledParts, ResamplePartitioner
 from fedsim.errors import ConfigError, FedsimError
 
 _CACHE: dict[str, FederatedData] = {}
@@ -143,10 +142,10 @@ class FederatedData:
 
 
 def largest_part(parts: Sequence[np.ndarray]) -> int:
-    """The largest part's size: a resampled population's common size, else the maximum."""
-    if isinstance(parts, ResampledParts):
-        return parts.part_size
-    return max(len(p) for p in parts)
+    """The largest part's size: the common size of parts that declare one (`part_size`:
+    a resampled population, whose parts are drawn on use), else the maximum."""
+    common = getattr(parts, "part_size", None)
+    return int(common) if common is not None else max(len(p) for p in parts)
 
 
 def data_key(cfg: DictConfig) -> str:
@@ -274,8 +273,9 @@ def _build(cfg: DictConfig) -> FederatedData:
     else:
         keep = np.arange(len(labels))
     target = get_object(cfg.partition._target_)
-    resampled = isinstance(target, type) and issubclass(target, ResamplePartitioner)
-    if len(keep) < cfg.num_clients and not resampled:  # resampling draws with replacement
+    # a partitioner that draws with replacement declares it, and gives its parts itself
+    resampled = bool(getattr(target, "draws_with_replacement", False))
+    if len(keep) < cfg.num_clients and not resampled:
         raise ConfigError(
             f"num_clients={cfg.num_clients} is more than the {len(keep)} training samples "
             "available; lower num_clients (or use partition=resample)"

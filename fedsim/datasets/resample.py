@@ -80,6 +80,10 @@ class ResamplePartitioner(Partitioner):
     reads the clients' indices from `parts`, lazily.
     """
 
+    #: num_clients may exceed the training samples, and `parts` gives the clients' indices
+    #: (read by `fedsim.datasets.federated`, which partitions everything else itself)
+    draws_with_replacement = True
+
     def __init__(self, num_partitions: int, samples_per_client: int = 40, seed: int = 0
                  ) -> None:
         super().__init__()
