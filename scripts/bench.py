@@ -396,16 +396,63 @@ def ratio(value: float, base: float) -> str:
     return f"{value / base:.2f}" if base > 0 else "-"
 
 
-def table_rows(workload: Workload, results: dict[str, dict]) -> list[str]:
-    """One markdown row per way, ratios to the workload's base way."""
-    base = results[workload.base]
+def table_rows(name: str, base_way: str, results: dict[str, dict]) -> list[str]:
+    """One markdown row per way of workload `name`, ratios to its base way."""
+    base = results[base_way]
     return [
-        f"| {workload.name} | {way} | {r['seconds']:.2f} | {ratio(r['seconds'], base['seconds'])}"
+        f"| {name} | {way} | {r['seconds']:.2f} | {ratio(r['seconds'], base['seconds'])}"
         f" | {1000 * r['per_round_s']:.1f} | {ratio(r['per_round_s'], base['per_round_s'])} | "
         f"{r['fixed_s']:.2f} | {r['peak_rss_mib']:.0f} | "
         f"{ratio(r['peak_rss_mib'], base['peak_rss_mib'])} |"
         for way, r in results.items()
     ]
+
+
+TABLE_HEAD = ("| workload | way | total s | x base | per round ms | x base | fixed s | "
+              "peak RSS MiB | x base |\n|---|---|---:|---:|---:|---:|---:|---:|---:|")
+BASES_NOTE = ("x base: ratio to the workload's base way: raw for W1 and W3, central-raw for "
+              "C1, fedsim-100 (100 registered clients) for W2.")
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+#: the files whose bench block `--readme` rewrites from the record
+DOCS = (Path(__file__).resolve().parents[1] / "README.md",
+        Path(__file__).resolve().parents[1] / "docs" / "benchmark.md")
+
+
+def render(record: dict) -> str:
+    """The markdown table of a bench record (`--json`), with when, where and how it ran."""
+    rows = [row for name, w in record["workloads"].items()
+            for row in table_rows(name, w["base"], w["results"])]
+    lengths = ", ".join(f"{name.upper()} {w['rounds']} rounds (per-round cost against "
+                        f"{w['short_rounds']})" for name, w in record["workloads"].items())
+    return "\n".join([
+        f"Measured {record['date']} at commit {record['commit']} on {record['machine']}: "
+        f"`{record['command']}`; {lengths}; medians of {record['repeat']} interleaved "
+        f"passes. {BASES_NOTE}",
+        "",
+        TABLE_HEAD,
+        *rows,
+    ])
+
+
+def with_block(text: str, block: str) -> str:
+    """`text` with what lies between the bench markers replaced by `block`."""
+    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+    return f"{text[:start]}\n{block}\n{text[end:]}"
+
+
+def machine() -> str:
+    import os
+    import platform
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cores} CPU cores, {memory_gib:.0f} GiB ({platform.machine()}, no GPU used)"
+
+
+def commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                         text=True, check=False, cwd=Path(__file__).resolve().parents[1])
+    return out.stdout.strip() or "unknown"
 
 
 def chosen_ways(workload: Workload, wanted: list[str] | None) -> list[str]:
@@ -435,6 +482,11 @@ def parse_args() -> argparse.Namespace:
                                                  for w in WORKLOADS.values()) + ")")
     parser.add_argument("--repeat", type=int, default=3, help="passes; medians are reported")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--readme", action="store_true",
+                        help="rewrite the bench tables of README.md and docs/benchmark.md "
+                        "from this run (with --json: from the record written)")
+    parser.add_argument("--render", metavar="JSON",
+                        help="rewrite those tables from a recorded run alone, no measuring")
     parser.add_argument("--child", choices=all_ways(), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child and args.workload == "all":
@@ -454,7 +506,14 @@ def main() -> None:
         peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps({"way": args.child, "seconds": seconds, "peak_rss_mib": peak_mib}))
         return
-    rows, record = [], {"repeat": args.repeat, "workloads": {}}
+    if args.render:
+        write_docs(json.loads(Path(args.render).read_text()))
+        return
+    from datetime import date
+
+    record = {"date": date.today().isoformat(), "commit": commit(), "machine": machine(),
+              "command": "python " + " ".join(["scripts/bench.py", *sys.argv[1:]]),
+              "repeat": args.repeat, "workloads": {}}
     for name in args.workloads:
         workload = WORKLOADS[name]
         ways = chosen_ways(workload, args.ways)
@@ -463,20 +522,18 @@ def main() -> None:
         rounds = args.rounds or workload.rounds
         short = args.short_rounds or workload.short_rounds
         results = measure(name, ways, rounds, short, args.repeat)
-        rows += table_rows(workload, results)
-        print(f"{workload.title}: {rounds} rounds (per-round cost from the {short}- and "
-              f"{rounds}-round runs)")
         record["workloads"][name] = {"rounds": rounds, "short_rounds": short,
                                      "base": workload.base, "results": results}
-    print(f"\nMedian of {args.repeat} interleaved pass(es). x base: ratio to the workload's base "
-          "way: raw for W1 and W3, central-raw for C1, fedsim-100 (100 registered clients) "
-          "for W2.\n")
-    print("| workload | way | total s | x base | per round ms | x base | fixed s | "
-          "peak RSS MiB | x base |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    print("\n".join(rows))
+    print(render(record))
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=2))
+    if args.readme:
+        write_docs(record)
+
+
+def write_docs(record: dict) -> None:
+    for path in DOCS:
+        path.write_text(with_block(path.read_text(), render(record)))
 
 
 if __name__ == "__main__":
