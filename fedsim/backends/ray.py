@@ -18,8 +18,7 @@ import os
 import signal
 import warnings
 from collections import Counter
-from collections.abc import Callable
-from functools import partial
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import ray
@@ -54,31 +53,32 @@ class ClientWorker:
     actor stuck on a late client had already finished.
     """
 
-    def __init__(self, run_config: dict, data: Any) -> None:
-        from fedsim.config import from_run_config
-        from fedsim.datasets.federated import prime_cache
-
+    def __init__(self) -> None:
         if not ray.get_gpu_ids():  # device=auto must not pick a GPU Ray did not assign
             os.environ["CUDA_VISIBLE_DEVICES"] = ""
-        cfg = from_run_config(run_config)
-        prime_cache(cfg, data)
-        # Pay the start-up now, so that `ready` covers it: a replacement actor's first call
-        # must not spend seconds against the round's deadline, or it is late again and
-        # replaced again, round after round. That is the ClientApp's imports, the client
-        # runtime (data, model, trainer) and torch._dynamo, which torch.optim imports on
-        # the first optimizer a process builds (1-3 s on a 2-core machine).
+        # The process's start-up, paid once and before `setup` answers: the ClientApp's
+        # imports and torch._dynamo, which torch.optim imports on the first optimizer a
+        # process builds (1-3 s on a 2-core machine). A replacement actor's first call must
+        # not spend them against the round's deadline, or it is late again and replaced
+        # again, round after round.
         import torch._dynamo  # noqa: F401
 
         from fedsim.client_app import app
-        from fedsim.runtime import client_runtime
 
-        client_runtime(cfg)
         self.app = app
         self.node_id = ray.get_runtime_context().get_node_id()
         self.done: list[Done] = []
 
-    def ready(self) -> str:
-        """The Ray node this actor runs on, once it has (re)started and built the ClientApp."""
+    def setup(self, run_config: dict, data: Any) -> str:
+        """Take a run's data (from the object store) and build its client runtime (model,
+        trainer); answers with the Ray node this actor runs on."""
+        from fedsim.config import from_run_config
+        from fedsim.datasets.federated import prime_cache
+        from fedsim.runtime import client_runtime
+
+        cfg = from_run_config(run_config)
+        prime_cache(cfg, data)
+        client_runtime(cfg)
         return self.node_id
 
     def execute(self, jobs: list[Job], die_at: int | None = None) -> list[Done]:
@@ -111,13 +111,14 @@ class RayGrid(SimulationGrid):
     round, off its deadline, so that it overlaps the server's own set-up.
     """
 
-    def __init__(self, new_worker: Callable[[], Any], pool_size: int, num_nodes: int,
-                 run_config: dict, kill_round: int | None = None) -> None:
+    def __init__(self, new_worker: Callable[[], Any], workers: list[Any], num_nodes: int,
+                 run_config: dict, data: Any, kill_round: int | None = None) -> None:
         super().__init__(num_nodes, run_config)
         self.new_worker = new_worker
-        self.workers = [new_worker() for _ in range(pool_size)]
-        self.worker_nodes: list[str] = [""] * pool_size
-        self._starting = list(range(pool_size))  # slots whose `ready` is not awaited yet
+        self.data = data  # the run's FederatedData in the object store
+        self.workers = list(workers)
+        self.worker_nodes: list[str] = [""] * len(workers)
+        self._starting = self._setup(range(len(workers)))  # awaited by the first round
         self.kill_round = kill_round
         self.served: Counter[str] = Counter()  # replies per Ray node id
 
@@ -167,13 +168,16 @@ class RayGrid(SimulationGrid):
                 continue
         return salvaged
 
+    def _setup(self, slots: Iterable[int]) -> dict[int, Any]:
+        """Hand the run to the actors in `slots`: their pending `setup` calls."""
+        return {slot: self.workers[slot].setup.remote(self.run_config, self.data)
+                for slot in slots}
+
     def _await_ready(self) -> None:
         """Wait for the actors still starting (not on a round's clock); note their nodes."""
-        if self._starting:
-            nodes = ray.get([self.workers[slot].ready.remote() for slot in self._starting])
-            for slot, node in zip(self._starting, nodes, strict=True):
-                self.worker_nodes[slot] = node
-            self._starting = []
+        starting, self._starting = self._starting, {}
+        for slot, node in zip(starting, ray.get(list(starting.values())), strict=True):
+            self.worker_nodes[slot] = node
 
     def _replace(self, slots: list[int]) -> None:
         """New actors in `slots`, ready before the next call (their start-up must not count
@@ -181,16 +185,15 @@ class RayGrid(SimulationGrid):
         for slot in slots:
             ray.kill(self.workers[slot])
             self.workers[slot] = self.new_worker()
-        self._starting = list(slots)
+        self._starting = self._setup(slots)
         self._await_ready()
 
     def ray_nodes(self) -> int:
         """How many Ray nodes served at least one reply so far."""
         return sum(1 for count in self.served.values() if count)
 
-    def close(self) -> None:
-        for worker in self.workers:
-            ray.kill(worker)
+    def log_nodes(self) -> None:
+        """One line: how many Ray nodes served clients, and how many replies each."""
         if self.served:
             log.info("clients ran on %d Ray node(s): %s", self.ray_nodes(), ", ".join(
                 f"{node[:8]} {count} replies" for node, count in sorted(self.served.items())))
@@ -209,6 +212,11 @@ class RayGrid(SimulationGrid):
         return min(train)[1]
 
 
+def _kill(workers: list[Any]) -> None:
+    for worker in workers:
+        ray.kill(worker)
+
+
 def _worker_failed(message: Message, err: Exception) -> Message:
     return Message(
         Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"Ray worker failed: {err!r}"),
@@ -219,15 +227,19 @@ def _worker_failed(message: Message, err: Exception) -> Message:
 class RayBackend(Backend):
     """Runs the ServerApp in this process against a `RayGrid`.
 
-    Ray is started on first use and kept for the rest of the process (a Hydra
-    sweep pays its start-up once); the actors of a run are removed when it ends.
+    Ray is started (or joined) on first use and kept for the rest of the process (a
+    Hydra sweep pays its start-up once); the actors of a run are removed when it ends,
+    as idle actors would hold CPUs that other Ray users (Flower's engine) wait for.
+    `address` (or RAY_ADDRESS with address=null) joins a running cluster, so a series of
+    processes shares one `ray start --head`.
 
     Parameters
     ----------
     num_cpus, num_gpus : resources reserved per client actor.
     num_actors : actors in the pool (default: the cluster's CPUs // num_cpus, at most
         clients_per_round).
-    address : an existing Ray cluster to join; None starts a local one.
+    address : an existing Ray cluster to join (host:port, ray://host:port or auto); None
+        starts a local one unless RAY_ADDRESS names one.
     """
 
     partition_node_ids = True  # node i + 1 holds partition i (attacks rely on it)
@@ -272,18 +284,22 @@ class RayBackend(Backend):
         self._connect()
         pool_size = self._pool_size(cfg)
         self._check_resources(pool_size)
-        run_config = to_run_config(cfg)
-        data = build_federated_data(cfg)
-        shared = ray.put(dataclasses.replace(data, partitioner=None))
         # SPREAD: a multi-node cluster serves clients on every node, not first fills one
-        options = ClientWorker.options(num_cpus=self.num_cpus, num_gpus=self.num_gpus,
-                                       max_concurrency=2, scheduling_strategy="SPREAD")
-        grid = RayGrid(partial(options.remote, run_config, shared), pool_size, cfg.num_clients,
-                       run_config, cfg.faults.kill_worker_round)
+        new_worker = ClientWorker.options(num_cpus=self.num_cpus, num_gpus=self.num_gpus,
+                                          max_concurrency=2, scheduling_strategy="SPREAD").remote
+        workers = [new_worker() for _ in range(pool_size)]  # they import meanwhile
+        grid = None
         try:
+            run_config = to_run_config(cfg)
+            data = build_federated_data(cfg)
+            shared = ray.put(dataclasses.replace(data, partitioner=None))
+            grid = RayGrid(new_worker, workers, cfg.num_clients, run_config, shared,
+                           cfg.faults.kill_worker_round)
             server_app(grid, server_context(run_config))
         finally:
-            grid.close()
+            _kill(workers if grid is None else grid.workers)
+            if grid is not None:
+                grid.log_nodes()
 
     def _connect(self) -> None:
         """Start (or join) Ray once per process; later runs of a sweep reuse the session."""
