@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import shlex
 from collections.abc import Iterator, Mapping
+from uuid import uuid4
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -74,6 +75,8 @@ class FedsimClientApp(ClientApp):
         faults = cfg.faults
         if float(faults.crash_prob) or float(faults.nan_prob) or float(faults.hang_prob):
             return "faults.crash_prob, nan_prob or hang_prob inject per-client faults"
+        if faults.timeout_s is not None:
+            return "faults.timeout_s times each client's training on its own"
         _, trainer = client_runtime(cfg)
         return trainer.cohort_problem()
 
@@ -90,7 +93,9 @@ class FedsimClientApp(ClientApp):
         for msg, context, out in zip(messages, contexts, trainer.train_cohort(jobs),
                                      strict=True):
             context.state = out.state
-            replies.append(train_reply(msg, out))
+            reply = train_reply(msg, out)
+            reply.metadata.__dict__["_message_id"] = uuid4().hex  # as `run_client_app` does
+            replies.append(reply)
         return replies
 
 

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 MAX_PLOTTED_CLIENTS = 50
+BACKGROUND_PLOT_TIMEOUT_S = 300  # a plot of 50 clients takes about a second
 BAR_PLOT_MAX_CLIENTS = 10  # more clients: a heatmap (bars cost ~1 s for 100 clients)
 CLIENT_AXIS = "client (partition)"
 SAMPLES = "training samples"
@@ -108,8 +109,13 @@ class Background:
         must not fail a finished run)."""
         if self.process is None:
             return
-        self.process.join()
-        if self.process.exitcode != 0:
+        self.process.join(BACKGROUND_PLOT_TIMEOUT_S)
+        if self.process.exitcode is None:  # stuck, e.g. on a lock a thread held at the fork
+            self.process.kill()
+            self.process.join()
+            log.warning("%s took over %d s in its process and was stopped", self.what,
+                        BACKGROUND_PLOT_TIMEOUT_S)
+        elif self.process.exitcode != 0:
             log.warning("%s failed in its process (exit code %s)", self.what,
                         self.process.exitcode)
         self.process = None

@@ -116,6 +116,11 @@ def test_what_cannot_be_batched_says_why():
     dropout = SGDTrainer(lambda: nn.Sequential(nn.Linear(6, 3), nn.Dropout(0.5)))
     assert "Dropout" in dropout.cohort_problem()
     assert "buffers" in model_problem(nn.Sequential(nn.Linear(6, 3), nn.BatchNorm1d(3)))
+    nesterov = partial(torch.optim.SGD, momentum=0.9, nesterov=True)
+    assert "not plain SGD" in SGDTrainer(mlp, optimizer=nesterov).cohort_problem()
+    tied = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 3))
+    tied[2].weight = tied[0].weight
+    assert "ties weights" in model_problem(tied)
     assert model_problem(mlp()) is None
 
 
@@ -163,3 +168,21 @@ def test_momentum_by_hand():
     buffers = sgd_update(params, grads, None, on, rule)
     buffers = sgd_update(params, grads, buffers, on, rule)
     assert params["w"][:, 0].tolist() == pytest.approx([-0.1 - 0.19, 0.0])
+
+
+def test_weight_decay_and_the_proximal_term_by_hand():
+    """One weight w, a zero data gradient (weights 0 on every row), w0 = 1, lr 0.1.
+    Weight decay 0.5 adds 0.5 w to the gradient: w1 = 1 - 0.1 * 0.5 = 0.95.
+    The proximal term mu/2 (w - anchor)^2 has gradient mu (w - anchor) = 0 at the anchor,
+    so only decay moves step 1; at step 2 it adds mu * (0.95 - 1) = -0.05 with mu = 1:
+    w2 = 0.95 - 0.1 * (0.5 * 0.95 - 0.05) = 0.9075."""
+    model = nn.Linear(1, 1, bias=False)
+    start = {"weight": torch.ones(1, 1)}
+    rows = torch.zeros(2, 1, 1, dtype=torch.int64)
+    weights = torch.zeros(2, 1, 1)  # no data term
+    active = torch.ones(2, 1, dtype=torch.bool)
+    x, y = torch.ones(1, 1), torch.zeros(1, dtype=torch.int64)
+    params, totals = cohort_sgd(model, [start], x, y, rows, weights, active,
+                                SGDRule(lr=0.1, weight_decay=0.5, mu=1.0))
+    assert params["weight"].item() == pytest.approx(0.9075, rel=1e-6)
+    assert totals[0, 0].item() == pytest.approx(0.5 * 0.05**2, rel=1e-4)  # step 2's term

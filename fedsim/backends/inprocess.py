@@ -9,21 +9,31 @@ import multiprocessing
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+from flwr.common import MessageType
 from omegaconf import DictConfig
 
-from fedsim.backends.base import Backend, SimulationGrid, run_client_app, server_context
+from fedsim.backends.base import (
+    Backend,
+    SimulationGrid,
+    describe_failure,
+    run_client_app,
+    server_context,
+)
 from fedsim.config import to_run_config
-from fedsim.errors import is_int, require
+from fedsim.errors import RunFailedError, is_int, require
 
 log = logging.getLogger("fedsim")
 #: with a pool, a round's sequential messages go out in about this many shards per worker,
 #: so a slow client does not hold up a whole worker's share
 SHARDS_PER_WORKER = 4
+#: why evaluate messages are not batched: they are not meant to be, so it is not logged
+ONLY_TRAIN = "only train messages are batched"
 
 
 @dataclass
@@ -41,22 +51,18 @@ def serve(app: ClientApp, messages: list[Message], contexts: list[Context], batc
     """Run the ClientApp for each (message, context), as one batched cohort where asked
     and possible, else one after another. Simulated clients run side by side, so
     `timeout` bounds each call: a reply that took longer is lost, with its client's state
-    update, as if it never arrived. A batched cohort has no per-client time: one that
-    took longer than `timeout` as a whole is run again one client at a time."""
+    update, as if it never arrived. (A run with `faults.timeout_s` is not batched: a
+    cohort has no per-client time.)"""
     not_batched = None
     if batched:
-        not_batched = cohort_problem(app, messages, contexts)
-        if not_batched is None:
-            states, start = [context.state for context in contexts], time.perf_counter()
-            try:
-                replies = app.train_cohort(messages, contexts)
-            except Exception as err:  # noqa: BLE001 - the sequential path gives each its error
-                not_batched = f"the batched cohort failed ({err}); ran the clients one by one"
-            else:
-                if timeout is None or time.perf_counter() - start <= timeout:
-                    return Served([(reply, context) for reply, context in
-                                   zip(replies, contexts, strict=True)])
-                not_batched = "a cohort passed faults.timeout_s; ran its clients one by one"
+        states = [context.state for context in contexts]
+        try:
+            not_batched = cohort_problem(app, messages, contexts)
+            if not_batched is None:
+                return Served(list(zip(app.train_cohort(messages, contexts), contexts,
+                                       strict=True)))
+        except Exception as err:  # noqa: BLE001 - the sequential path gives each its error
+            not_batched = f"the batched cohort failed ({describe_failure(err)})"
             for context, state in zip(contexts, states, strict=True):
                 context.state = state
     results: list[tuple[Message, Context] | None] = []
@@ -73,6 +79,8 @@ def serve(app: ClientApp, messages: list[Message], contexts: list[Context], batc
 def cohort_problem(app: ClientApp, messages: list[Message], contexts: list[Context]
                    ) -> str | None:
     """Why these messages are not trained as one batched cohort (None: they are)."""
+    if any(m.metadata.message_type != MessageType.TRAIN for m in messages):
+        return ONLY_TRAIN
     problem = getattr(app, "cohort_problem", None)
     return "the ClientApp is not fedsim's" if problem is None else problem(messages, contexts)
 
@@ -81,8 +89,9 @@ _WORKER_APP: ClientApp | None = None
 
 
 def _start_worker(threads: int) -> None:
-    """A pool worker: fedsim's ClientApp (a forked worker has it imported already, and
-    the run's data and trainer built), and torch's thread count."""
+    """A pool worker: fedsim's ClientApp (a forked worker has it imported already; a
+    spawned one imports it and builds the run's data on its first message), and torch's
+    thread count."""
     global _WORKER_APP
     from fedsim.client_app import app
 
@@ -118,7 +127,12 @@ class InProcessGrid(SimulationGrid):
             shards = self._shards(len(messages))
             futures = [self.pool.submit(_serve_in_worker, messages[a:b], contexts[a:b],
                                         self.batched, timeout) for a, b in shards]
-            served = [future.result() for future in futures]
+            try:
+                served = [future.result() for future in futures]
+            except BrokenProcessPool as err:
+                raise RunFailedError(
+                    "a worker process of backend.workers died (killed by the system, out of "
+                    "memory?); the run stops here and can go on with resume=") from err
         replies = []
         for part in served:
             self._tell(part.not_batched)
@@ -138,10 +152,11 @@ class InProcessGrid(SimulationGrid):
 
     def _tell(self, not_batched: str | None) -> None:
         """One log line per reason a round was not batched (evaluations are not meant to be)."""
-        if not_batched and not_batched not in self._told \
-                and not_batched != "only train messages are batched":
+        if not_batched and not_batched not in self._told and not_batched != ONLY_TRAIN:
             self._told.add(not_batched)
-            log.info("backend.batched: training clients one by one: %s", not_batched)
+            failed = not_batched.startswith("the batched cohort failed")
+            log.log(logging.WARNING if failed else logging.INFO,
+                    "backend.batched: training clients one by one: %s", not_batched)
 
 
 def available_cores() -> int:
@@ -177,7 +192,7 @@ class InProcessBackend(Backend):
         from fedsim.server_app import app as server_app
 
         run_config = to_run_config(cfg)
-        pool = self._pool(cfg.torch_threads)
+        pool = self._pool(cfg.torch_threads, cuda=str(cfg.device) != "cpu")
         grid = InProcessGrid(client_app, cfg.num_clients, run_config, self.batched, pool,
                              self.workers)
         try:
@@ -186,11 +201,13 @@ class InProcessBackend(Backend):
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
 
-    def _pool(self, threads: int) -> ProcessPoolExecutor | None:
-        """Worker processes forked from this one (spawned where CUDA is already in use:
-        a forked CUDA context does not work); None for one worker."""
+    def _pool(self, threads: int, cuda: bool) -> ProcessPoolExecutor | None:
+        """Worker processes forked from this one, or spawned where the run may use CUDA
+        (`cuda`: its device is not cpu and a GPU is there): the pool forks at its first
+        round, after the server has put its model on the GPU, and a forked CUDA context
+        does not work. None for one worker."""
         if self.workers == 1:
             return None
-        method = "spawn" if torch.cuda.is_initialized() else "fork"
+        method = "spawn" if torch.cuda.is_available() and cuda else "fork"
         return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context(method),
                                    initializer=_start_worker, initargs=(threads,))

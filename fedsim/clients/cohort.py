@@ -41,9 +41,14 @@ class SGDRule:
 
 def model_problem(model: nn.Module) -> str | None:
     """Why `model` cannot be trained as a batched cohort, or None when it can: buffers
-    (batch norm statistics), frozen parameters, or a layer outside `DETERMINISTIC_LAYERS`."""
+    (batch norm statistics), tied or frozen parameters, or a layer outside
+    `DETERMINISTIC_LAYERS`. Randomness in a container's own `forward` is not seen here:
+    `vmap` refuses it when the cohort runs, and the clients then train one by one."""
     if any(True for _ in model.buffers()):
         return f"the model {type(model).__name__} has buffers (e.g. batch norm statistics)"
+    if len(list(model.named_parameters(remove_duplicate=False))) != len(
+            list(model.named_parameters())):
+        return f"the model {type(model).__name__} ties weights (one parameter, two names)"
     if not all(p.requires_grad for p in model.parameters()):
         return f"the model {type(model).__name__} has frozen parameters"
     for name, module in model.named_modules():
@@ -97,7 +102,7 @@ def cohort_sgd(
     params = {k: torch.stack([s[k] for s in starts]).detach() for k in names}
     anchor = {k: v.clone() for k, v in params.items()}
     momentum: dict[str, torch.Tensor] | None = None
-    totals = torch.zeros(len(starts), 2)
+    totals = torch.zeros(len(starts), 2, device=x.device)
 
     def loss(p: dict[str, torch.Tensor], a: dict[str, torch.Tensor], xb: torch.Tensor,
              yb: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
