@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from flwr_datasets.partitioner import IidPartitioner
 
 from fedsim.errors import ConfigError
 
@@ -104,6 +103,10 @@ def partition_indices(partitioner, num_partitions: int) -> list[np.ndarray]:
             f"partition: the partitioner produced {available} partitions but "
             f"num_clients={num_partitions}"
         )
+    # imported here, not at the top: flwr-datasets imports seaborn and scipy.stats (~2.5 s),
+    # which a client process that only reads partitions (a Ray actor, a worker) never needs
+    from flwr_datasets.partitioner import IidPartitioner
+
     if type(partitioner) is IidPartitioner:  # not a subclass: it may cut otherwise
         parts = contiguous_shards(partitioner.dataset.data.column(INDEX).to_numpy(),
                                   num_partitions)
