@@ -17,7 +17,7 @@ are to `fedsim-100`. Goal: per-round time and peak RSS at 100,000 within 1.2x of
 W3 (`--workload w3`, pfl-research's CIFAR-10 benchmark on synthetic data): 1000 users x 50
 CIFAR-shaped synthetic images (`dataset=synthetic_images`, 50,000 / 10,000), 50 users a
 round, 1 local epoch, batch 10, local SGD lr 0.1 without momentum, pfl-research's
-2-conv CNN (`model=pfl_cnn`), no evaluation, 5 rounds. Ways `raw`, `flower`, `fedsim`,
+2-conv CNN (`model=pfl_cnn`), no evaluation, 3 rounds. Ways `raw`, `flower`, `fedsim`,
 `fedsim-parallel` (its dropout rules out `backend.batched`).
 
 C1 (`--workload central`): centralized training, the non-federated methods' mode: one
@@ -116,7 +116,7 @@ WORKLOADS = {
                    tuple(FEDSIM_WAYS["w2"]), 20, 5),
     "w3": Workload("w3", f"W3: {W3_CLIENTS} users x 50 synthetic CIFAR images, "
                    f"{W3_COHORT} a round, pfl-research's CNN", "raw",
-                   ("raw", "flower", *FEDSIM_WAYS["w3"]), 5, 2),
+                   ("raw", "flower", *FEDSIM_WAYS["w3"]), 3, 1),
     "central": Workload("central", f"C1: one client holding the whole train split, "
                         f"{CENTRAL_EPOCHS} epochs a round", "central-raw",
                         ("central-raw", "central-fedsim"), 10, 2),
