@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import shlex
 from collections.abc import Iterator, Mapping
-from uuid import uuid4
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -17,7 +16,7 @@ from flwr.common import MessageType
 from flwr.common.constant import NUM_PARTITIONS_KEY, PARTITION_ID_KEY
 from omegaconf import DictConfig
 
-from fedsim.backends.base import ClientAppFailed, describe_failure
+from fedsim.backends.base import ClientAppFailed, describe_failure, with_message_id
 from fedsim.clients.base import Trainer, TrainOutput, round_seed
 from fedsim.config import OVERRIDES_KEY, RUN_CONFIG_KEY, from_run_config
 from fedsim.datasets.federated import ClientData
@@ -62,9 +61,8 @@ class FedsimClientApp(ClientApp):
     def cohort_problem(self, messages: list[Message], contexts: list[Context]) -> str | None:
         """Why these train messages cannot be trained as one batched cohort
         (`train_cohort`), or None when they can: every message is fedsim's own training
-        on the run's data, with nothing per client that a batch would skip."""
-        if any(m.metadata.message_type != MessageType.TRAIN for m in messages):
-            return "only train messages are batched"
+        on the run's data, with nothing per client that a batch would skip. The caller
+        passes train messages only (`fedsim.backends.inprocess.cohort_problem`)."""
         cfg = node_run_config(contexts[0], self.config_json)
         if cfg.get("client_app"):
             return "the run's own client_app trains its clients"
@@ -93,9 +91,7 @@ class FedsimClientApp(ClientApp):
         for msg, context, out in zip(messages, contexts, trainer.train_cohort(jobs),
                                      strict=True):
             context.state = out.state
-            reply = train_reply(msg, out)
-            reply.metadata.__dict__["_message_id"] = uuid4().hex  # as `run_client_app` does
-            replies.append(reply)
+            replies.append(with_message_id(train_reply(msg, out)))
         return replies
 
 

@@ -102,7 +102,6 @@ class Workload:
     """A named workload: its ways, the way its ratios are to, its run lengths."""
 
     name: str
-    title: str
     base: str  # the way every ratio is to
     ways: tuple[str, ...]
     rounds: int
@@ -110,16 +109,11 @@ class Workload:
 
 
 WORKLOADS = {
-    "w1": Workload("w1", f"W1: {W1_CLIENTS} clients, {W1_COHORT} a round", "raw",
+    "w1": Workload("w1", "raw",
                    ("raw", "flower", *FEDSIM_WAYS["w1"]), 50, 10),
-    "w2": Workload("w2", "W2: 100 clients a round, 40 resampled samples each", "fedsim-100",
-                   tuple(FEDSIM_WAYS["w2"]), 20, 5),
-    "w3": Workload("w3", f"W3: {W3_CLIENTS} users x 50 synthetic CIFAR images, "
-                   f"{W3_COHORT} a round, pfl-research's CNN", "raw",
-                   ("raw", "flower", *FEDSIM_WAYS["w3"]), 3, 1),
-    "central": Workload("central", f"C1: one client holding the whole train split, "
-                        f"{CENTRAL_EPOCHS} epochs a round", "central-raw",
-                        ("central-raw", "central-fedsim"), 10, 2),
+    "w2": Workload("w2", "fedsim-100", tuple(FEDSIM_WAYS["w2"]), 20, 5),
+    "w3": Workload("w3", "raw", ("raw", "flower", *FEDSIM_WAYS["w3"]), 3, 1),
+    "central": Workload("central", "central-raw", ("central-raw", "central-fedsim"), 10, 2),
 }
 DEFAULT_WORKLOADS = ("w1", "w2", "w3")
 
@@ -449,12 +443,6 @@ def machine() -> str:
     return f"{cores} CPU cores, {memory_gib:.0f} GiB ({platform.machine()}, no GPU used)"
 
 
-def commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                         text=True, check=False, cwd=Path(__file__).resolve().parents[1])
-    return out.stdout.strip() or "unknown"
-
-
 def chosen_ways(workload: Workload, wanted: list[str] | None) -> list[str]:
     """The workload's ways among `wanted` (all when None), its base way first; none when
     `wanted` names none of them."""
@@ -511,7 +499,9 @@ def main() -> None:
         return
     from datetime import date
 
-    record = {"date": date.today().isoformat(), "commit": commit(), "machine": machine(),
+    from fedsim.comparison import current_commit
+
+    record = {"date": date.today().isoformat(), "commit": current_commit(), "machine": machine(),
               "command": "python " + " ".join(["scripts/bench.py", *sys.argv[1:]]),
               "repeat": args.repeat, "workloads": {}}
     for name in args.workloads:

@@ -123,6 +123,12 @@ def run_client_app(app: ClientApp, message: Message, context: Context) -> Messag
         reason = f"<class '{type(err).__module__}.{type(err).__qualname__}'>:<'{err}'>"
         reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
                         reply_to=message)
+    return with_message_id(reply)
+
+
+def with_message_id(reply: Message) -> Message:
+    """`reply` with a fresh message id, as a SuperNode's reply gets one (the reply check
+    and the strategies key replies by it)."""
     reply.metadata.__dict__["_message_id"] = uuid4().hex
     return reply
 

@@ -232,10 +232,9 @@ class SGDTrainer(Trainer):
         starts, batches, offsets, xs, ys, offset = [], [], [], [], [], 0
         decoded: dict[int, dict[str, torch.Tensor]] = {}  # FedAvg sends one record to all
         for arrays, _, data, _ in jobs:
-            if id(arrays) not in decoded:
-                model = self.load_model(arrays)  # checks the arrays fit the model
+            if id(arrays) not in decoded:  # load_model checks the arrays fit the model
                 decoded[id(arrays)] = {k: v.detach().clone()
-                                       for k, v in model.state_dict().items()}
+                                       for k, v in self.load_model(arrays).state_dict().items()}
             starts.append(decoded[id(arrays)])
             generator = self.generator(data, settings.server_round)
             batches.append([idx for _ in range(settings.local_epochs)
@@ -250,6 +249,7 @@ class SGDTrainer(Trainer):
             getattr(self.optimizer, "keywords", {}).get("momentum", 0.0)),
             weight_decay=self.weight_decay, mu=settings.proximal_mu)
         device = self.device
+        model = self._model  # built by load_model above; cohort_sgd reads its structure only
         params, totals = cohort_sgd(
             model, starts, torch.cat(xs).to(device), torch.cat(ys).to(device), rows.to(device),
             weights.to(device), active.to(device), rule)
