@@ -10,6 +10,13 @@ NDSS-21 aggregation-tailored attack on trimmed mean and Multi-Krum.
     python scripts/compare_frl.py --rounds 200 --datasets mnist1d --methods FRL "FRL topk" \
         FedAvg --fractions 0 --seeds 0 1 --set model.channels=100 \
         --out docs/results/frl-wide                # FRL on a 4x wider 1-D CNN
+    python scripts/compare_frl.py --rounds 200 --datasets mnist1d --methods FRL "FRL topk" \
+        FedAvg --fractions 0 --lrs 0.01 0.1 0.4 --seeds 0 1 --set model.channels=100 \
+        --out docs/results/frl-wide                # the same, each method at 3 client lrs
+
+With `--lrs` the grid sweeps the client learning rate (every method's `client.lr`, the
+base of its 0.999-a-round decay) at one malicious fraction instead of the fraction, and the
+page reports each method's best lr on that shared grid.
 
 Runs land in --runs-dir (default outputs/compare_frl); finished runs are reused,
 so an interrupted comparison resumes where it stopped. A model an attack destroys
@@ -24,6 +31,7 @@ import json
 import math
 import statistics
 from collections import Counter
+from collections.abc import Callable
 
 from fedsim.comparison import (
     Grid,
@@ -74,28 +82,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
                         help="a subset to run (the report needs FRL and FedAvg)")
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.0, 0.1, 0.2])
+    parser.add_argument("--lrs", nargs="+", type=float, default=None,
+                        help="sweep every method's client lr on this grid instead of the "
+                             "malicious fraction (needs exactly one --fractions value)")
     add_grid_arguments(parser, "frl", rounds=300)
     parser.add_argument("--no-report", dest="report", action="store_false",
                         help="only run the missing cells (e.g. on a bigger machine)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.lrs and len(args.fractions) != 1:
+        parser.error(f"--lrs sweeps the lr at one malicious fraction; got --fractions "
+                     f"{' '.join(map(str, args.fractions))}")
+    return args
 
 
 def build_grid(args: argparse.Namespace) -> Grid:
+    """methods x datasets x (malicious fractions, or client lrs with `--lrs`) x seeds."""
     pairs = {}
     for dataset in args.datasets:
         dense, supermask = MODELS[dataset]
         for method in args.methods:
             model = supermask if method.startswith("FRL") else dense
             pairs[(method, dataset)] = [f"model={model}"]
+    sweep = ["attack.fraction", args.fractions]
+    fixed, tag = [], [f"rounds{args.rounds}", *args.set]
+    if args.lrs:
+        sweep = ["client.lr", args.lrs]
+        fixed = [f"attack.fraction={args.fractions[0]}"]
+        tag += [*fixed, "lrs"]
     return Grid(
         methods={name: METHODS[name] for name in args.methods},
         datasets={name: DATASETS[name] for name in args.datasets},
-        value_key="attack.fraction",
-        values=args.fractions,
+        value_key=sweep[0],
+        values=sweep[1],
         seeds=args.seeds,
         base=["+experiment=frl_mnist1d", f"num_rounds={args.rounds}", "progress=false",
-              *args.set],
-        runs_dir=args.runs_dir / slug("_".join([f"rounds{args.rounds}", *args.set])),
+              *fixed, *args.set],
+        runs_dir=args.runs_dir / slug("_".join(tag)),
         pairs=pairs,
     )
 
@@ -175,8 +197,16 @@ def destroyed_round(cell) -> int | None:
         if summary.exists() else None
 
 
-def destroyed(cells) -> list[str]:
-    """Per dataset, fraction and method: the seeds whose model an attack destroyed."""
+def fraction_label(value: float) -> str:
+    return f"{100 * value:g}% malicious"
+
+
+def lr_label(value: float) -> str:
+    return f"client lr {value:g}"
+
+
+def destroyed(cells, label: Callable[[float], str] = fraction_label) -> list[str]:
+    """Per dataset, swept value and method: the seeds whose model was destroyed."""
     runs = Counter((cell.dataset, cell.value, cell.method) for cell in cells)
     found: dict[tuple, list[str]] = {}
     for cell in cells:
@@ -184,14 +214,14 @@ def destroyed(cells) -> list[str]:
         if first is not None:
             found.setdefault((cell.dataset, cell.value, cell.method), []).append(
                 f"seed {cell.seed} in round {first}")
-    return [f"- {dataset}, {100 * value:g}% malicious, {method}: {len(seeds)} of "
+    return [f"- {dataset}, {label(value)}, {method}: {len(seeds)} of "
             f"{runs[(dataset, value, method)]} runs ({', '.join(seeds)})"
             for (dataset, value, method), seeds in found.items()]
 
 
-def raw_result(cell, rows: list[dict], rounds: int) -> dict:
+def raw_result(cell, rows: list[dict], rounds: int, swept: str = "fraction") -> dict:
     """One run's identity and results, for the .json file."""
-    return {"dataset": cell.dataset, "method": cell.method, "fraction": cell.value,
+    return {"dataset": cell.dataset, "method": cell.method, swept: cell.value,
             "seed": cell.seed, "overrides": list(cell.overrides[:-1]),
             f"accuracy_round{rounds}": metric_at(rows, ACCURACY, rounds),
             "accuracy_last3_evals": mean_last(rows, ACCURACY, 3, rounds),
@@ -279,14 +309,92 @@ n·ceil(log2 n) bits per layer, which fedsim does not bit-pack.
     args.out.with_suffix(".json").write_text(json.dumps(raw, indent=1) + "\n")
 
 
+def best_lrs(stats: dict, methods: list[str]) -> list[str]:
+    """Per dataset: each method's best client lr on the grid, and its accuracy there."""
+    lines = []
+    for dataset in dict.fromkeys(d for d, _, _ in stats):
+        parts = []
+        for method in methods:
+            lr, (mean, std, _) = max(((v, s) for (d, v, m), s in stats.items()
+                                      if d == dataset and m == method), key=lambda x: x[1][0])
+            parts.append(f"{method} at lr {lr:g} ({100 * mean:.1f} ± {100 * std:.1f})")
+        lines.append(f"- {dataset}: " + ", ".join(parts))
+    return lines
+
+
+def mask_gaps(stats: dict) -> list[str]:
+    """Per dataset and lr: the `topk` mask's accuracy minus the reference |score| mask's."""
+    return [f"- {d}, lr {v:g}: {100 * (stats[(d, v, 'FRL topk')][0] - mean):+.1f} points "
+            f"({100 * stats[(d, v, 'FRL topk')][0]:.1f} against {100 * mean:.1f})"
+            for (d, v, m), (mean, _, _) in stats.items()
+            if m == "FRL" and (d, v, "FRL topk") in stats]
+
+
+def write_lr_report(args: argparse.Namespace, grid: Grid) -> None:
+    """The `--lrs` page: every method on the same client-lr grid at one malicious fraction."""
+    cells = grid.cells()
+    methods = list(grid.methods)
+    final = summarize(cells, lambda rows: metric_at(rows, ACCURACY, args.rounds))
+    smooth = summarize(cells, lambda rows: mean_last(rows, ACCURACY, 3, args.rounds))
+    plot_methods(final, methods, "client lr", f"server accuracy, round {args.rounds}",
+                 args.out.with_suffix(".png"), log_x=True)
+    cfg = compose([*grid.base, *grid.methods[methods[0]]])
+    attacks = ("No client is malicious, so no attack runs." if args.fractions[0] == 0 else
+               "Attacks: " + "; ".join(f"{m}, {ATTACKS[m]}" for m in methods) + ".")
+    lrs = ", ".join(f"{lr:g}" for lr in args.lrs)
+    text = f"""# FRL vs its baselines: the client learning rate
+
+{provenance("scripts/compare_frl.py", cells, args.workers)} Every number is a
+mean ± sample std over seeds {", ".join(map(str, args.seeds))} of the server's centralized
+test accuracy (%).
+
+Setup: the `frl_mnist1d` preset{f" with `{' '.join(args.set)}`" if args.set else ""}:
+{cfg.num_clients} clients, {cfg.clients_per_round} sampled a round, Dirichlet alpha
+{cfg.partition.alpha}, {args.rounds} rounds, {fraction_label(args.fractions[0])}.
+{attacks} Every method runs at each client lr of the same grid
+({lrs}); the lr is the base of the 0.999-a-round decay, and the rest of each client is the
+reference's: FRL's (momentum 0.9, wd 1e-4, cosine over 2 epochs, batch 8; the reference
+uses lr 0.4) for the supermask runs, the reference's baseline client (the same, at lr 0.01)
+for the dense ones. FRL masks keep 50% of edges; `FRL` is the reference's |score| mask,
+`FRL topk` the paper's top-k mask.
+
+## Accuracy after {args.rounds} rounds
+
+{markdown_table(final, methods, "client lr")}
+
+![accuracy vs client lr]({args.out.with_suffix(".png").name})
+
+## Mean of the last 3 evaluations (every 5 rounds)
+
+{markdown_table(smooth, methods, "client lr")}
+
+## Best lr on this grid (accuracy after {args.rounds} rounds)
+
+{chr(10).join(best_lrs(final, methods))}
+
+## `topk` mask minus the reference mask, per lr (after {args.rounds} rounds)
+
+{chr(10).join(mask_gaps(final)) or "(this grid does not run both masks)"}
+
+## Destroyed models
+
+{chr(10).join(destroyed(cells, lr_label)) or "(no run's model was destroyed)"}
+"""
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".md").write_text(text)
+    raw = [raw_result(c, read_rows(c.run_dir), args.rounds, "lr") for c in cells]
+    args.out.with_suffix(".json").write_text(json.dumps(raw, indent=1) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     grid = build_grid(args)
     run_missing(grid.cells(), args.workers)
-    for line in destroyed(grid.cells()):
+    label = lr_label if args.lrs else fraction_label
+    for line in destroyed(grid.cells(), label):
         print(f"model destroyed {line[2:]}")
     if args.report:
-        write_report(args, grid)
+        (write_lr_report if args.lrs else write_report)(args, grid)
         print(f"wrote {args.out.with_suffix('.md')}")
 
 
