@@ -228,13 +228,20 @@ def raw_result(cell, rows: list[dict], rounds: int, swept: str = "fraction") -> 
             "model_destroyed_round": destroyed_round(cell)}
 
 
+def accuracies(args: argparse.Namespace, grid: Grid, x_label: str, log_x: bool) -> tuple:
+    """Final and last-3-evaluation accuracy stats of the grid; plots the final one."""
+    cells = grid.cells()
+    final = summarize(cells, lambda rows: metric_at(rows, ACCURACY, args.rounds))
+    smooth = summarize(cells, lambda rows: mean_last(rows, ACCURACY, 3, args.rounds))
+    plot_methods(final, list(grid.methods), x_label, f"server accuracy, round {args.rounds}",
+                 args.out.with_suffix(".png"), log_x=log_x)
+    return final, smooth
+
+
 def write_report(args: argparse.Namespace, grid: Grid) -> None:
     cells = grid.cells()
     methods = list(grid.methods)
-    final = summarize(cells, lambda rows: metric_at(rows, ACCURACY, args.rounds))
-    smooth = summarize(cells, lambda rows: mean_last(rows, ACCURACY, 3, args.rounds))
-    plot_methods(final, methods, "malicious fraction", f"server accuracy, round {args.rounds}",
-                 args.out.with_suffix(".png"), log_x=False)
+    final, smooth = accuracies(args, grid, "malicious fraction", log_x=False)
     cfg = compose([*grid.base, *grid.methods["FRL"]])
     attack_lines = "\n".join(f"- {m}: {a}" for m, a in ATTACKS.items())
     text = f"""# FRL vs FedAvg, trimmed mean and Multi-Krum under poisoning
@@ -334,10 +341,7 @@ def write_lr_report(args: argparse.Namespace, grid: Grid) -> None:
     """The `--lrs` page: every method on the same client-lr grid at one malicious fraction."""
     cells = grid.cells()
     methods = list(grid.methods)
-    final = summarize(cells, lambda rows: metric_at(rows, ACCURACY, args.rounds))
-    smooth = summarize(cells, lambda rows: mean_last(rows, ACCURACY, 3, args.rounds))
-    plot_methods(final, methods, "client lr", f"server accuracy, round {args.rounds}",
-                 args.out.with_suffix(".png"), log_x=True)
+    final, smooth = accuracies(args, grid, "client lr", log_x=True)
     cfg = compose([*grid.base, *grid.methods[methods[0]]])
     attacks = ("No client is malicious, so no attack runs." if args.fractions[0] == 0 else
                "Attacks: " + "; ".join(f"{m}, {ATTACKS[m]}" for m in methods) + ".")
