@@ -8,11 +8,8 @@ NDSS-21 aggregation-tailored attack on trimmed mean and Multi-Krum.
     python scripts/compare_frl.py                           # the full grid
     python scripts/compare_frl.py --seeds 0 --rounds 5 --fractions 0 0.2   # a smoke run
     python scripts/compare_frl.py --rounds 200 --datasets mnist1d --methods FRL "FRL topk" \
-        FedAvg --fractions 0 --seeds 0 1 --set model.channels=100 \
-        --out docs/results/frl-wide                # FRL on a 4x wider 1-D CNN
-    python scripts/compare_frl.py --rounds 200 --datasets mnist1d --methods FRL "FRL topk" \
         FedAvg --fractions 0 --lrs 0.01 0.1 0.4 --seeds 0 1 --set model.channels=100 \
-        --out docs/results/frl-wide                # the same, each method at 3 client lrs
+        --out docs/results/frl-wide    # a 4x wider 1-D CNN, each method at 3 client lrs
 
 With `--lrs` the grid sweeps the client learning rate (every method's `client.lr`, the
 base of its 0.999-a-round decay) at one malicious fraction instead of the fraction, and the
