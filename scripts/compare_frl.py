@@ -100,17 +100,16 @@ def build_grid(args: argparse.Namespace) -> Grid:
         for method in args.methods:
             model = supermask if method.startswith("FRL") else dense
             pairs[(method, dataset)] = [f"model={model}"]
-    sweep = ["attack.fraction", args.fractions]
-    fixed, tag = [], [f"rounds{args.rounds}", *args.set]
+    value_key, values, fixed = "attack.fraction", args.fractions, []
     if args.lrs:
-        sweep = ["client.lr", args.lrs]
+        value_key, values = "client.lr", args.lrs
         fixed = [f"attack.fraction={args.fractions[0]}"]
-        tag += [*fixed, "lrs"]
+    tag = [f"rounds{args.rounds}", *args.set, *fixed, *(["lrs"] if args.lrs else [])]
     return Grid(
         methods={name: METHODS[name] for name in args.methods},
         datasets={name: DATASETS[name] for name in args.datasets},
-        value_key=sweep[0],
-        values=sweep[1],
+        value_key=value_key,
+        values=values,
         seeds=args.seeds,
         base=["+experiment=frl_mnist1d", f"num_rounds={args.rounds}", "progress=false",
               *fixed, *args.set],
