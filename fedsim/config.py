@@ -471,6 +471,8 @@ def _validate_run(cfg: DictConfig) -> None:
              cfg.flwr_log_level)
     _require(cfg.output_dir is None or (isinstance(cfg.output_dir, str) and cfg.output_dir != ""),
              "output_dir", "a directory path, or null", cfg.output_dir)
+    enabled = OmegaConf.select(cfg, "plots.enabled", default=True)  # older runs: plotted
+    _require(isinstance(enabled, bool), "plots.enabled", "true or false", enabled)
     metrics = OmegaConf.select(cfg, "plots.metrics", default=OmegaConf.create([]))  # older runs
     _require(OmegaConf.is_list(metrics) and all(isinstance(m, str) and m for m in metrics),
              "plots.metrics", "a list of metrics.jsonl keys or patterns (e.g. "

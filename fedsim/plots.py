@@ -55,6 +55,7 @@ def integer_rounds(ax: Axes) -> None:
 
 
 def _save(fig: Figure, path: Path, **kwargs: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, **kwargs)
     plt.close(fig)
 

@@ -74,9 +74,7 @@ def set_aside(path: Path, tag: str) -> Path:
 def prepare_run_dir(output_dir: str | None) -> Path:
     """Claim and create the run directory (`fedsim.run_dir.claim`): refused when it already
     holds a run, or another run holds it right now."""
-    run_dir = claim(Path(output_dir) if output_dir else default_run_dir(), fresh=True)
-    (run_dir / "plots").mkdir(parents=True, exist_ok=True)
-    return run_dir
+    return claim(Path(output_dir) if output_dir else default_run_dir(), fresh=True)
 
 
 def group_members(groups: np.ndarray | None) -> dict[str, list[int]]:
@@ -165,7 +163,7 @@ class RunRecorder:
         self.class_groups = group_members(data.class_groups)
         if self.class_groups:
             (self.run_dir / CLASS_GROUPS_FILE).write_text(json.dumps(self.class_groups))
-        if self.cfg.num_clients > 1:  # drawn beside round 1 onwards: see `Background`
+        if self.cfg.num_clients > 1 and self.plotting:  # drawn beside round 1: `Background`
             self._label_plot = Background(
                 plot_label_distribution,
                 data.partitioner,
@@ -286,10 +284,11 @@ class RunRecorder:
         tmp = self.run_dir / (SUMMARY_FILE + ".tmp")
         tmp.write_text(json.dumps(summary, indent=2))
         os.replace(tmp, self.run_dir / SUMMARY_FILE)
-        plots, title = self.run_dir / "plots", run_title(self.cfg)
-        plot_curves(self.rows, plots / "curves.png", title)
-        plot_metrics(self.rows, OmegaConf.select(self.cfg, "plots.metrics", default=[]),
-                     plots / "metrics.png", title)
+        if self.plotting:
+            plots, title = self.run_dir / "plots", run_title(self.cfg)
+            plot_curves(self.rows, plots / "curves.png", title)
+            plot_metrics(self.rows, OmegaConf.select(self.cfg, "plots.metrics", default=[]),
+                         plots / "metrics.png", title)
         self.logger.finish(summary)
         return summary
 
@@ -300,6 +299,11 @@ class RunRecorder:
         self._metrics_file.close()
         self._wait_for_plots()
         self.logger.finish({"status": "failed"}, failed=True)
+
+    @property
+    def plotting(self) -> bool:
+        """`plots.enabled` (runs of older fedsim have no such key: they plotted)."""
+        return bool(OmegaConf.select(self.cfg, "plots.enabled", default=True))
 
     def _wait_for_plots(self) -> None:
         if self._label_plot is not None:

@@ -9,7 +9,8 @@ from pathlib import Path
 FEDSIM = [sys.executable, "-c", "from fedsim.cli import main; main()"]
 REPORT = [sys.executable, "-m", "fedsim.report"]
 TINY = ["logger=none", "progress=false", "model=mlp", "client.local_epochs=1", "num_clients=4",
-        "clients_per_round=2", "num_rounds=2", "evaluation.clients_per_round=0"]
+        "clients_per_round=2", "num_rounds=2", "evaluation.clients_per_round=0",
+        "plots.enabled=false"]
 
 
 def run(cmd, cwd):

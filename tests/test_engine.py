@@ -17,7 +17,7 @@ from fedsim.runtime import initial_model
 
 
 def test_default_backend_writes_metrics_summary_and_plots(tiny_cfg):
-    cfg = tiny_cfg()
+    cfg = tiny_cfg("plots.enabled=true")  # the default; tiny_cfg turns plots off
     summary = run_experiment(cfg)
     run_dir = Path(cfg.output_dir)
     rows = read_metrics(run_dir)
@@ -31,6 +31,13 @@ def test_default_backend_writes_metrics_summary_and_plots(tiny_cfg):
     assert (run_dir / "config.yaml").exists()
     assert (run_dir / "plots" / "curves.png").stat().st_size > 0
     assert (run_dir / "plots" / "label_distribution.png").stat().st_size > 0
+
+
+def test_plots_enabled_false_writes_no_plots_folder(tiny_cfg):
+    cfg = tiny_cfg("plots.enabled=false", "plots.metrics=[server/loss]")
+    run_experiment(cfg)
+    run_dir = Path(cfg.output_dir)
+    assert (run_dir / "summary.json").exists() and not (run_dir / "plots").exists()
 
 
 def test_a_finished_run_is_never_overwritten(tiny_cfg):

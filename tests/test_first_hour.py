@@ -15,7 +15,7 @@ from fedsim.cli import explain, interrupted_line
 
 FEDSIM = [sys.executable, "-c", "from fedsim.cli import main; main()"]
 TINY = ["logger=none", "progress=false", "model=mlp", "client.local_epochs=1", "num_clients=4",
-        "clients_per_round=2", "evaluation.clients_per_round=0"]
+        "clients_per_round=2", "evaluation.clients_per_round=0", "plots.enabled=false"]
 ENV = {**os.environ, "HYDRA_FULL_ERROR": "0"}
 
 
@@ -69,8 +69,9 @@ def test_ctrl_c_prints_one_line_with_the_resume_command_and_exits_130(tmp_path):
 
 
 def test_a_resumed_run_logs_into_its_own_folder(tmp_path):
-    # enough rounds that a loaded machine cannot finish them before the signal
-    proc = subprocess.Popen([*FEDSIM, *TINY, "num_rounds=300", "checkpoint.every=1"],
+    # enough rounds that a loaded machine cannot finish them in the 0.05 s between the first
+    # checkpoint and the signal (the resume then runs the rest: 300 rounds took a minute)
+    proc = subprocess.Popen([*FEDSIM, *TINY, "num_rounds=60", "checkpoint.every=1"],
                             cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     deadline = time.monotonic() + 240

@@ -34,7 +34,7 @@ POLL_S = 0.5  # how often a running case is checked for a finished round
 LONG_RUN_S = 3  # a case that finished a round still runs this long, to reach later rounds
 BASE = ["logger=none", "progress=false", "num_clients=4", "clients_per_round=2", "num_rounds=1",
         "evaluation.clients_per_round=1", "model=mlp", "dataset=digits", "client.local_epochs=1",
-        "checkpoint.every=0"]
+        "checkpoint.every=0", "plots.enabled=false"]
 #: groups a case may switch (the others need a network, a GPU or data files to be useful)
 SWITCHED = ("strategy", "client", "optimizer", "partition", "model", "attack", "devices")
 VALUES = [

@@ -168,6 +168,13 @@ def test_bad_plot_metrics_are_refused(value):
     assert str(err.value).startswith("plots.metrics must be") and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("value", ["3", "maybe", "[]", "null"])
+def test_a_bad_plots_enabled_is_refused(value):
+    with pytest.raises(ConfigError) as err:
+        validate(compose([f"plots.enabled={value}"]))
+    assert str(err.value).startswith("plots.enabled must be true or false")
+
+
 def test_plot_metrics_may_change_on_resume(tmp_path: Path):
     from fedsim.checkpoint import CONFIG_FILE, resumed_config
 

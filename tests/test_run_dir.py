@@ -25,7 +25,7 @@ from fedsim.run_dir import CLAIM_FILE, claim, holds, release
 FEDSIM = [sys.executable, "-c", "from fedsim.cli import main; main()"]
 TINY = ["logger=none", "progress=false", "model=mlp", "dataset=digits", "client.local_epochs=1",
         "num_clients=4", "clients_per_round=2", "evaluation.clients_per_round=0",
-        "checkpoint.every=1"]
+        "checkpoint.every=1", "plots.enabled=false"]
 
 
 def run_cli(args: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
