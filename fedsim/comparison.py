@@ -117,9 +117,14 @@ def add_grid_arguments(parser: argparse.ArgumentParser, name: str, rounds: int) 
 
 
 def current_commit() -> str:
-    """The checkout's short commit id, which a results page or bench record names."""
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True, cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+    """The checkout's short commit id, which a results page or bench record names;
+    "unknown" outside a git checkout (an installed wheel) or without git."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=Path(__file__).resolve().parents[1])
+    except OSError:
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
 def provenance(script: str, cells: Sequence[Cell], workers: int) -> str:

@@ -2,15 +2,19 @@
 
 import json
 import math
+import subprocess
+from pathlib import Path
 
 import pytest
 from conftest import TINY
 from omegaconf import OmegaConf
 
+from fedsim import comparison
 from fedsim.comparison import (
     Cell,
     Grid,
     best_setting,
+    current_commit,
     first_round_at_least,
     markdown_table,
     mean_last,
@@ -110,3 +114,14 @@ def test_cell_is_finished_only_with_a_summary_of_this_code_and_config(tmp_path):
     assert cell.finished
     # the same folder asked for with other overrides (another --set, other rounds)
     assert not Cell("A", "d", 1.0, 0, ("num_rounds=4", overrides[1]), tmp_path / "run").finished
+
+
+def test_current_commit_names_the_checkout_or_says_unknown(monkeypatch):
+    checkout = Path(comparison.__file__).resolve().parents[1]
+    assert current_commit() == (subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        cwd=checkout).stdout.strip() or "unknown")
+    monkeypatch.setenv("GIT_DIR", "/nonexistent")  # as outside a checkout: git fails
+    assert current_commit() == "unknown"
+    monkeypatch.setenv("PATH", "/nonexistent")  # no git at all
+    assert current_commit() == "unknown"
