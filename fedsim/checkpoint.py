@@ -335,9 +335,15 @@ def resumed_config(
         )
     if changed and composed is None:
         composed = compose(changed)  # Hydra parses the values and groups
+    # `plots.enabled=false` sets that leaf and keeps the stored plots.metrics; a group
+    # (`backend=ray`), a whole setting or a deletion (`~x.y`) takes the composed node
+    leaf = [o for o in changed if "." in o.split("=")[0] and not o.startswith("~")]
+    leaves = {o.lstrip("+").split("=")[0] for o in leaf}
     with open_dict(cfg):
-        for name in {_top_key(o) for o in changed}:
+        for name in {_top_key(o) for o in changed if o not in leaf}:
             cfg[name] = composed[name]
+        for key in sorted(leaves):
+            OmegaConf.update(cfg, key, OmegaConf.select(composed, key), merge=False)
         cfg.resume = str(run_dir)
         cfg.output_dir = str(run_dir)
     return cfg

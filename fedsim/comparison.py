@@ -117,14 +117,19 @@ def add_grid_arguments(parser: argparse.ArgumentParser, name: str, rounds: int) 
 
 
 def current_commit() -> str:
-    """The checkout's short commit id, which a results page or bench record names;
-    "unknown" outside a git checkout (an installed wheel) or without git."""
+    """The short commit id of the checkout fedsim runs from, which a results page or bench
+    record names; "unknown" without git, or when fedsim is not a checkout's own package (an
+    installed wheel, even one in a venv inside some other checkout)."""
+    root = Path(__file__).resolve().parents[1]
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=Path(__file__).resolve().parents[1])
+        out = subprocess.run(["git", "rev-parse", "--show-toplevel", "--short", "HEAD"],
+                             capture_output=True, text=True, cwd=root)
     except OSError:
         return "unknown"
-    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+    lines = out.stdout.split()
+    if out.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() != root:
+        return "unknown"
+    return lines[1]
 
 
 def provenance(script: str, cells: Sequence[Cell], workers: int) -> str:

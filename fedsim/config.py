@@ -244,6 +244,9 @@ def _check_known_keys(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} is not a fedsim setting (the settings outside the "
                               f"groups: {', '.join(known)})")
         if OmegaConf.is_dict(base[key]):
+            if not OmegaConf.is_dict(cfg[key]):  # `plots=null`: a section, not a value
+                raise ConfigError(f"{key} must be a section of settings ({', '.join(base[key])}"
+                                  f"), set one at a time ({key}.<setting>=...); got {cfg[key]!r}")
             for sub in cfg[key]:
                 if sub not in base[key]:
                     raise ConfigError(f"{key}.{sub} is not a fedsim setting (the {key} "

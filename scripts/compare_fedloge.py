@@ -1,4 +1,4 @@
-"""FedLoGe vs FedAvg and FedAvg + FT under long tails; writes docs/results/fedloge.{md,png,json}.
+"""FedLoGe vs FedAvg and FedAvg + FT under long tails; writes OUT.{md,png,json} (--out).
 
 Every run is the `fedloge_mnist1d` preset (20 clients, all training and
 evaluating every round, or `--participation` of them training, reference local
@@ -20,7 +20,11 @@ out, for every method) and the reference code's (FedLoGe masked by the test labe
 FedAvg not masked); head / middle / tail are the class groups covering 75% / 95% /
 the rest of the long-tailed training set.
 
-    python scripts/compare_fedloge.py                      # the full grid
+    python scripts/compare_fedloge.py                      # the full grid (docs/results/fedloge)
+    python scripts/compare_fedloge.py --rounds 100 --workers 2 --datasets mnist1d \
+        --out docs/results/fedloge-mnist1d      # the published pages: one per dataset,
+    python scripts/compare_fedloge.py --rounds 100 --workers 2 --datasets digits \
+        --out docs/results/fedloge-digits       # run separately for time
     python scripts/compare_fedloge.py --seeds 0 --rounds 3 --datasets digits   # a smoke run
     python scripts/compare_fedloge.py --participation 0.2 --runs-dir outputs/compare_fedloge_20 \
         --out docs/results/fedloge-20pct    # the reference's 20% participation

@@ -116,11 +116,20 @@ def test_cell_is_finished_only_with_a_summary_of_this_code_and_config(tmp_path):
     assert not Cell("A", "d", 1.0, 0, ("num_rounds=4", overrides[1]), tmp_path / "run").finished
 
 
-def test_current_commit_names_the_checkout_or_says_unknown(monkeypatch):
+def test_current_commit_names_the_checkout_or_says_unknown(monkeypatch, tmp_path):
     checkout = Path(comparison.__file__).resolve().parents[1]
     assert current_commit() == (subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
         cwd=checkout).stdout.strip() or "unknown")
+    # a wheel installed in a venv that lies inside some other checkout
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t",
+                    "commit", "-q", "--allow-empty", "-m", "x"], check=True)
+    installed = tmp_path / ".venv" / "site-packages" / "fedsim" / "comparison.py"
+    monkeypatch.setattr(comparison, "__file__", str(installed))
+    installed.parent.mkdir(parents=True)
+    assert current_commit() == "unknown"
+    monkeypatch.undo()
     monkeypatch.setenv("GIT_DIR", "/nonexistent")  # as outside a checkout: git fails
     assert current_commit() == "unknown"
     monkeypatch.setenv("PATH", "/nonexistent")  # no git at all

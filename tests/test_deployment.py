@@ -343,7 +343,8 @@ def test_an_earlier_failed_start_is_kept_aside_not_overwritten(tmp_path, monkeyp
 def test_a_tls_deployment_with_node_auth_matches_the_simulation(tiny_cfg, monkeypatch):
     """2 SuperNodes, 1 round, TLS on; an unregistered SuperNode is refused; every process
     the backend started is gone afterwards; the metrics equal an in-process simulation's.
-    (test_deployment_faults runs 3 rounds on SuperNodes; each round here cost ~35 s.)"""
+    One round (each cost ~35 s here): no test compares later deployed rounds with a
+    simulation; test_deployment_faults runs 3 on SuperNodes, checking replies only."""
     overrides = ["num_clients=2", "clients_per_round=2", "evaluation.clients_per_round=2",
                  "num_rounds=1"]
     simulated = tiny_cfg(*overrides)

@@ -173,6 +173,26 @@ def test_a_bad_plots_enabled_is_refused(value):
     with pytest.raises(ConfigError) as err:
         validate(compose([f"plots.enabled={value}"]))
     assert str(err.value).startswith("plots.enabled must be true or false")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("value", ["null", "3"])
+def test_a_section_set_to_a_value_is_one_line(value):
+    with pytest.raises(ConfigError) as err:
+        validate(compose([f"plots={value}"]))
+    assert str(err.value).startswith("plots must be a section of settings (enabled, metrics)")
+    assert "\n" not in str(err.value)
+
+
+def test_turning_plots_off_on_resume_keeps_the_stored_plot_metrics(tmp_path: Path):
+    from fedsim.checkpoint import CONFIG_FILE, resumed_config
+
+    OmegaConf.save(compose(["+experiment=fedloge_mnist1d"]), tmp_path / CONFIG_FILE, resolve=True)
+    cfg = resumed_config(str(tmp_path), ["plots.enabled=false", "backend=ray",
+                                         "backend.num_actors=1"])
+    assert cfg.plots.enabled is False
+    assert list(cfg.plots.metrics) == list(compose(["+experiment=fedloge_mnist1d"]).plots.metrics)
+    assert cfg.backend._target_.endswith("RayBackend") and cfg.backend.num_actors == 1
 
 
 def test_plot_metrics_may_change_on_resume(tmp_path: Path):
