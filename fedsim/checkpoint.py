@@ -301,9 +301,14 @@ def resumable_run_dir(run_dir: str) -> Path:
     return path
 
 
+def _key(override: str) -> str:
+    """`backend.num_actors` for `+backend.num_actors=2`, `logger` for `logger=wandb`..."""
+    return override.lstrip("+~").split("=")[0]
+
+
 def _top_key(override: str) -> str:
     """`backend` for `backend.num_actors=2`, `+logger=wandb`, `~progress`..."""
-    return override.lstrip("+~").split("=")[0].split(".")[0]
+    return _key(override).split(".")[0]
 
 
 def stored_config(run_dir: str) -> DictConfig:
@@ -337,12 +342,11 @@ def resumed_config(
         composed = compose(changed)  # Hydra parses the values and groups
     # `plots.enabled=false` sets that leaf and keeps the stored plots.metrics; a group
     # (`backend=ray`), a whole setting or a deletion (`~x.y`) takes the composed node
-    leaf = [o for o in changed if "." in o.split("=")[0] and not o.startswith("~")]
-    leaves = {o.lstrip("+").split("=")[0] for o in leaf}
+    leaves = [o for o in changed if "." in _key(o) and not o.startswith("~")]
     with open_dict(cfg):
-        for name in {_top_key(o) for o in changed if o not in leaf}:
+        for name in {_top_key(o) for o in changed if o not in leaves}:
             cfg[name] = composed[name]
-        for key in sorted(leaves):
+        for key in {_key(o) for o in leaves}:
             OmegaConf.update(cfg, key, OmegaConf.select(composed, key), merge=False)
         cfg.resume = str(run_dir)
         cfg.output_dir = str(run_dir)
