@@ -11,7 +11,8 @@ import time
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
@@ -22,17 +23,22 @@ from fedsim.backends.base import MeteredGrid
 from fedsim.datasets.federated import FederatedData
 from fedsim.flower_apps import clients_description
 from fedsim.metrics import GROUPS
-from fedsim.plots import (
-    Background,
-    plot_curves,
-    plot_label_distribution,
-    plot_metrics,
-    run_title,
-)
 from fedsim.run_dir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, claim
+
+if TYPE_CHECKING:
+    from fedsim.plots import Background
 
 CLASS_GROUPS_FILE = "class_groups.json"
 UPDATES_FILE = "updates.jsonl"  # one line per entry of a strategy's update_log hook
+
+
+def _plots() -> ModuleType:
+    """`fedsim.plots`, imported on first use: matplotlib costs about a second to import,
+    which every process that records nothing (each deployed ClientApp message, plots off)
+    would otherwise pay."""
+    from fedsim import plots
+
+    return plots
 
 
 @lru_cache(maxsize=1)
@@ -164,12 +170,13 @@ class RunRecorder:
         if self.class_groups:
             (self.run_dir / CLASS_GROUPS_FILE).write_text(json.dumps(self.class_groups))
         if self.cfg.num_clients > 1 and self.plotting:  # drawn beside round 1: `Background`
-            self._label_plot = Background(
-                plot_label_distribution,
+            plots = _plots()
+            self._label_plot = plots.Background(
+                plots.plot_label_distribution,
                 data.partitioner,
                 self.run_dir / "plots" / "label_distribution.png",
                 self.cfg.num_clients,
-                run_title(self.cfg),
+                plots.run_title(self.cfg),
             )
         self._begin(done=0, elapsed_s=0.0)
 
@@ -285,10 +292,11 @@ class RunRecorder:
         tmp.write_text(json.dumps(summary, indent=2))
         os.replace(tmp, self.run_dir / SUMMARY_FILE)
         if self.plotting:
-            plots, title = self.run_dir / "plots", run_title(self.cfg)
-            plot_curves(self.rows, plots / "curves.png", title)
-            plot_metrics(self.rows, OmegaConf.select(self.cfg, "plots.metrics", default=[]),
-                         plots / "metrics.png", title)
+            plots, folder = _plots(), self.run_dir / "plots"
+            title = plots.run_title(self.cfg)
+            plots.plot_curves(self.rows, folder / "curves.png", title)
+            plots.plot_metrics(self.rows, OmegaConf.select(self.cfg, "plots.metrics", default=[]),
+                               folder / "metrics.png", title)
         self.logger.finish(summary)
         return summary
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -201,3 +203,12 @@ def test_plot_metrics_may_change_on_resume(tmp_path: Path):
     OmegaConf.save(compose(), tmp_path / CONFIG_FILE, resolve=True)
     cfg = resumed_config(str(tmp_path), ["plots.metrics=[server/loss]"])
     assert list(cfg.plots.metrics) == ["server/loss"]
+
+
+def test_the_client_app_imports_no_matplotlib():
+    """Each deployed message starts a ClientApp process; matplotlib (~1 s to import) is
+    loaded only when a run draws a plot."""
+    probe = "import sys, fedsim.client_app; print('matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
