@@ -89,10 +89,12 @@ def test_injected_faults_run_one_by_one_with_the_same_outcome(tiny_cfg, caplog):
 
 def test_a_late_reply_in_a_worker_is_lost_with_its_state(tiny_cfg):
     """Ditto keeps each client's own model in its context: a hung client's reply and its
-    state update are lost in a worker as in one process (hang 0.4 s > deadline 0.3 s,
-    and no client's training comes near 0.3 s, so which replies are late is certain)."""
-    overrides = ["method=ditto", "faults.hang_prob=0.5", "faults.hang_s=0.4",
-                 "faults.timeout_s=0.3", "num_rounds=3"]
+    state update are lost in a worker as in one process (hang 1 s > deadline 0.6 s, and
+    no client's training comes near 0.6 s, so which replies are late is certain: a 0.3 s
+    deadline was once missed by an unhung client on a machine running 3 test workers on
+    2 cores)."""
+    overrides = ["method=ditto", "faults.hang_prob=0.5", "faults.hang_s=1.0",
+                 "faults.timeout_s=0.6", "num_rounds=3"]
     cfg = tiny_cfg(*overrides)
     hung = sum(bool(draw_faults(cfg.faults, cfg.seed, p, r).hang_s)
                for r in (1, 2, 3) for p in range(6))
