@@ -15,8 +15,9 @@ a regeneration that was stopped goes on where it stopped.
 The fingerprint covers fedsim's source and config files (`code_fingerprint`), not the
 compare scripts: a script's own change (its tables, its text) shows only when its page
 is remade, which reuses the finished runs and takes seconds. Any change to fedsim, even
-a comment, makes every page's runs other code's: remaking all pages is about 13 hours
-of 2-worker runs on a 2-core machine (the pages' own run-time figures). `--check` exits
+a comment, makes every page's runs other code's: remaking all pages is up to about 15
+hours on a 2-core machine (the 15 pages of 2026-12-07 sum to 1,529 min of run time, most
+2 at a time; staleness pages share runs). `--check` exits
 1 while some compare page's runs came from other code. Pages of other scripts
 (input_battery, load_faults, bench) are not covered.
 """
