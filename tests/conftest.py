@@ -24,7 +24,7 @@ TINY = [
     "model=mlp",
     "client.local_epochs=1",
     "client.momentum=0.0",
-    "plots.enabled=false",  # most of a tiny run's time; test_engine checks them, on
+    "plots.enabled=false",  # plotting was most of a tiny run's time; test_engine draws them
 ]
 
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -9,6 +14,18 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedsim.clients.sgd import SGDTrainer
 from fedsim.state import Checkpointed
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str) -> ModuleType:
+    """`scripts/<name>.py` as module `name` (scripts are not a package). It is registered
+    in sys.modules before it runs: dataclasses look their module up there."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 class RankingTrainer(SGDTrainer):

@@ -2,17 +2,14 @@
 its recorded run (docs/results/bench.json), and that rendering reads every number from it."""
 
 import copy
-import importlib.util
 import json
-import sys
 from pathlib import Path
+
+from tests.helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORD = ROOT / "docs" / "results" / "bench.json"
-_spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
-bench = importlib.util.module_from_spec(_spec)
-sys.modules["bench"] = bench  # its dataclasses look their module up there
-_spec.loader.exec_module(bench)
+bench = load_script("bench")
 
 
 def test_the_docs_tables_are_the_recorded_run():

@@ -13,21 +13,14 @@ stopped by pid.
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
 from fedsim.deployment.federation import STOPPED_MARK
+from tests.helpers import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("deployment_faults",
-                                               ROOT / "scripts" / "deployment_faults.py")
-faults_script = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = faults_script  # its dataclasses look their module up
-_spec.loader.exec_module(faults_script)
+faults_script = load_script("deployment_faults")
 
 NODES, ROUNDS = 2, 3
 

@@ -1,17 +1,13 @@
 """The README quotes only figures that scripts/headline.py measured, for today's defaults."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from fedsim.config import compose
+from tests.helpers import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("headline", ROOT / "scripts" / "headline.py")
-headline = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(headline)
+headline = load_script("headline")
 
 
 def record() -> dict:
