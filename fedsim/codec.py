@@ -159,12 +159,33 @@ def _encode(value: Any, arrays: Arrays) -> Any:
 
 def fingerprint(value: Any) -> str:
     """A digest of `value`'s encoding: equal for values that are stored alike."""
-    tree, arrays = encode(value)
+    return _digest(*encode(value))
+
+
+def _digest(tree: Any, arrays: Arrays) -> str:
     digest = hashlib.sha256(json.dumps(tree, allow_nan=False, sort_keys=True).encode())
     for name, array in sorted(arrays.items()):
         digest.update(f"{name}:{array.dtype.str}:{array.shape}".encode())
         digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
+
+
+def _content_order(values: Collection[Any]) -> list[Any]:
+    """A set's items sorted by their encoding's digest, so that equal sets encode alike.
+
+    A set iterates in an order that depends on its insertion history and, for strings and
+    bytes, on the process's hash seed; encoded in that order, one set would be stored (and
+    fingerprinted) differently by two processes. An item that cannot be stored keeps the
+    set's order, and encoding it then fails with its path."""
+    try:
+        return sorted(values, key=_item_digest)
+    except UnsupportedError:
+        return list(values)
+
+
+def _item_digest(item: Any) -> str:
+    arrays: Arrays = {}
+    return _digest(_encode(item, arrays), arrays)
 
 
 def _child(value: Any, arrays: Arrays, key: str) -> Any:
@@ -202,6 +223,10 @@ def _dict(value: dict, arrays: Arrays) -> dict[str, Any]:
 
 def _sequence(tag: str) -> Callable[[Any, Arrays], dict[str, Any]]:
     return lambda value, arrays: {TAG: tag, "v": _items(value, arrays)}
+
+
+def _unordered(tag: str) -> Callable[[Any, Arrays], dict[str, Any]]:
+    return lambda value, arrays: {TAG: tag, "v": _items(_content_order(value), arrays)}
 
 
 def _record(tag: str) -> Callable[[Any, Arrays], dict[str, Any]]:
@@ -254,8 +279,8 @@ ENCODERS: dict[type, Callable[[Any, Arrays], Any]] = {
     dict: _dict,
     list: lambda value, arrays: _items(value, arrays),
     tuple: _sequence("tuple"),
-    set: _sequence("set"),
-    frozenset: _sequence("frozenset"),
+    set: _unordered("set"),
+    frozenset: _unordered("frozenset"),
     bytes: _bytes,
     np.ndarray: _ndarray,
     torch.Tensor: _tensor,
