@@ -30,7 +30,7 @@ from fedsim.deployment import flwr_cli as flwr_cli_module
 from fedsim.deployment.certificates import make_node_key, make_tls_files
 from fedsim.deployment.errors import DeploymentError
 from fedsim.deployment.federation import LocalFederation
-from fedsim.deployment.flwr_cli import APP_DIR, submit_run, write_connection
+from fedsim.deployment.flwr_cli import APP_DIR, staged_app, submit_run, write_connection
 from fedsim.errors import ConfigError, DataError
 from fedsim.experiment import run_experiment
 from fedsim.runtime import (
@@ -163,16 +163,37 @@ def test_the_fedsim_config_wins_over_overrides(tiny_cfg):
     assert from_run_config(run_config).num_rounds == 7
 
 
-def test_the_app_bundle_ships_the_package_and_the_configs():
+def test_the_app_bundle_ships_the_package_and_the_configs(tmp_path):
     from flwr.cli.build import build_fab_from_disk
 
-    names = zipfile.ZipFile(BytesIO(build_fab_from_disk(APP_DIR))).namelist()
+    fab = build_fab_from_disk(APP_DIR)
+    # what fedsim submits: the same bundle, byte for byte, from the staged copy
+    assert build_fab_from_disk(staged_app(APP_DIR, tmp_path)) == fab
+    names = zipfile.ZipFile(BytesIO(fab)).namelist()
     for needed in ("fedsim/server_app.py", "fedsim/client_app.py",
                    "fedsim/deployment/__init__.py", "fedsim/deployment/federation.py",
                    "fedsim/conf/config.yaml", "fedsim/conf/backend/deployment.yaml",
                    "pyproject.toml"):
         assert needed in names
     assert not [name for name in names if name.startswith(("tests/", "docs/", "outputs/"))]
+
+
+def test_the_staged_app_leaves_out_ignored_folders_links_and_unshippable_files(tmp_path):
+    from flwr.cli.build import build_fab_from_disk
+
+    app = tmp_path / "app"
+    files = {"pyproject.toml": (APP_DIR / "pyproject.toml").read_text(),
+             ".gitignore": "outputs/\n*.log\n", "fedsim/a.py": "A = 1\n",
+             "fedsim/conf/c.yaml": "c: 1\n", "fedsim/data.bin": "x", "notes.log": "x",
+             "outputs/run/model.py": "B = 2\n", "README.md": "# app\n"}
+    for name, text in files.items():
+        (app / name).parent.mkdir(parents=True, exist_ok=True)
+        (app / name).write_text(text)
+    (app / "fedsim" / "link.py").symlink_to(app / "fedsim" / "a.py")
+    staged = staged_app(app, tmp_path / "staged")
+    assert sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()) \
+        == [".gitignore", "README.md", "fedsim/a.py", "fedsim/conf/c.yaml", "pyproject.toml"]
+    assert build_fab_from_disk(staged) == build_fab_from_disk(app)
 
 
 # --------------------------------------------------------------------------- node config
