@@ -6,11 +6,11 @@ one JSON header, the `HEADER` entry, next to the arrays it refers to (`a0`, `a1`
 `load` reads them back with `np.load(allow_pickle=False)`.
 
 In the JSON, str, int, bool, None, finite floats and lists are themselves; every other
-value is an object whose `"#"` tag names its kind: dict, tuple, set, numpy arrays and
-scalars, torch tensors, bytes, Flower's records, and instances of the classes this
-module allows. Those are reconstructed only from an explicit allowlist: fedsim's own
-classes (`PROJECT_CLASSES`) and the ones registered with `@allow_class` by their module.
-No name read from a file is ever imported. Anything else (an unknown tag or class, a
+value is an object whose `"#"` tag names its kind: dict, tuple, set (items in an order
+fixed by their content), numpy arrays and scalars, torch tensors, bytes, Flower's records,
+and instances of the classes this module allows. Those are reconstructed only from an
+explicit allowlist: fedsim's own classes (`PROJECT_CLASSES`) and the ones registered with
+`@allow_class` by their module. No name read from a file is ever imported. Anything else (an unknown tag or class, a
 missing array, another format version, a file that is not this format) is a
 `ConfigError` naming the file and what is wrong.
 """
@@ -176,7 +176,8 @@ def _content_order(values: Collection[Any]) -> list[Any]:
     A set iterates in an order that depends on its insertion history and, for strings and
     bytes, on the process's hash seed; encoded in that order, one set would be stored (and
     fingerprinted) differently by two processes. An item that cannot be stored keeps the
-    set's order, and encoding it then fails with its path."""
+    set's order, and encoding it then fails with its path. Each item is encoded twice (once
+    for its digest): cheap for the small sets a run's state holds."""
     try:
         return sorted(values, key=_item_digest)
     except UnsupportedError:

@@ -178,22 +178,40 @@ def test_the_app_bundle_ships_the_package_and_the_configs(tmp_path):
     assert not [name for name in names if name.startswith(("tests/", "docs/", "outputs/"))]
 
 
-def test_the_staged_app_leaves_out_ignored_folders_links_and_unshippable_files(tmp_path):
+def _app(folder: Path, files: dict[str, str]) -> Path:
+    for name, text in {"pyproject.toml": (APP_DIR / "pyproject.toml").read_text(),
+                       **files}.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    return folder
+
+
+def _staged(app: Path, dest: Path) -> list[str]:
+    staged = staged_app(app, dest)
+    return sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize(("gitignore", "kept"), [
+    ("outputs/\n*.log\nlocal.yaml\n", []),
+    ("outputs/\n!outputs/keep.py\n*.log\nlocal.yaml\n", ["outputs/keep.py"]),  # re-included
+])
+def test_the_staged_app_is_what_flower_would_ship(tmp_path, gitignore, kept):
     from flwr.cli.build import build_fab_from_disk
 
-    app = tmp_path / "app"
-    files = {"pyproject.toml": (APP_DIR / "pyproject.toml").read_text(),
-             ".gitignore": "outputs/\n*.log\n", "fedsim/a.py": "A = 1\n",
-             "fedsim/conf/c.yaml": "c: 1\n", "fedsim/data.bin": "x", "notes.log": "x",
-             "outputs/run/model.py": "B = 2\n", "README.md": "# app\n"}
-    for name, text in files.items():
-        (app / name).parent.mkdir(parents=True, exist_ok=True)
-        (app / name).write_text(text)
+    app = _app(tmp_path / "app", {
+        ".gitignore": gitignore, "fedsim/a.py": "A = 1\n", "fedsim/conf/c.yaml": "c: 1\n",
+        "fedsim/data.bin": "x", "notes.log": "x", "local.yaml": "secret: 1\n",
+        "outputs/run/model.py": "B = 2\n", "outputs/keep.py": "C = 3\n",
+        ".venv/lib/site.py": "D = 4\n", "README.md": "# app\n"})
     (app / "fedsim" / "link.py").symlink_to(app / "fedsim" / "a.py")
-    staged = staged_app(app, tmp_path / "staged")
-    assert sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()) \
-        == [".gitignore", "README.md", "fedsim/a.py", "fedsim/conf/c.yaml", "pyproject.toml"]
-    assert build_fab_from_disk(staged) == build_fab_from_disk(app)
+    assert _staged(app, tmp_path / "staged") == sorted([
+        ".gitignore", "README.md", "fedsim/a.py", "fedsim/conf/c.yaml", "pyproject.toml", *kept])
+    assert build_fab_from_disk(tmp_path / "staged") == build_fab_from_disk(app)
+
+
+def test_the_app_is_staged_inside_its_own_folder_without_copying_the_copy(tmp_path):
+    app = _app(tmp_path, {"fedsim/a.py": "A = 1\n"})
+    assert _staged(app, tmp_path / "staging") == ["fedsim/a.py", "pyproject.toml"]
 
 
 # --------------------------------------------------------------------------- node config

@@ -20,10 +20,14 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import tomli_w
 
 from fedsim.deployment.errors import DeploymentError, SuperLinkLostError
+
+if TYPE_CHECKING:
+    from pathspec import PathSpec
 
 APP_DIR = Path(__file__).resolve().parents[2]  # pyproject.toml with [tool.flwr.app]
 CONNECTION = "fedsim"  # the SuperLink connection fedsim writes into its FLWR_HOME
@@ -140,6 +144,8 @@ def submit_run(run_config: Mapping[str, str], flwr_home: Path, work_dir: Path, t
     log_file = work_dir / "run.log"
     with tempfile.TemporaryDirectory(prefix="fedsim-app-") as staging:
         app = staged_app(app_dir, Path(staging))
+        with log_file.open("a") as log:
+            log.write(f"# the app: the shippable files of {app_dir}, copied to {app}\n")
         started = flwr_json(["run", str(app), CONNECTION, "--run-config", str(overrides)],
                             flwr_home, log_file=log_file)
     run_id = int(started["run-id"])
@@ -155,29 +161,41 @@ def submit_run(run_config: Mapping[str, str], flwr_home: Path, work_dir: Path, t
 
 
 def staged_app(app_dir: Path, dest: Path) -> Path:
-    """`dest`, holding a copy of the files of `app_dir` that a Flower app bundle may ship,
-    none from the folders its `.gitignore` ignores.
+    """`dest` (an empty folder), holding a copy of the files of `app_dir` that a Flower app
+    bundle may ship.
 
     `flwr run <folder>` lists every file below the folder before it filters them; in a
-    checkout with its `.venv` (about 50,000 files) that took 7 s of each deployed run.
-    Flower applies all of its rules again to the copy (the `.gitignore` is copied too), so
-    the bundle is the same, byte for byte (tests/test_deployment.py)."""
+    checkout with its `.venv` (about 50,000 files) that took 7 s of each deployed run. This
+    walk skips the folders none of whose files can ship, and copies the files that pass
+    Flower's publish filters and the `.gitignore`, file by file as Flower checks them.
+    Flower applies all of its rules again to the copy, so the bundle is the same, byte for
+    byte (tests/test_deployment.py)."""
     from flwr.cli.utils import build_pathspec, load_gitignore_patterns
-    from flwr.supercore.constant import APP_PUBLISH_INCLUDE_PATTERNS
+    from flwr.supercore.constant import APP_PUBLISH_EXCLUDE_PATTERNS, APP_PUBLISH_INCLUDE_PATTERNS
 
-    ignored = build_pathspec(load_gitignore_patterns(app_dir / ".gitignore"))
+    patterns = load_gitignore_patterns(app_dir / ".gitignore")
+    ignored, excluded = build_pathspec(patterns), build_pathspec(APP_PUBLISH_EXCLUDE_PATTERNS)
     shippable = build_pathspec(APP_PUBLISH_INCLUDE_PATTERNS)
+    # an ignored folder may hold a file that a later `!` line brings back: then walk it
+    pruned = [excluded] if any(p.startswith("!") for p in patterns) else [excluded, ignored]
     for folder, subfolders, files in os.walk(app_dir):
         here = Path(folder).relative_to(app_dir)
         subfolders[:] = [name for name in subfolders
-                         if not ignored.match_file(f"{(here / name).as_posix()}/")]
+                         if not _matches_folder(pruned, here / name)
+                         and (Path(folder) / name).resolve() != dest.resolve()]
         for name in files:
             source, relative = Path(folder) / name, (here / name).as_posix()
-            if source.is_symlink() or not shippable.match_file(relative):
-                continue  # Flower skips links too
-            (dest / relative).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, dest / relative)
+            if source.is_symlink():  # Flower skips links too
+                continue
+            if shippable.match_file(relative) and not (excluded.match_file(relative)
+                                                        or ignored.match_file(relative)):
+                (dest / relative).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, dest / relative)
     return dest
+
+
+def _matches_folder(specs: Sequence[PathSpec], folder: Path) -> bool:
+    return any(spec.match_file(f"{folder.as_posix()}/") for spec in specs)
 
 
 def follow_log(run_id: int, flwr_home: Path, log_file: Path, timeout: float) -> None:
