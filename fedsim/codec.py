@@ -10,9 +10,9 @@ value is an object whose `"#"` tag names its kind: dict, tuple, set (items in an
 fixed by their content), numpy arrays and scalars, torch tensors, bytes, Flower's records,
 and instances of the classes this module allows. Those are reconstructed only from an
 explicit allowlist: fedsim's own classes (`PROJECT_CLASSES`) and the ones registered with
-`@allow_class` by their module. No name read from a file is ever imported. Anything else (an unknown tag or class, a
-missing array, another format version, a file that is not this format) is a
-`ConfigError` naming the file and what is wrong.
+`@allow_class` by their module. No name read from a file is ever imported. Anything else
+(an unknown tag or class, a missing array, another format version, a file that is not this
+format) is a `ConfigError` naming the file and what is wrong.
 """
 
 from __future__ import annotations
