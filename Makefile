@@ -28,10 +28,11 @@ run: $(STAMP)
 
 # one pytest worker per core, at most 4 (pytest-xdist): the deployment and Ray tests spend
 # much of their time waiting on other processes; `loadfile` keeps a module's fixtures in
-# one worker. A single test file runs as usual: `.venv/bin/python -m pytest tests/<file>`.
+# one worker, and files are handed out in collection order, which tests/conftest.py starts
+# with the longest files. One file runs as usual: `.venv/bin/python -m pytest tests/<file>`.
 test: $(STAMP)
 	$(BIN)/ruff check fedsim scripts tests
-	$(BIN)/python -m pytest -q -n auto --maxprocesses=4 --dist loadfile
+	$(BIN)/python -m pytest -q -n auto --maxprocesses=4 --dist loadfile --no-loadscope-reorder
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py $(ARGS)

@@ -28,6 +28,17 @@ TINY = [
 ]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The files marked `long_running(seconds=...)` first, longest first (the rest keep
+    their order). `make test` runs one file per worker (`--dist loadfile`, in this order:
+    `--no-loadscope-reorder`); a 3-minute file handed out last ran alone at the end."""
+    def seconds(item: pytest.Item) -> float:
+        mark = item.get_closest_marker("long_running")
+        return float(mark.kwargs["seconds"]) if mark else 0.0
+
+    items.sort(key=lambda item: -seconds(item))
+
+
 @pytest.fixture
 def tiny_cfg(tmp_path):
     """`tiny_cfg(*overrides)` -> a composed config writing into a fresh tmp dir."""

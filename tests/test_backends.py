@@ -7,6 +7,8 @@ from conftest import read_metrics, without_timing
 
 from fedsim.experiment import run_experiment
 
+pytestmark = pytest.mark.long_running(seconds=240)  # started first: conftest.py
+
 
 @pytest.fixture(scope="module")
 def ray_session():

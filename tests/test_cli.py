@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.long_running(seconds=150)  # started first: conftest.py
+
 FEDSIM = [sys.executable, "-c", "from fedsim.cli import main; main()"]
 REPORT = [sys.executable, "-m", "fedsim.report"]
 TINY = ["logger=none", "progress=false", "model=mlp", "client.local_epochs=1", "num_clients=4",

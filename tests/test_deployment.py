@@ -42,6 +42,8 @@ from fedsim.runtime import (
 )
 from tests.conftest import read_metrics, without_timing
 
+pytestmark = pytest.mark.long_running(seconds=135)  # started first: conftest.py
+
 # --------------------------------------------------------------------------- TLS and keys
 
 

@@ -20,6 +20,8 @@ import pytest
 from fedsim.deployment.federation import STOPPED_MARK
 from tests.helpers import load_script
 
+pytestmark = pytest.mark.long_running(seconds=210)  # started first: conftest.py
+
 faults_script = load_script("deployment_faults")
 
 NODES, ROUNDS = 2, 3

@@ -13,6 +13,8 @@ import pytest
 from fedsim.checkpoint import CHECKPOINT_FILE
 from fedsim.cli import explain, interrupted_line
 
+pytestmark = pytest.mark.long_running(seconds=110)  # started first: conftest.py
+
 FEDSIM = [sys.executable, "-c", "from fedsim.cli import main; main()"]
 TINY = ["logger=none", "progress=false", "model=mlp", "client.local_epochs=1", "num_clients=4",
         "clients_per_round=2", "evaluation.clients_per_round=0", "plots.enabled=false"]

@@ -30,6 +30,8 @@ from fedsim.strategies.base import weights_as_delta_problem
 from fedsim.train_config import client_settings, message_config, round_lr
 from tests.conftest import read_metrics
 
+pytestmark = pytest.mark.long_running(seconds=230)  # started first: conftest.py
+
 STOCK = ["client_app=tests.stock_app.task:app", "model=custom",
          "model._target_=tests.stock_app.task.Net", "dataset=digits"]
 ROOT = Path(__file__).resolve().parents[1]

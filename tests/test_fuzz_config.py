@@ -29,6 +29,8 @@ from fedsim.config import CONF_DIR, compose
 from fedsim.errors import FedsimError
 from fedsim.experiment import run_experiment
 
+pytestmark = pytest.mark.long_running(seconds=55)  # started first: conftest.py
+
 SEED = 25
 CASES = 160  # about 0.3 s each, most of it composing the config (Hydra)
 CASE_LIMIT_S = 30

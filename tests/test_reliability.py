@@ -31,6 +31,8 @@ from fedsim.reply_check import (
     same_arrays_problem,
 )
 
+pytestmark = pytest.mark.long_running(seconds=170)  # started first: conftest.py
+
 FEDSIM = [sys.executable, "-c", "from fedsim.cli import main; main()"]
 SENT = {"w": np.zeros((2, 3), np.float32), "steps": np.zeros((), np.int64)}
 

@@ -22,6 +22,8 @@ from fedsim.errors import ConfigError
 from fedsim.reachability import connect_problem, host_and_port
 from fedsim.run_dir import CLAIM_FILE, claim, holds, release
 
+pytestmark = pytest.mark.long_running(seconds=90)  # started first: conftest.py
+
 FEDSIM = [sys.executable, "-c", "from fedsim.cli import main; main()"]
 TINY = ["logger=none", "progress=false", "model=mlp", "dataset=digits", "client.local_epochs=1",
         "num_clients=4", "clients_per_round=2", "evaluation.clients_per_round=0",
