@@ -34,7 +34,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     `--no-loadscope-reorder`); a 3-minute file handed out last ran alone at the end."""
     def seconds(item: pytest.Item) -> float:
         mark = item.get_closest_marker("long_running")
-        return float(mark.kwargs["seconds"]) if mark else 0.0
+        return float(mark.kwargs.get("seconds", mark.args[0] if mark.args else 0)) if mark else 0
 
     items.sort(key=lambda item: -seconds(item))
 

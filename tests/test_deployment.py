@@ -204,16 +204,20 @@ def test_the_staged_app_is_what_flower_would_ship(tmp_path, gitignore, kept):
         ".gitignore": gitignore, "fedsim/a.py": "A = 1\n", "fedsim/conf/c.yaml": "c: 1\n",
         "fedsim/data.bin": "x", "notes.log": "x", "local.yaml": "secret: 1\n",
         "outputs/run/model.py": "B = 2\n", "outputs/keep.py": "C = 3\n",
-        ".venv/lib/site.py": "D = 4\n", "README.md": "# app\n"})
+        ".venv/lib/site.py": "D = 4\n", "fedsim/__pycache__/a.py": "E = 5\n",
+        "pkg/.venv/x.py": "F = 6\n", "README.md": "# app\n"})
     (app / "fedsim" / "link.py").symlink_to(app / "fedsim" / "a.py")
     assert _staged(app, tmp_path / "staged") == sorted([
-        ".gitignore", "README.md", "fedsim/a.py", "fedsim/conf/c.yaml", "pyproject.toml", *kept])
+        ".gitignore", "README.md", "fedsim/a.py", "fedsim/conf/c.yaml", "pkg/.venv/x.py",
+        "pyproject.toml", *kept])  # Flower leaves out only the top-level .venv
     assert build_fab_from_disk(tmp_path / "staged") == build_fab_from_disk(app)
 
 
-def test_the_app_is_staged_inside_its_own_folder_without_copying_the_copy(tmp_path):
+@pytest.mark.parametrize("staging", ["staging", "fedsim/staging"])
+def test_the_app_is_staged_inside_its_own_folder_without_copying_the_copy(tmp_path, staging):
     app = _app(tmp_path, {"fedsim/a.py": "A = 1\n"})
-    assert _staged(app, tmp_path / "staging") == ["fedsim/a.py", "pyproject.toml"]
+    (tmp_path / staging).mkdir()  # as submit_run's temporary folder exists before the walk
+    assert _staged(app, tmp_path / staging) == ["fedsim/a.py", "pyproject.toml"]
 
 
 # --------------------------------------------------------------------------- node config
