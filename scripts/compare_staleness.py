@@ -3,7 +3,7 @@
 Every run is the `staleness` preset: 50 clients holding 2 classes each
 (pathological partition), 10 a round, 5 full-batch GD steps at lr 0.5, MLP, on
 digits and MNIST-1D; the holders of class 5 are the slow devices. Per delay
-(rounds late: 10, 20, 40) and seed (0-2):
+(rounds late, `--delays`) and seed (`--seeds`):
 
 - synchronous rounds, slow updates computed on the model of `delay` rounds ago
   (in the first `delay` rounds on the current one, as in the reference:
@@ -153,8 +153,9 @@ MEASURES = {
 
 
 def measure(grids: dict[str, Grid], args: argparse.Namespace) -> dict[str, dict]:
-    """mode -> measure -> (dataset, delay, method) -> (mean, std, seeds); the all-fast
-    baseline is repeated on every delay row."""
+    """mode -> measure -> (dataset, delay, method) -> (mean, std, seeds), and under
+    "<measure>, per seed" each seed's value in --seeds order; the all-fast baseline is
+    repeated on every delay row."""
     out: dict[str, dict] = {}
     for mode, baseline_name in BASELINE_OF.items():
         if mode not in grids:
@@ -173,6 +174,7 @@ def measure(grids: dict[str, Grid], args: argparse.Namespace) -> dict[str, dict]
                         fn(read_rows(cell.run_dir), rounds))
             out[mode][name] = {key: (*mean_std(v), len(v)) if all(map(math.isfinite, v))
                                else (math.nan, math.nan, len(v)) for key, v in values.items()}
+            out[mode][f"{name}, per seed"] = values
     if "fallback" not in grids:
         return out
     out["fallback"] = {name: {**{key: value for key, value in out["sync"][name].items()
@@ -253,11 +255,12 @@ SECTIONS = {
     "slow class, whole run": "Slow-class accuracy over the whole run (%)",
     "overall": f"Overall accuracy (mean of the last {LAST} rounds, %)",
 }
-CONVERSION_NOTE = (
-    "Seconds per conversion (inversion and re-runs, 1 thread), and the L1 errors of the "
-    "stale update and of its inverted conversion, relative to the true fresh update (the "
-    "client retrained on the current model; analysis only, never used by the rule)."
-)
+def conversion_note(method: str) -> str:
+    """What the conversion table of `method`'s runs shows."""
+    return (f"{method[0].upper()}{method[1:]}: seconds per conversion (inversion and re-runs, "
+            "1 thread), and the L1 errors of the stale update and of its inverted conversion, "
+            "relative to the true fresh update (the client retrained on the current model; "
+            "analysis only, never used by the rule).")
 
 
 def mode_sections(stats: dict, methods: list[str], inversion: str) -> list[str]:
@@ -265,8 +268,20 @@ def mode_sections(stats: dict, methods: list[str], inversion: str) -> list[str]:
     lines = []
     for measure, caption in SECTIONS.items():
         lines += [f"{caption}:", "", table(stats[measure], methods), ""]
-    return [*lines, CONVERSION_NOTE, "",
+    return [*lines, conversion_note(inversion), "",
             table(conversion_stats(stats, inversion), list(CONVERSION), 1.0, 2), ""]
+
+
+def scope_line(args: argparse.Namespace) -> str:
+    """What this page ran: datasets, each mode's delays, seeds and rounds."""
+    def listed(values: list) -> str:
+        return ", ".join(map(str, values))
+
+    delays = {"sync": args.delays, "async": args.async_delays, "fallback": args.fallback_delays}
+    modes = "; ".join(f"{mode} at delay {listed(delays[mode])}"
+                      for mode in delays if mode == "sync" or mode in args.modes)
+    return (f"This page: {listed(args.datasets)}; {modes}; seeds {listed(args.seeds)}; "
+            f"{args.rounds} sync rounds.")
 
 
 def write_report(args: argparse.Namespace, grids: dict[str, Grid]) -> None:
@@ -279,6 +294,8 @@ def write_report(args: argparse.Namespace, grids: dict[str, Grid]) -> None:
         provenance("scripts/compare_staleness.py", cells, args.workers),
         "",
         __doc__.split("\n\n", 1)[1].split("    python")[0].strip(),
+        "",
+        scope_line(args),
         "",
         f"![curves]({args.out.with_suffix('.png').name})  \n*Sync mode, mean of "
         f"{len(args.seeds)} seeds, 10-round moving average.*",
