@@ -2,7 +2,7 @@
 # Both install the committed lock (requirements.lock) into .venv with uv; `make lock`
 # refreshes the lock on purpose from pyproject.toml's ranges. uv compiles the bytecode at
 # install, as pip does: without it, a machine with PYTHONDONTWRITEBYTECODE=1 compiles torch's
-# sources in every process (`import torch` 2.4 s instead of 1.1 s here).
+# sources in every process.
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin

@@ -9,7 +9,7 @@ Each method runs as a fedsim trainer on MNIST-1D:
 - federated: 20 clients, Dirichlet alpha 0.5, 10 a round, `--fed-rounds` rounds of
   2 local epochs, seed 0 only;
 - paper budgets: a group whose paper trains for more epochs than `--rounds` gives also
-  runs centralized at that budget (`PAPER_ROUNDS`: NoProp-DT's 100 epochs, 20 rounds);
+  runs centralized for that many epochs (`PAPER_ROUNDS`: NoProp-DT's 100 epochs, 20 rounds);
 - memory: the peak bytes autograd holds for backward during one training step on
   a batch of 128 (`fedsim.clients.local_learning.saved_activation_peak`), the
   same trainer code, measured on the CPU (no GPU needed);
@@ -359,7 +359,7 @@ def optimizer_claims(speed: dict) -> list[str]:
     return lines
 
 
-def claim_lines(args: argparse.Namespace, records: list[dict]) -> list[str]:
+def claim_lines(records: list[dict]) -> list[str]:
     """One line per method with a paper claim: the claim, what was measured here."""
     by_key = {(r["group"], r["method"]): r for r in records}
     lines = []
@@ -379,13 +379,14 @@ def claim_lines(args: argparse.Namespace, records: list[dict]) -> list[str]:
 
 
 def budget_text(args: argparse.Namespace) -> str:
-    """The sentence naming the groups also run at their paper's budget ("" for none)."""
+    """The sentence naming the groups also run for their paper's epochs ("" for none)."""
     longer = [(g, r) for g in args.groups for r in central_rounds(args, g)[1:]]
     if not longer:
         return ""
     runs = ", ".join(f'"{budget_label(g, r, args)}" ({r * CENTRAL_EPOCHS} epochs)'
                      for g, r in longer)
-    return (f" Groups whose paper trains longer also run centralized at the paper's budget,"
+    return (f" Groups whose paper trains longer also run centralized for the paper's epochs"
+            f" (the optimizer still restarts each round, so not the paper's schedule),"
             f" each with its backprop reference at the same budget and no federated runs: {runs}.")
 
 
@@ -436,11 +437,11 @@ lr 0.05, momentum 0.9, batch 32 for the layer-local ones) unless the group says 
 above it) for accuracy claims; for the optimizers, each at its tuned lr, AdamP's final
 accuracy above AdamW's, and Conda reaching each fraction of the best final accuracy in at
 most half AdamW's rounds.
-All on MNIST-1D at this budget: it says nothing about the papers' own datasets (CIFAR,
+All on MNIST-1D at these budgets: it says nothing about the papers' own datasets (CIFAR,
 ImageNet, LLM pre-training, graph benchmarks), which need a network and far more
 compute.
 
-{chr(10).join(claim_lines(args, records) + optimizer_claims(speed))}
+{chr(10).join(claim_lines(records) + optimizer_claims(speed))}
 """
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text(text)

@@ -255,6 +255,8 @@ SECTIONS = {
     "slow class, whole run": "Slow-class accuracy over the whole run (%)",
     "overall": f"Overall accuracy (mean of the last {LAST} rounds, %)",
 }
+
+
 def conversion_note(method: str) -> str:
     """What the conversion table of `method`'s runs shows."""
     return (f"{method[0].upper()}{method[1:]}: seconds per conversion (inversion and re-runs, "
@@ -272,15 +274,22 @@ def mode_sections(stats: dict, methods: list[str], inversion: str) -> list[str]:
             table(conversion_stats(stats, inversion), list(CONVERSION), 1.0, 2), ""]
 
 
+def listed(values: list) -> str:
+    """`[10, 20]` -> "10, 20"."""
+    return ", ".join(map(str, values))
+
+
+def seeds_text(seeds: list[int]) -> str:
+    """`[0]` -> "seed 0", `[0, 1]` -> "seeds 0, 1"."""
+    return f"seed{'s' if len(seeds) > 1 else ''} {listed(seeds)}"
+
+
 def scope_line(args: argparse.Namespace) -> str:
     """What this page ran: datasets, each mode's delays, seeds and rounds."""
-    def listed(values: list) -> str:
-        return ", ".join(map(str, values))
-
     delays = {"sync": args.delays, "async": args.async_delays, "fallback": args.fallback_delays}
     modes = "; ".join(f"{mode} at delay {listed(delays[mode])}"
                       for mode in delays if mode == "sync" or mode in args.modes)
-    return (f"This page: {listed(args.datasets)}; {modes}; seeds {listed(args.seeds)}; "
+    return (f"This page: {listed(args.datasets)}; {modes}; {seeds_text(args.seeds)}; "
             f"{args.rounds} sync rounds.")
 
 
@@ -297,8 +306,8 @@ def write_report(args: argparse.Namespace, grids: dict[str, Grid]) -> None:
         "",
         scope_line(args),
         "",
-        f"![curves]({args.out.with_suffix('.png').name})  \n*Sync mode, mean of "
-        f"{len(args.seeds)} seeds, 10-round moving average.*",
+        f"![curves]({args.out.with_suffix('.png').name})  \n*Sync mode, mean over "
+        f"{seeds_text(args.seeds)}, 10-round moving average.*",
         "",
         f"## Synchronous rounds ({args.rounds} rounds)",
         "",

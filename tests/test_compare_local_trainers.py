@@ -1,5 +1,5 @@
 """scripts/compare_local_trainers.py: a group whose paper trains longer also runs, and is
-judged, at the paper's budget (NoProp-DT: 100 epochs), beside the table's budget."""
+judged, for the paper's epochs (NoProp-DT: 100), beside the table's budget."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def test_each_budget_is_judged_against_its_own_backprop_reference():
                record("NoProp", "NoProp-DT", 10, 0.541),
                record("NoProp", "backprop MLP AdamW", 20, 0.615),
                record("NoProp", "NoProp-DT", 20, 0.576)]
-    lines = lt.claim_lines(lt.parse_args([]), records)
+    lines = lt.claim_lines(records)
     assert len(lines) == 2
     assert "-6.6 points" in lines[0] and "10 rounds" in lines[0]
     assert lines[0].endswith("falls short here.")
