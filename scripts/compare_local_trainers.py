@@ -130,10 +130,14 @@ def central_rounds(args: argparse.Namespace, group: str) -> list[int]:
     return [args.rounds, paper] if paper > args.rounds else [args.rounds]
 
 
-def central_grid(args: argparse.Namespace, group: str, rounds: int | None = None) -> Grid:
-    """`group` centralized for `rounds` (default --rounds); each budget has its own runs."""
+def central_budgets(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """Every (group, rounds) the centralized comparison runs, in the table's order."""
+    return [(group, rounds) for group in args.groups for rounds in central_rounds(args, group)]
+
+
+def central_grid(args: argparse.Namespace, group: str, rounds: int) -> Grid:
+    """`group` centralized for `rounds`; each budget has its own runs."""
     shared, methods = GROUPS[group]
-    rounds = rounds or args.rounds
     return Grid(methods=methods, datasets={budget_label(group, rounds, args): shared},
                 value_key="num_clients", values=[1],
                 seeds=args.seeds, runs_dir=args.runs_dir / "centralized",
@@ -214,7 +218,7 @@ def collect(args: argparse.Namespace) -> list[dict]:
     time. `group` is the table's label (with the rounds when not --rounds), `base_group`
     the GROUPS key; the federated runs belong to the --rounds record."""
     records = []
-    for group, rounds in ((g, r) for g in args.groups for r in central_rounds(args, g)):
+    for group, rounds in central_budgets(args):
         central = central_grid(args, group, rounds).cells()
         federated = (federated_grid(args, group).cells()
                      if args.federated and rounds == args.rounds else [])
@@ -380,7 +384,7 @@ def claim_lines(records: list[dict]) -> list[str]:
 
 def budget_text(args: argparse.Namespace) -> str:
     """The sentence naming the groups also run for their paper's epochs ("" for none)."""
-    longer = [(g, r) for g in args.groups for r in central_rounds(args, g)[1:]]
+    longer = [(g, r) for g, r in central_budgets(args) if r != args.rounds]
     if not longer:
         return ""
     runs = ", ".join(f'"{budget_label(g, r, args)}" ({r * CENTRAL_EPOCHS} epochs)'
@@ -450,8 +454,7 @@ compute.
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    cells = [c for g in args.groups for r in central_rounds(args, g)
-             for c in central_grid(args, g, r).cells()]
+    cells = [c for g, r in central_budgets(args) for c in central_grid(args, g, r).cells()]
     if args.federated:
         cells += [c for g in args.groups for c in federated_grid(args, g).cells()]
     if args.optimizers:
