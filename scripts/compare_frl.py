@@ -13,7 +13,11 @@ NDSS-21 aggregation-tailored attack on trimmed mean and Multi-Krum.
 
 With `--lrs` the grid sweeps the client learning rate (every method's `client.lr`, the
 base of its 0.999-a-round decay) at one malicious fraction instead of the fraction, and the
-page reports each method's best lr on that shared grid.
+page reports each method's best lr on that shared grid. `--method-lrs` then runs the
+attacked grid with each method at its own lr (the best of such a sweep):
+
+    python scripts/compare_frl.py --rounds 200 --datasets mnist1d --set model.channels=100 \
+        --method-lrs FRL=0.1 "FRL topk=0.4" FedAvg=0.1 --methods FRL "FRL topk" FedAvg
 
 Runs land in --runs-dir (default outputs/compare_frl); finished runs are reused,
 so an interrupted comparison resumes where it stopped. A model an attack destroys
@@ -82,6 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lrs", nargs="+", type=float, default=None,
                         help="sweep every method's client lr on this grid instead of the "
                              "malicious fraction (needs exactly one --fractions value)")
+    parser.add_argument("--method-lrs", nargs="+", default=[], metavar="METHOD=LR",
+                        help="a client lr for each named method, in place of its "
+                             "reference lr (e.g. each method's best lr of a --lrs sweep)")
     add_grid_arguments(parser, "frl", rounds=300)
     parser.add_argument("--no-report", dest="report", action="store_false",
                         help="only run the missing cells (e.g. on a bigger machine)")
@@ -89,7 +96,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.lrs and len(args.fractions) != 1:
         parser.error(f"--lrs sweeps the lr at one malicious fraction; got --fractions "
                      f"{' '.join(map(str, args.fractions))}")
+    if args.lrs and args.method_lrs:
+        parser.error("--method-lrs sets one lr per method; --lrs sweeps a grid of them: "
+                     "use one of the two")
+    try:
+        args.method_lrs = method_lrs(args.method_lrs, args.methods)
+    except ValueError as err:
+        parser.error(str(err))
     return args
+
+
+def method_lrs(items: list[str], methods: list[str]) -> dict[str, float]:
+    """`METHOD=LR` items as {method: lr}; each method one of `methods`, each lr above 0."""
+    lrs = {}
+    for item in items:
+        method, sep, value = item.rpartition("=")
+        if not sep or method not in methods:
+            raise ValueError(f"--method-lrs: {item!r} is not METHOD=LR with METHOD one of "
+                             f"{', '.join(methods)}")
+        try:
+            lr = float(value)
+        except ValueError:
+            lr = math.nan
+        if not lr > 0 or math.isinf(lr):
+            raise ValueError(f"--method-lrs: {method}'s lr must be a number above 0, got "
+                             f"{value!r}")
+        if method in lrs:
+            raise ValueError(f"--method-lrs: {method} is given twice")
+        lrs[method] = lr
+    return lrs
+
+
+def lr_sentence(lrs: dict[str, float]) -> str:
+    """The page's note of per-method lrs, which replace the reference lrs above."""
+    if not lrs:
+        return ""
+    listed = ", ".join(f"{method} {lr:g}" for method, lr in lrs.items())
+    return (f" Client lrs set per method (`--method-lrs`), in place of the reference's "
+            f"above: {listed} (each the base of the 0.999-a-round decay).")
+
+
+def lr_tag(lrs: dict[str, float]) -> list[str]:
+    """The run-folder tag of per-method lrs (empty without them)."""
+    return [f"lr-{method}-{lr:g}" for method, lr in sorted(lrs.items())]
 
 
 def build_grid(args: argparse.Namespace) -> Grid:
@@ -100,11 +149,14 @@ def build_grid(args: argparse.Namespace) -> Grid:
         for method in args.methods:
             model = supermask if method.startswith("FRL") else dense
             pairs[(method, dataset)] = [f"model={model}"]
+            if method in args.method_lrs:
+                pairs[(method, dataset)].append(f"client.lr={args.method_lrs[method]}")
     value_key, values, fixed = "attack.fraction", args.fractions, []
     if args.lrs:
         value_key, values = "client.lr", args.lrs
         fixed = [f"attack.fraction={args.fractions[0]}"]
-    tag = [f"rounds{args.rounds}", *args.set, *fixed, *(["lrs"] if args.lrs else [])]
+    tag = [f"rounds{args.rounds}", *args.set, *fixed, *(["lrs"] if args.lrs else []),
+           *lr_tag(args.method_lrs)]
     return Grid(
         methods={name: METHODS[name] for name in args.methods},
         datasets={name: DATASETS[name] for name in args.datasets},
@@ -260,7 +312,7 @@ with the reference's client (lr 0.4 x 0.999^round, momentum 0.9, wd 1e-4, cosine
 epochs, batch 8). The baselines train the same architectures as ordinary dense networks
 with the reference's baseline client (lr 0.01 x 0.999^round, otherwise the same).
 Trimmed mean cuts 20% at each end; Multi-Krum assumes 2 malicious nodes and averages the 5
-best-scored updates.
+best-scored updates.{lr_sentence(args.method_lrs)}
 
 ## Accuracy after {args.rounds} rounds
 
