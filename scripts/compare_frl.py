@@ -17,7 +17,8 @@ page reports each method's best lr on that shared grid. `--method-lrs` then runs
 attacked grid with each method at its own lr (the best of such a sweep):
 
     python scripts/compare_frl.py --rounds 200 --datasets mnist1d --set model.channels=100 \
-        --method-lrs FRL=0.1 "FRL topk=0.4" FedAvg=0.1 --methods FRL "FRL topk" FedAvg
+        --method-lrs FRL=0.1 "FRL topk=0.4" FedAvg=0.1 --methods FRL "FRL topk" FedAvg \
+        --out docs/results/frl-wide-attacked
 
 Runs land in --runs-dir (default outputs/compare_frl); finished runs are reused,
 so an interrupted comparison resumes where it stopped. A model an attack destroys
@@ -93,12 +94,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-report", dest="report", action="store_false",
                         help="only run the missing cells (e.g. on a bigger machine)")
     args = parser.parse_args(argv)
-    if args.lrs and len(args.fractions) != 1:
-        parser.error(f"--lrs sweeps the lr at one malicious fraction; got --fractions "
-                     f"{' '.join(map(str, args.fractions))}")
     if args.lrs and args.method_lrs:
         parser.error("--method-lrs sets one lr per method; --lrs sweeps a grid of them: "
                      "use one of the two")
+    if args.lrs and len(args.fractions) != 1:
+        parser.error(f"--lrs sweeps the lr at one malicious fraction; got --fractions "
+                     f"{' '.join(map(str, args.fractions))}")
+    if any(item.startswith("client.lr=") for item in args.set):
+        # --set comes before each method's own client, whose lr would silently win.
+        parser.error("--set client.lr=... is not applied to every method: use --lrs (a "
+                     "grid) or --method-lrs METHOD=LR (one lr per method)")
     try:
         args.method_lrs = method_lrs(args.method_lrs, args.methods)
     except ValueError as err:
@@ -111,14 +116,16 @@ def method_lrs(items: list[str], methods: list[str]) -> dict[str, float]:
     lrs = {}
     for item in items:
         method, sep, value = item.rpartition("=")
-        if not sep or method not in methods:
-            raise ValueError(f"--method-lrs: {item!r} is not METHOD=LR with METHOD one of "
-                             f"{', '.join(methods)}")
+        if not sep:
+            raise ValueError(f"--method-lrs: {item!r} is not METHOD=LR")
+        if method not in methods:
+            raise ValueError(f"--method-lrs: {method!r} is not one of --methods "
+                             f"({', '.join(map(repr, methods))})")
         try:
             lr = float(value)
         except ValueError:
             lr = math.nan
-        if not lr > 0 or math.isinf(lr):
+        if not (math.isfinite(lr) and lr > 0):
             raise ValueError(f"--method-lrs: {method}'s lr must be a number above 0, got "
                              f"{value!r}")
         if method in lrs:
@@ -127,18 +134,21 @@ def method_lrs(items: list[str], methods: list[str]) -> dict[str, float]:
     return lrs
 
 
-def lr_sentence(lrs: dict[str, float]) -> str:
-    """The page's note of per-method lrs, which replace the reference lrs above."""
+def lr_sentence(lrs: dict[str, float], methods: list[str]) -> str:
+    """The page's note of per-method lrs, which replace the reference lrs it states."""
     if not lrs:
         return ""
-    listed = ", ".join(f"{method} {lr:g}" for method, lr in lrs.items())
-    return (f" Client lrs set per method (`--method-lrs`), in place of the reference's "
-            f"above: {listed} (each the base of the 0.999-a-round decay).")
+    named = ", ".join(f"{method} {lrs[method]}" for method in methods if method in lrs)
+    kept = [method for method in methods if method not in lrs]
+    verb = "keeps" if len(kept) == 1 else "keep"
+    rest = f"; {', '.join(kept)} {verb} the reference's" if kept else ""
+    return (f" Here the client lrs are set per method (`--method-lrs`; each the base of "
+            f"the 0.999-a-round decay): {named}{rest}.")
 
 
 def lr_tag(lrs: dict[str, float]) -> list[str]:
     """The run-folder tag of per-method lrs (empty without them)."""
-    return [f"lr-{method}-{lr:g}" for method, lr in sorted(lrs.items())]
+    return [f"lr-{method}-{lr}" for method, lr in sorted(lrs.items())]
 
 
 def build_grid(args: argparse.Namespace) -> Grid:
@@ -310,9 +320,10 @@ FRL trains the scores of a supermask network (MNIST-1D: the 1-D CNN, digits: the
 frozen signed-constant weights, 50% of edges kept, mask mode `{cfg.strategy.mask_mode}`)
 with the reference's client (lr 0.4 x 0.999^round, momentum 0.9, wd 1e-4, cosine over 2
 epochs, batch 8). The baselines train the same architectures as ordinary dense networks
-with the reference's baseline client (lr 0.01 x 0.999^round, otherwise the same).
+with the reference's baseline client (lr 0.01 x 0.999^round, otherwise the same).\
+{lr_sentence(args.method_lrs, methods)}
 Trimmed mean cuts 20% at each end; Multi-Krum assumes 2 malicious nodes and averages the 5
-best-scored updates.{lr_sentence(args.method_lrs)}
+best-scored updates.
 
 ## Accuracy after {args.rounds} rounds
 

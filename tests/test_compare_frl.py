@@ -3,52 +3,72 @@ of a `--lrs` sweep), in run folders apart from the reference lrs' runs."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from helpers import load_script
 
+from fedsim.comparison import Cell
 from fedsim.config import compose
 
 frl = load_script("compare_frl")
 
 
-def lr_of(cell) -> list[str]:
-    return [o for o in cell.overrides if o.startswith("client.lr=")]
+def unattacked(argv: list[str]) -> dict[str, Cell]:
+    """The grid's cells at 0% malicious, seed 0, on MNIST-1D, by method."""
+    args = frl.parse_args(["--datasets", "mnist1d", "--seeds", "0", *argv])
+    return {c.method: c for c in frl.build_grid(args).cells() if c.value == 0.0}
 
 
-def test_each_named_method_runs_at_its_own_lr_and_the_others_at_the_reference_lr():
-    args = frl.parse_args(["--datasets", "mnist1d", "--seeds", "0", "--method-lrs",
-                           "FRL topk=0.4", "FedAvg=0.1"])
-    cells = frl.build_grid(args).cells()
-    by_method = {c.method: c for c in cells if c.value == 0.0}
-    # The per-method lr comes after the method's own overrides, so it wins when composed.
-    assert lr_of(by_method["FRL topk"]) == ["client.lr=0.4"]
-    assert lr_of(by_method["FedAvg"]) == ["client.lr=0.01", "client.lr=0.1"]
-    assert compose(list(by_method["FedAvg"].overrides)).client.lr == 0.1
-    assert lr_of(by_method["FRL"]) == []  # FRL's client keeps its preset lr
-    assert lr_of(by_method["Multi-Krum"]) == ["client.lr=0.01"]
-    assert "FedAvg 0.1" in frl.lr_sentence(args.method_lrs)
+def lr_of(cell: Cell) -> float:
+    return compose(list(cell.overrides)).client.lr
 
 
-def test_per_method_lrs_get_run_folders_of_their_own():
-    plain = frl.build_grid(frl.parse_args(["--seeds", "0"])).cells()
-    tuned = frl.build_grid(frl.parse_args(["--seeds", "0", "--method-lrs", "FRL=0.1"])).cells()
-    assert {c.run_dir for c in plain}.isdisjoint(c.run_dir for c in tuned)
-    assert frl.lr_sentence({}) == ""
+def test_a_named_method_runs_at_its_own_lr_over_its_clients_preset_lr():
+    cells = unattacked(["--method-lrs", "FRL topk=0.2", "FedAvg=0.1"])
+    assert lr_of(cells["FRL topk"]) == 0.2  # client=frl's preset is 0.4
+    assert lr_of(cells["FedAvg"]) == 0.1  # the reference's baseline client says 0.01
+    assert lr_of(cells["FRL"]) == 0.4
+    assert lr_of(cells["Multi-Krum"]) == 0.01
+
+
+def test_per_method_lrs_get_a_run_folder_named_by_them():
+    plain = unattacked([])["FRL topk"].run_dir
+    tuned = unattacked(["--method-lrs", "FRL topk=0.4", "FedAvg=0.1"])["FRL topk"].run_dir
+    swapped = unattacked(["--method-lrs", "FedAvg=0.1", "FRL topk=0.4"])["FRL topk"].run_dir
+    other = unattacked(["--method-lrs", "FRL topk=0.2", "FedAvg=0.1"])["FRL topk"].run_dir
+    assert plain.parts[-5] == "rounds300"
+    assert tuned.parts[-5] == "rounds300_lr-FRL-topk-0.4_lr-FedAvg-0.1"
+    assert swapped == tuned != other
+    assert tuned.parts[-4:] == Path("mnist1d/FRL-topk/0.0/seed0").parts
+
+
+def test_the_page_names_each_methods_lr_in_grid_order():
+    methods = list(frl.METHODS)
+    assert frl.lr_sentence({}, methods) == ""
+    assert frl.lr_sentence({"FedAvg": 0.1, "FRL": 0.1}, methods) == (
+        " Here the client lrs are set per method (`--method-lrs`; each the base of the "
+        "0.999-a-round decay): FRL 0.1, FedAvg 0.1; FRL topk, Trimmed mean, Multi-Krum keep "
+        "the reference's.")
+    assert frl.lr_sentence({"FRL": 0.1}, ["FRL", "FedAvg"]).endswith(
+        "FRL 0.1; FedAvg keeps the reference's.")
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--method-lrs", "FedProx=0.1"], "METHOD one of"),
-    (["--method-lrs", "FRL"], "not METHOD=LR"),
+    (["--method-lrs", "FedProx=0.1"], "'FedProx' is not one of --methods"),
+    (["--method-lrs", "FRL"], "'FRL' is not METHOD=LR"),
     (["--method-lrs", "FRL=fast"], "FRL's lr must be a number above 0"),
     (["--method-lrs", "FRL=0"], "FRL's lr must be a number above 0"),
     (["--method-lrs", "FRL=nan"], "FRL's lr must be a number above 0"),
     (["--method-lrs", "FRL=0.1", "FRL=0.4"], "FRL is given twice"),
-    (["--methods", "FRL", "FedAvg", "--method-lrs", "Multi-Krum=0.1"], "METHOD one of"),
-    (["--fractions", "0", "--lrs", "0.1", "--method-lrs", "FRL=0.1"], "use one of the two"),
+    (["--methods", "FRL", "FedAvg", "--method-lrs", "Multi-Krum=0.1"],
+     "'Multi-Krum' is not one of --methods ('FRL', 'FedAvg')"),
+    (["--lrs", "0.1", "--method-lrs", "FRL=0.1"], "use one of the two"),
+    (["--set", "client.lr=0.1"], "use --lrs (a grid) or --method-lrs"),
 ])
-def test_bad_method_lrs_exit_2_naming_the_option(argv, words, capsys):
+def test_bad_lrs_exit_2_naming_the_option(argv, words, capsys):
     with pytest.raises(SystemExit) as exit_info:
         frl.parse_args(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "--method-lrs" in err and words in err
+    assert words in err
