@@ -100,10 +100,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.lrs and len(args.fractions) != 1:
         parser.error(f"--lrs sweeps the lr at one malicious fraction; got --fractions "
                      f"{' '.join(map(str, args.fractions))}")
-    if any(item.startswith("client.lr=") for item in args.set):
-        # --set comes before each method's own client, whose lr would silently win.
-        parser.error("--set client.lr=... is not applied to every method: use --lrs (a "
-                     "grid) or --method-lrs METHOD=LR (one lr per method)")
+    if (args.lrs or args.method_lrs) and any(s.startswith("client.lr=") for s in args.set):
+        parser.error("--set client.lr=... sets every method's lr, which --lrs and "
+                     "--method-lrs override: use --lrs (a grid) or --method-lrs METHOD=LR "
+                     "(one lr per method) without it")
     try:
         args.method_lrs = method_lrs(args.method_lrs, args.methods)
     except ValueError as err:
@@ -168,13 +168,14 @@ def build_grid(args: argparse.Namespace) -> Grid:
     tag = [f"rounds{args.rounds}", *args.set, *fixed, *(["lrs"] if args.lrs else []),
            *lr_tag(args.method_lrs)]
     return Grid(
-        methods={name: METHODS[name] for name in args.methods},
+        # --set after each method's own client (as compare_baselines does), so it wins
+        methods={name: [*METHODS[name], *args.set] for name in args.methods},
         datasets={name: DATASETS[name] for name in args.datasets},
         value_key=value_key,
         values=values,
         seeds=args.seeds,
         base=["+experiment=frl_mnist1d", f"num_rounds={args.rounds}", "progress=false",
-              *fixed, *args.set],
+              *fixed],
         runs_dir=args.runs_dir / slug("_".join(tag)),
         pairs=pairs,
     )

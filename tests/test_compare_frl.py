@@ -32,6 +32,12 @@ def test_a_named_method_runs_at_its_own_lr_over_its_clients_preset_lr():
     assert lr_of(cells["Multi-Krum"]) == 0.01
 
 
+def test_set_reaches_every_method_over_its_own_client():
+    cells = unattacked(["--set", "client.lr=0.2", "model.channels=50"])
+    assert {lr_of(cell) for cell in cells.values()} == {0.2}
+    assert compose(list(cells["FedAvg"].overrides)).model.channels == 50
+
+
 def test_per_method_lrs_get_a_run_folder_named_by_them():
     plain = unattacked([])["FRL topk"].run_dir
     tuned = unattacked(["--method-lrs", "FRL topk=0.4", "FedAvg=0.1"])["FRL topk"].run_dir
@@ -64,7 +70,9 @@ def test_the_page_names_each_methods_lr_in_grid_order():
     (["--methods", "FRL", "FedAvg", "--method-lrs", "Multi-Krum=0.1"],
      "'Multi-Krum' is not one of --methods ('FRL', 'FedAvg')"),
     (["--lrs", "0.1", "--method-lrs", "FRL=0.1"], "use one of the two"),
-    (["--set", "client.lr=0.1"], "use --lrs (a grid) or --method-lrs"),
+    (["--fractions", "0", "--lrs", "0.1", "--set", "client.lr=0.1"],
+     "use --lrs (a grid) or --method-lrs"),
+    (["--method-lrs", "FRL=0.1", "--set", "client.lr=0.1"], "use --lrs (a grid) or --method-lrs"),
 ])
 def test_bad_lrs_exit_2_naming_the_option(argv, words, capsys):
     with pytest.raises(SystemExit) as exit_info:
