@@ -8,8 +8,9 @@ NDSS-21 aggregation-tailored attack on trimmed mean and Multi-Krum.
     python scripts/compare_frl.py                           # the full grid
     python scripts/compare_frl.py --seeds 0 --rounds 5 --fractions 0 0.2   # a smoke run
     python scripts/compare_frl.py --rounds 200 --datasets mnist1d --methods FRL "FRL topk" \
-        FedAvg --fractions 0 --lrs 0.01 0.1 0.4 --seeds 0 1 --set model.channels=100 \
-        --out docs/results/frl-wide    # a 4x wider 1-D CNN, each method at 3 client lrs
+        FedAvg "Trimmed mean" Multi-Krum --fractions 0 --lrs 0.01 0.1 0.4 --seeds 0 1 \
+        --set model.channels=100 --workers 2 --out docs/results/frl-wide
+        # a 4x wider 1-D CNN, each method at 3 client lrs
 
 With `--lrs` the grid sweeps the client learning rate (every method's `client.lr`, the
 base of its 0.999-a-round decay) at one malicious fraction instead of the fraction, and the
@@ -17,8 +18,8 @@ page reports each method's best lr on that shared grid. `--method-lrs` then runs
 attacked grid with each method at its own lr (the best of such a sweep):
 
     python scripts/compare_frl.py --rounds 200 --datasets mnist1d --set model.channels=100 \
-        --method-lrs FRL=0.1 "FRL topk=0.4" FedAvg=0.1 --methods FRL "FRL topk" FedAvg \
-        --out docs/results/frl-wide-attacked
+        --method-lrs FRL=0.1 "FRL topk=0.4" FedAvg=0.1 "Trimmed mean=0.1" Multi-Krum=0.1 \
+        --workers 2 --out docs/results/frl-wide-attacked
 
 Runs land in --runs-dir (default outputs/compare_frl); finished runs are reused,
 so an interrupted comparison resumes where it stopped. A model an attack destroys
