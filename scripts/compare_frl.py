@@ -17,9 +17,9 @@ base of its 0.999-a-round decay) at one malicious fraction instead of the fracti
 page reports each method's best lr on that shared grid. `--method-lrs` then runs the
 attacked grid with each method at its own lr (the best of such a sweep):
 
-    python scripts/compare_frl.py --rounds 200 --datasets mnist1d --set model.channels=100 \
-        --method-lrs FRL=0.1 "FRL topk=0.4" FedAvg=0.1 "Trimmed mean=0.1" Multi-Krum=0.1 \
-        --workers 2 --out docs/results/frl-wide-attacked
+    python scripts/compare_frl.py --rounds 200 --datasets mnist1d --seeds 0 1 \
+        --set model.channels=100 --method-lrs FRL=0.1 "FRL topk=0.4" FedAvg=0.1 \
+        "Trimmed mean=0.1" Multi-Krum=0.1 --workers 2 --out docs/results/frl-wide-attacked
 
 Runs land in --runs-dir (default outputs/compare_frl); finished runs are reused,
 so an interrupted comparison resumes where it stopped. A model an attack destroys
