@@ -1,9 +1,11 @@
 """scripts/compare_local_trainers.py: a group whose paper trains longer also runs, and is
-judged, for the paper's epochs (NoProp-DT: 100), beside the table's budget."""
+judged, for the paper's epochs (NoProp-DT: 100), beside the table's budget; collect()
+reads each cell's run into one record per method."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from helpers import load_script
 
@@ -46,7 +48,7 @@ def test_each_budget_is_judged_against_its_own_backprop_reference():
     assert lines[1].endswith("holds here.")
 
 
-def write_rows(run_dir, accuracies: list[float], seconds: float) -> None:
+def write_rows(run_dir: Path, accuracies: list[float], seconds: float) -> None:
     """A finished run's metrics.jsonl: round 0 first, one accuracy per round after it."""
     run_dir.mkdir(parents=True)
     rows = [{"round": 0, "wall_time_s": 0.0}]
@@ -58,26 +60,32 @@ def write_rows(run_dir, accuracies: list[float], seconds: float) -> None:
 def test_collect_reads_each_seeds_final_accuracy_and_run_time_per_method(tmp_path):
     """One record per method of the group: centralized accuracy at --rounds and the
     federated one at --fed-rounds, per seed in the grid's order, each run's last
-    wall time, and the network's size: MNIST-1D's MLP 40-100-100-10 has 15,210 weights,
-    and Mono-Forward adds a 100 x 10 projection per hidden layer, used only to train."""
+    wall time, and the network's size: MNIST-1D's MLP 40-100-100-10 has 15,210
+    parameters, and Mono-Forward adds a 10 x 100 projection per hidden layer, used only
+    to train. Each centralized run has a round past --rounds, so reading a later round
+    (or the last row) fails."""
     args = lt.parse_args(["--groups", "MLP", "--seeds", "0", "1", "--rounds", "2",
                           "--fed-rounds", "3", "--no-optimizers",
                           "--runs-dir", str(tmp_path)])
-    final = {}
+    final, seconds, federated = {}, {}, {}
     for i, cell in enumerate(lt.central_grid(args, "MLP", 2).cells()):
         final[cell.method, cell.seed] = 0.5 + i / 100
-        write_rows(cell.run_dir, [0.1, final[cell.method, cell.seed]], seconds=10 + i)
+        seconds[cell.method, cell.seed] = 10.0 + i
+        write_rows(cell.run_dir, [0.1, final[cell.method, cell.seed], 0.9],
+                   seconds=seconds[cell.method, cell.seed])
     for i, cell in enumerate(lt.federated_grid(args, "MLP").cells()):
-        write_rows(cell.run_dir, [0.2, 0.3, 0.4 + i / 100], seconds=1)
+        federated[cell.method] = 0.4 + i / 100
+        write_rows(cell.run_dir, [0.2, 0.3, federated[cell.method], 0.8], seconds=1)
 
     records = lt.collect(args)
-    sizes = {"backprop": 15_210, "tpSGD": 15_210, "tpSGD L2": 15_210, "Mono-Forward": 17_210}
 
+    sizes = {"backprop": 15_210, "tpSGD": 15_210, "tpSGD L2": 15_210, "Mono-Forward": 17_210}
     assert [r["method"] for r in records] == list(lt.GROUPS["MLP"][1])
-    for k, r in enumerate(records):
+    for r in records:
+        method = r["method"]
         assert r["group"] == "MLP" and r["rounds"] == 2 and r["seeds"] == [0, 1]
-        assert r["central_accuracy"] == [final[r["method"], 0], final[r["method"], 1]]
-        assert r["federated_accuracy"] == [0.4 + k / 100]
-        assert r["central_run_s"] == [10 + k, 10 + k + len(records)]
+        assert r["central_accuracy"] == [final[method, 0], final[method, 1]]
+        assert r["federated_accuracy"] == [federated[method]]
+        assert r["central_run_s"] == [seconds[method, 0], seconds[method, 1]]
         assert r["activation_peak_bytes"] > 0
-        assert (r["parameters"], r["inference_parameters"]) == (sizes[r["method"]], 15_210)
+        assert (r["parameters"], r["inference_parameters"]) == (sizes[method], 15_210)
