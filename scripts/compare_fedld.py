@@ -6,7 +6,7 @@ only its strategy and client swapped, on the same partitions and seeds:
 
     python scripts/compare_fedld.py                     # the full grid (about 25 min, 2 cores)
     python scripts/compare_fedld.py --seeds 0 --alphas 0.1 --rounds 5   # a smoke run
-    python scripts/compare_fedld.py --alphas 0.1 0.5 --out docs/results/fedld-direction
+    python scripts/compare_fedld.py --alphas 0.1 0.5 --workers 1 --out docs/results/fedld-direction
     python scripts/compare_fedld.py --set client.lr=0.01 client.momentum=0.5 \
         --out docs/results/fedld-reference-local      # the reference's local settings
 

@@ -26,8 +26,8 @@ the rest of the long-tailed training set.
     python scripts/compare_fedloge.py --rounds 100 --workers 2 --datasets digits \
         --out docs/results/fedloge-digits       # run separately for time
     python scripts/compare_fedloge.py --seeds 0 --rounds 3 --datasets digits   # a smoke run
-    python scripts/compare_fedloge.py --participation 0.2 --runs-dir outputs/compare_fedloge_20 \
-        --out docs/results/fedloge-20pct    # the reference's 20% participation
+    python scripts/compare_fedloge.py --rounds 100 --workers 2 --participation 0.2 \
+        --runs-dir outputs/compare_fedloge_20 --out docs/results/fedloge-20pct   # 20% a round
 """
 
 from __future__ import annotations
